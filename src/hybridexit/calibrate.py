@@ -1,0 +1,149 @@
+"""Exit thresholds chosen on held-out validation data (never the test split) for a target.
+
+Targets (one of):
+- ``max_drop``: the most samples exiting while accuracy stays within ``max_drop`` of ``cloud_accuracy``
+  (the accuracy of the final classifier with nothing exiting), both measured on the validation split;
+- ``exit_fraction``: the thresholds whose exit fraction is closest to (and not above) the given fraction,
+  with the best accuracy among those;
+- ``min_accuracy``: the lowest expected energy per image with accuracy at least ``min_accuracy``.
+
+The candidate thresholds for one exit are every midpoint between consecutive distinct validation entropies
+(so the search is exact); with several exits, a grid of entropy quantiles per exit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from .energy import EnergyReport
+from .errors import ConfigError
+from .evaluate import ExitStats
+
+TARGETS = ("max_drop", "exit_fraction", "min_accuracy")
+
+
+@dataclass
+class Point:
+    thresholds: tuple[float, ...]
+    accuracy: float
+    exit_fraction: list[float]
+    expected_uj: float
+
+    @property
+    def edge_fraction(self) -> float:
+        return sum(self.exit_fraction)
+
+    def to_dict(self, report: EnergyReport) -> dict:
+        return {"thresholds": list(self.thresholds), "accuracy": self.accuracy, "exit_fraction": self.exit_fraction,
+                "edge_fraction": self.edge_fraction, "expected_uj": self.expected_uj,
+                "reduction": report.fp32_uj / self.expected_uj}
+
+
+def candidates(ent: torch.Tensor, grid: int | None = None) -> list[float]:
+    """Thresholds between distinct entropies (all of them, or ``grid`` quantiles), plus 0 (no exit) and inf."""
+    u = torch.unique(ent.double())
+    if grid is not None and len(u) > grid:
+        u = torch.quantile(ent.double(), torch.linspace(0, 1, grid, dtype=torch.float64)).unique()
+    mids = ((u[1:] + u[:-1]) / 2).tolist()
+    return [0.0, *mids, float(u[-1]) + 1e-6 if len(u) else 1.0]
+
+
+def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24) -> list[Point]:
+    """Every candidate threshold setting with its validation accuracy, exit fractions and expected energy."""
+    k = stats.entropies.shape[1]
+    if k == 0:
+        raise ConfigError("this network has no exits: there is nothing to calibrate")
+    per_exit = [candidates(stats.entropies[:, j], None if k == 1 else grid) for j in range(k)]
+    n = len(stats.labels)
+    points = []
+    for thr in itertools.product(*per_exit):
+        preds, decided = stats.simulate(thr)
+        fr = [float((decided == j).sum()) / n for j in range(k)]
+        points.append(Point(tuple(float(t) for t in thr), float((preds == stats.labels).float().mean()), fr,
+                            report.expected_uj(fr)))
+    return points
+
+
+def choose(points: list[Point], target: str, value: float, cloud_accuracy: float) -> Point:
+    if target not in TARGETS:
+        raise ConfigError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
+    if target == "max_drop":
+        if value < 0:
+            raise ConfigError("max_drop must be >= 0 (a fraction, e.g. 0.01 for one point)")
+        ok = [p for p in points if p.accuracy >= cloud_accuracy - value - 1e-12]
+        return max(ok, key=lambda p: (p.edge_fraction, p.accuracy, -p.expected_uj))
+    if target == "exit_fraction":
+        if not 0 <= value <= 1:
+            raise ConfigError("exit_fraction must be in [0, 1]")
+        ok = [p for p in points if p.edge_fraction <= value + 1e-12]
+        best = max(p.edge_fraction for p in ok)
+        return max((p for p in ok if p.edge_fraction >= best - 1e-12), key=lambda p: (p.accuracy, -p.expected_uj))
+    if not 0 <= value <= 1:
+        raise ConfigError("min_accuracy must be in [0, 1] (a fraction, not a percentage)")
+    ok = [p for p in points if p.accuracy >= value - 1e-12]
+    if not ok:
+        top = max(p.accuracy for p in points)
+        raise ConfigError(f"no thresholds reach accuracy {value:.4f} on the validation split (best {top:.4f}): "
+                          f"lower --min-accuracy")
+    return min(ok, key=lambda p: (p.expected_uj, -p.accuracy))
+
+
+def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accuracy: float, path) -> None:
+    """Accuracy and expected energy against the fraction of samples decided at the edge."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = sorted(points, key=lambda p: p.edge_fraction)
+    xs = [p.edge_fraction for p in pts]
+    fig, ax1 = plt.subplots(figsize=(6.4, 4.2))
+    ax1.plot(xs, [100 * p.accuracy for p in pts], ".", ms=2, color="tab:blue", label="accuracy")
+    ax1.axhline(100 * cloud_accuracy, color="tab:blue", ls=":", lw=1, label="nothing exits")
+    ax1.set_xlabel("fraction decided at the edge (validation)")
+    ax1.set_ylabel("accuracy (%)", color="tab:blue")
+    ax2 = ax1.twinx()
+    ax2.plot(xs, [report.fp32_uj / p.expected_uj for p in pts], ".", ms=2, color="tab:red")
+    ax2.set_ylabel("energy reduction vs FP32 (x)", color="tab:red")
+    ax1.axvline(chosen.edge_fraction, color="k", lw=1, ls="--")
+    thr = ", ".join(f"{t:.3g}" for t in chosen.thresholds)
+    ax1.set_title(f"{report.config.name}: chosen thresholds [{thr}]", fontsize=9)
+    ax1.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = True,
+                         device=None, progress: bool = False) -> dict:
+    """Choose thresholds for a checkpoint on its validation split and (by default) write them into its config."""
+    from . import checkpoint as ck
+    from .data import get_split
+    from .energy import energy_report
+    from .evaluate import collect_exit_stats
+
+    model, meta = ck.load_model(path)
+    if device:
+        model = model.to(device)
+    data = meta.get("data", {})
+    if data.get("checksum") and data["checksum"] != ds.checksum:
+        import warnings
+
+        warnings.warn(f"{path} was trained on data with another checksum than {ds.source}", stacklevel=2)
+    val = get_split(ds, "val", data.get("val_size", 5000), data.get("split_seed", 0))
+    stats = collect_exit_stats(model, val, ds.mean, ds.std, device=device, progress=progress)
+    report = energy_report(model.cfg)
+    points = sweep(stats, report)
+    best = choose(points, target, value, stats.cloud_accuracy)
+    result = {"split": "val", "n": len(val), "target": target, "value": value,
+              "cloud_accuracy": stats.cloud_accuracy, **best.to_dict(report)}
+    if plot_path:
+        plot(points, best, report, stats.cloud_accuracy, plot_path)
+    if write:
+        new_cfg = model.cfg.replace(thresholds=best.thresholds)
+        meta = dict(meta, network=new_cfg.to_dict(), calibration=result)
+        ck.write_checkpoint(path, {ck.CONFIG_FILE: meta}, {})
+    return result

@@ -1,0 +1,328 @@
+"""CIFAR-10/100 from the official python archives (local or downloaded with checksum), image folders,
+a deterministic validation split, and augmentation on whole uint8 batches.
+
+The official archives hold Python pickles. We never unpickle them unrestricted: ``RestrictedUnpickler`` admits
+only what those files contain (dicts, lists, strings, numbers, numpy arrays) and refuses any other global.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import tarfile
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .errors import DatasetError
+
+# Official archives (https://www.cs.toronto.edu/~kriz/cifar.html) and their MD5s, per archive and per member.
+DATASETS = {
+    "cifar10": {
+        "archive": "cifar-10-python.tar.gz",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "folder": "cifar-10-batches-py",
+        "train": ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5"],
+        "test": ["test_batch"],
+        "label_key": "labels",
+        "meta": ("batches.meta", "label_names"),
+        "member_md5": {
+            "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
+        },
+        "num_classes": 10,
+        "mean": (0.4914, 0.4822, 0.4465),
+        "std": (0.2470, 0.2435, 0.2616),
+    },
+    "cifar100": {
+        "archive": "cifar-100-python.tar.gz",
+        "url": "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "label_key": "fine_labels",
+        "meta": ("meta", "fine_label_names"),
+        "member_md5": {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
+        "num_classes": 100,
+        "mean": (0.5071, 0.4865, 0.4409),
+        "std": (0.2673, 0.2564, 0.2762),
+    },
+}
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR batches: builtin containers, numbers, strings and numpy arrays only."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}: not part of a CIFAR batch")
+
+
+def safe_load_pickle(data: bytes, source: str) -> dict:
+    try:
+        obj = RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
+    except pickle.UnpicklingError as e:
+        raise DatasetError(f"{source}: unsafe or corrupted pickle ({e})") from None
+    except Exception as e:  # truncated / garbage
+        raise DatasetError(f"{source}: corrupted file, cannot be read ({type(e).__name__}: {e})") from None
+    if not isinstance(obj, dict):
+        raise DatasetError(f"{source}: corrupted file, expected a dict of arrays, got {type(obj).__name__}")
+    return obj
+
+
+@dataclass
+class Split:
+    """Images as uint8 (N, 3, H, W) and int64 labels."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    name: str = ""
+
+    def __len__(self):
+        return len(self.labels)
+
+    def take(self, idx) -> "Split":
+        return Split(self.images[idx], self.labels[idx], self.name)
+
+    def limit(self, n: int | None) -> "Split":
+        return self if n is None else Split(self.images[:n], self.labels[:n], self.name)
+
+
+@dataclass
+class Dataset:
+    name: str
+    train: Split
+    test: Split
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    checksum: str  # sha256 of all pixels and labels, train then test
+    source: str
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "hybridexit"
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
+    """``--data-dir``, then ``$HYBRIDEXIT_DATA``, then the user cache directory."""
+    if data_dir:
+        return Path(data_dir)
+    if os.environ.get("HYBRIDEXIT_DATA"):
+        return Path(os.environ["HYBRIDEXIT_DATA"])
+    return default_cache_dir()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
+
+
+def _members_from_folder(folder: Path, names: list[str]) -> dict[str, bytes]:
+    out = {}
+    for n in names:
+        p = folder / n
+        if not p.is_file():
+            raise DatasetError(f"{folder}: missing {n}; the folder is incomplete, re-extract the official archive")
+        out[n] = p.read_bytes()
+    return out
+
+
+def _members_from_archive(archive: Path, folder: str, names: list[str]) -> dict[str, bytes]:
+    try:
+        with tarfile.open(archive, "r:gz") as tar:
+            out = {}
+            for n in names:
+                f = tar.extractfile(f"{folder}/{n}")
+                if f is None:
+                    raise KeyError(n)
+                out[n] = f.read()
+            return out
+    except (tarfile.TarError, OSError, EOFError, KeyError) as e:
+        raise DatasetError(f"{archive}: corrupted or not the official archive ({type(e).__name__}: {e})") from None
+
+
+def download(name: str, dest: Path) -> Path:
+    """Download the official archive into ``dest`` and verify its MD5; a mismatch is refused."""
+    spec = DATASETS[name]
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / spec["archive"]
+    tmp = target.with_suffix(".part")
+    try:
+        with urllib.request.urlopen(spec["url"], timeout=60) as r, open(tmp, "wb") as f:
+            while chunk := r.read(1 << 20):
+                f.write(chunk)
+    except OSError as e:
+        raise DatasetError(f"could not download {spec['url']} ({e}); put {spec['archive']} or its extracted "
+                           f"folder {spec['folder']}/ in {dest} or pass --data-dir") from None
+    got = _md5(tmp.read_bytes())
+    if got != spec["md5"]:
+        tmp.unlink()
+        raise DatasetError(f"downloaded {spec['archive']} has MD5 {got}, expected {spec['md5']}: refused")
+    os.replace(tmp, target)
+    return target
+
+
+def _decode(blob: dict, label_key: str, source: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        data = np.asarray(blob["data"], dtype=np.uint8)
+        labels = np.asarray(blob[label_key], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise ValueError(f"data {data.shape}, labels {labels.shape}")
+    except (KeyError, ValueError, TypeError) as e:
+        raise DatasetError(f"{source}: corrupted batch ({type(e).__name__}: {e})") from None
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+def load_cifar(name: str, data_dir=None, download_ok: bool = True) -> Dataset:
+    """Load CIFAR-10 or CIFAR-100 from the extracted folder or the archive in the data directory."""
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or an image folder")
+    spec = DATASETS[name]
+    root = resolve_data_dir(data_dir)
+    folder, archive = root / spec["folder"], root / spec["archive"]
+    names = spec["train"] + spec["test"] + [spec["meta"][0]]
+    if folder.is_dir():
+        members, source = _members_from_folder(folder, names), str(folder)
+    else:
+        if not archive.is_file():
+            if not download_ok:
+                raise DatasetError(f"{name} not found: looked for {folder} and {archive}. Pass --data-dir DIR "
+                                   f"holding {spec['archive']} or its extracted {spec['folder']}/, or set HYBRIDEXIT_DATA")
+            download(name, root)
+        members, source = _members_from_archive(archive, spec["folder"], names), str(archive)
+        if _md5(archive.read_bytes()) != spec["md5"]:
+            warnings.warn(f"{archive} differs from the official archive (MD5 mismatch); using it anyway", stacklevel=2)
+    differs = [n for n in names if n in spec["member_md5"] and _md5(members[n]) != spec["member_md5"][n]]
+    if differs:
+        warnings.warn(f"{source}: {', '.join(differs)} differ from the official files (MD5); using them anyway",
+                      stacklevel=2)
+    parts = {}
+    for split in ("train", "test"):
+        xs, ys = zip(*(_decode(safe_load_pickle(members[n], f"{source}/{n}"), spec["label_key"], f"{source}/{n}")
+                       for n in spec[split]))
+        parts[split] = Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), split)
+    meta = safe_load_pickle(members[spec["meta"][0]], f"{source}/{spec['meta'][0]}")
+    classes = [str(c) for c in meta.get(spec["meta"][1], [])] or [str(i) for i in range(spec["num_classes"])]
+    return Dataset(name, parts["train"], parts["test"], classes, spec["mean"], spec["std"],
+                   checksum(parts["train"], parts["test"]), source)
+
+
+def checksum(*splits: Split) -> str:
+    h = hashlib.sha256()
+    for s in splits:
+        h.update(s.images.contiguous().numpy().tobytes())
+        h.update(s.labels.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_image_files(paths: list[Path], size: int = 32) -> torch.Tensor:
+    """Read image files into a uint8 (N, 3, size, size) tensor (resized when needed)."""
+    from PIL import Image
+
+    out = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+    for i, p in enumerate(paths):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BILINEAR)
+                out[i] = np.asarray(im).transpose(2, 0, 1)
+        except OSError as e:
+            raise DatasetError(f"{p}: not a readable image ({e})") from None
+    return torch.from_numpy(out)
+
+
+def load_image_folder(root, split: str, size: int = 32, classes: list[str] | None = None) -> Split:
+    """``root/<split>/<class>/*.png|jpg``; class ids follow ``classes`` or the sorted folder names."""
+    base = Path(root) / split
+    if not base.is_dir():
+        raise DatasetError(f"image folder {base} not found: expected {root}/<split>/<class>/*.png")
+    classes = classes or sorted(d.name for d in base.iterdir() if d.is_dir())
+    paths, labels = [], []
+    for c, cls in enumerate(classes):
+        for p in sorted((base / cls).glob("*")):
+            if p.suffix.lower() in IMAGE_EXTS:
+                paths.append(p)
+                labels.append(c)
+    if not paths:
+        raise DatasetError(f"no images under {base}/<class>/ (extensions {', '.join(IMAGE_EXTS)})")
+    return Split(load_image_files(paths, size), torch.tensor(labels, dtype=torch.long), split)
+
+
+def train_val_split(train: Split, val_size: int = 5000, seed: int = 0) -> tuple[Split, Split]:
+    """Deterministic hold-out of ``val_size`` training images for calibration (never the test split)."""
+    if not 0 <= val_size < len(train):
+        raise DatasetError(f"val_size={val_size} must be between 0 and {len(train) - 1}")
+    perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))
+    return Split(train.images[perm[val_size:]], train.labels[perm[val_size:]], "train"), \
+        Split(train.images[perm[:val_size]], train.labels[perm[:val_size]], "val")
+
+
+def get_split(ds: Dataset, split: str, val_size: int = 5000, seed: int = 0) -> Split:
+    if split == "test":
+        return ds.test
+    tr, va = train_val_split(ds.train, val_size, seed)
+    if split == "val":
+        return va
+    if split == "train":
+        return tr
+    if split == "train-full":
+        return ds.train
+    raise DatasetError(f"unknown split {split!r}: use train, val, test or train-full")
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> float, standardized per channel."""
+    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - m) / s
+
+
+def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
+    """Random crop with zero padding and horizontal flip, on a whole uint8 batch (no per-sample Python)."""
+    n, c, h, w = images.shape
+    padded = F.pad(images, (pad, pad, pad, pad))
+    dev = images.device
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev)).view(n, 1, h, 1)
+    cols = ox[:, None] + torch.arange(w, device=dev)
+    cols = torch.where(flip[:, None], cols.flip(1), cols).view(n, 1, 1, w)
+    return padded[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1), rows, cols]
+
+
+def batches(split: Split, batch_size: int, shuffle: bool = False, generator: torch.Generator | None = None):
+    """Yield (uint8 images, labels) batches; the last one may be smaller."""
+    n = len(split)
+    order = torch.randperm(n, generator=generator) if shuffle else torch.arange(n)
+    for i in range(0, n, batch_size):
+        idx = order[i:i + batch_size]
+        yield split.images[idx], split.labels[idx]

@@ -1,0 +1,50 @@
+"""Early-exit heads, softmax entropy, and the exit rule.
+
+An exit is a full-precision linear classifier on pooled features (paper, Sec. II-B). Pooling is average pooling
+with kernel 3 / stride 3 as in the authors' code (``pool="k3"``: FC inputs 16x10x10, 32x5x5, 64x2x2 on CIFAR) or
+global average pooling (``pool="global"``). We put a BatchNorm and a ReLU before the pooling, as in the final
+classifier of a pre-activation ResNet: the BatchNorm folds into the linear layer at inference (no extra MACs) and
+makes joint training of an exit on the un-normalized residual stream stable.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def pooled_size(size: int, pool: str) -> int:
+    return 1 if pool == "global" else (size - 3) // 3 + 1
+
+
+class ExitHead(nn.Module):
+    bits = 32
+
+    def __init__(self, channels: int, size: int, num_classes: int, pool: str = "k3"):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "global" else nn.AvgPool2d(3, 3)
+        p = pooled_size(size, pool)
+        self.fc = nn.Linear(channels * p * p, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(self.pool(F.relu(self.bn(x))), 1))
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (natural log) of softmax(logits), one value per row. Range [0, log(num_classes)]."""
+    logp = F.log_softmax(logits.float(), dim=1)
+    return -(logp.exp() * logp).sum(dim=1)
+
+
+def max_entropy(num_classes: int) -> float:
+    return math.log(num_classes)
+
+
+def exits_here(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exit rule: a sample stops when the entropy of its exit's softmax is strictly below ``threshold``."""
+    h = entropy(logits)
+    return h < threshold, h

@@ -1,0 +1,139 @@
+"""Quantizers for the edge half, after Long et al. (2020), Eq. (1)-(3), and XNOR-Net (Rastegari et al., 2016).
+
+Every quantizer is a small function with its math and its gradient estimator, and the modules that use them
+carry a ``bits`` attribute that the energy model reads (1 = binary, k = k-bit uniform, 32 = float).
+
+Activations (Eq. 1), after the BatchNorm that precedes every quantized conv:
+    binary:  I_B = sign(I)                      in {-1, +1}
+    k-bit:   I_Q = 2 * round((clip(I, -1, 1) + 1) / 2 * Z) / Z - 1,   Z = 2^k - 1
+             i.e. v0 = 1, v1 = 2, v2 = 1/2 in the paper's notation: 2^k levels evenly spread over [-1, 1].
+Weights (Eq. 2, 3), per output channel c:
+    binary:  W_B = alpha_c * sign(W),  alpha_c = mean |W[c]|        (XNOR-Net)
+    k-bit:   W_Q = s_c * Q_k(W / s_c),  s_c = max |W[c]|              (2^k levels in [-s_c, s_c])
+Gradients: straight-through estimator clipped to |x| <= 1 (Hubara et al., 2016): dQ/dx = 1 if |x| <= 1 else 0.
+For weights the scale is treated as a constant; the clip is taken on W / s (always inside [-1, 1] for k-bit).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+SUPPORTED_BITS = (1, 2, 4, 8, 32)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"unsupported bit width {bits!r}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(x) with sign(0) = +1; backward passes the gradient where |x| <= 1."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, torch.ones_like(x), -torch.ones_like(x))
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype)
+
+
+class _UniformSTE(torch.autograd.Function):
+    """2^k-level uniform quantizer on [-1, 1] (Eq. 1/3); backward passes the gradient where |x| <= 1."""
+
+    @staticmethod
+    def forward(ctx, x, bits: int):
+        ctx.save_for_backward(x)
+        z = float(2**bits - 1)
+        return torch.round((x.clamp(-1.0, 1.0) + 1.0) * (z / 2.0)) * (2.0 / z) - 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (x.abs() <= 1).to(grad.dtype), None
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation: sign with a clipped straight-through gradient."""
+    return _SignSTE.apply(x)
+
+
+def uniform_ste(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """k-bit uniform activation on [-1, 1] with a clipped straight-through gradient."""
+    return _UniformSTE.apply(x, bits)
+
+
+def quantize_activation(x: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 32:
+        return F.relu(x)
+    if bits == 1:
+        return sign_ste(x)
+    return uniform_ste(x, bits)
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize a conv/linear weight per output channel (dim 0)."""
+    if bits == 32:
+        return w
+    dims = tuple(range(1, w.dim()))
+    if bits == 1:
+        alpha = w.abs().mean(dim=dims, keepdim=True).detach()
+        return sign_ste(w) * alpha
+    scale = w.abs().amax(dim=dims, keepdim=True).detach().clamp_min(1e-8)
+    return uniform_ste(w / scale, bits) * scale
+
+
+class ActQuantizer(nn.Module):
+    """Activation function of a conv: ReLU for float (bits=32), sign (1) or k-bit uniform otherwise."""
+
+    def __init__(self, bits: int = 32):
+        super().__init__()
+        self.bits = check_bits(bits)
+
+    def forward(self, x):
+        return quantize_activation(x, self.bits)
+
+    def extra_repr(self):
+        return f"bits={self.bits}"
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weights are quantized to ``bits`` on every forward (the float weights are the latent ones)."""
+
+    def __init__(self, *args, bits: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bits = check_bits(bits)
+
+    def forward(self, x):
+        return self._conv_forward(x, quantize_weight(self.weight, self.bits), self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", bits={self.bits}"
+
+
+class QuanConv(nn.Module):
+    """The paper's QuanConv (Fig. 2): BatchNorm -> activation quantizer -> conv with quantized weights.
+
+    With ``bits=32`` the same module is a pre-activation float conv (BatchNorm -> ReLU -> conv), with the same
+    parameter names, so a float checkpoint initializes a quantized one key for key.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, bits: int = 32):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.bn = nn.BatchNorm2d(in_ch)
+        self.act = ActQuantizer(bits)
+        if bits == 32:
+            self.conv = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        else:
+            self.conv = QuantConv2d(in_ch, out_ch, 3, stride, 1, bias=False, bits=bits)
+
+    def forward(self, x):
+        return self.conv(self.act(self.bn(x)))

@@ -1,0 +1,42 @@
+"""Shared fixtures: a tiny CIFAR-10-format dataset written as the official archive layout."""
+
+import io
+import pickle
+import tarfile
+
+import numpy as np
+import pytest
+
+
+def _batch(n, seed, label_key="labels", classes=10):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, n)
+    # class-dependent mean colour so a tiny network can learn something
+    base = (labels[:, None] * 25 % 256).astype(np.uint8)
+    data = np.clip(base + rng.integers(0, 40, (n, 3072)), 0, 255).astype(np.uint8)
+    return {"batch_label": "x", label_key: labels.tolist(), "data": data, "filenames": [f"{i}.png" for i in range(n)]}
+
+
+def write_tiny_cifar10(root, n_per_batch=40, as_archive=False):
+    files = {f"data_batch_{i}": _batch(n_per_batch, i) for i in range(1, 6)}
+    files["test_batch"] = _batch(n_per_batch, 99)
+    files["batches.meta"] = {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}
+    blobs = {k: pickle.dumps(v, protocol=2) for k, v in files.items()}
+    root.mkdir(parents=True, exist_ok=True)
+    if as_archive:
+        with tarfile.open(root / "cifar-10-python.tar.gz", "w:gz") as tar:
+            for name, blob in blobs.items():
+                info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+                info.size = len(blob)
+                tar.addfile(info, io.BytesIO(blob))
+    else:
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        for name, blob in blobs.items():
+            (d / name).write_bytes(blob)
+    return root
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    return write_tiny_cifar10(tmp_path / "data")

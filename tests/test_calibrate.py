@@ -1,0 +1,77 @@
+import warnings
+
+import pytest
+import torch
+
+from hybridexit import ConfigError, HybridConfig
+from hybridexit.calibrate import Point, calibrate_checkpoint, choose, sweep
+from hybridexit.checkpoint import load_model
+from hybridexit.data import get_split, load_cifar
+from hybridexit.energy import energy_report
+from hybridexit.evaluate import collect_exit_stats, evaluate_conditional
+from hybridexit.train import TrainConfig, train
+
+NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_cifar):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    train(tmp_path / "ck", NET, TrainConfig(epochs=2, batch_size=32, val_size=60, lr=0.05), ds, progress=False)
+    return tmp_path / "ck", ds
+
+
+class Untouchable:
+    def __getattr__(self, name):
+        raise AssertionError(f"calibration touched the test split ({name})")
+
+    def __len__(self):
+        raise AssertionError("calibration touched the test split")
+
+
+def test_calibration_never_touches_test_split_and_writes_thresholds(trained, tmp_path):
+    path, ds = trained
+    ds.test = Untouchable()
+    res = calibrate_checkpoint(path, ds, "max_drop", 0.0, plot_path=tmp_path / "c.png")
+    assert res["split"] == "val" and res["n"] == 60
+    assert (tmp_path / "c.png").stat().st_size > 1000
+    model, meta = load_model(path)
+    assert list(model.cfg.thresholds) == res["thresholds"] and meta["calibration"]["target"] == "max_drop"
+    assert res["accuracy"] >= res["cloud_accuracy"] - 1e-9
+
+
+def test_simulated_decisions_equal_conditional_run(trained):
+    path, ds = trained
+    model, _ = load_model(path)
+    val = get_split(ds, "val", 60, 0)
+    stats = collect_exit_stats(model, val, ds.mean, ds.std)
+    for thr in ([0.0, 0.0], [1e9, 0.0], [float(stats.entropies[:, 0].median()), float(stats.entropies[:, 1].median())]):
+        preds, decided = stats.simulate(thr)
+        recs = evaluate_conditional(model, val, ds.mean, ds.std, thr, batch_size=16)
+        assert [r["prediction"] for r in recs] == preds.tolist()
+        want = ["cloud" if d == -1 else f"exit:{d}" for d in decided.tolist()]
+        assert [r["decided_at"] for r in recs] == want
+
+
+def test_targets(trained):
+    path, ds = trained
+    model, _ = load_model(path)
+    stats = collect_exit_stats(model, get_split(ds, "val", 60, 0), ds.mean, ds.std)
+    report = energy_report(model.cfg)
+    pts = sweep(stats, report, grid=8)
+    half = choose(pts, "exit_fraction", 0.5, stats.cloud_accuracy)
+    assert half.edge_fraction <= 0.5 + 1e-9
+    assert all(p.edge_fraction <= half.edge_fraction + 1e-9 for p in pts if p.edge_fraction <= 0.5)
+    floor = min(p.accuracy for p in pts)
+    cheap = choose(pts, "min_accuracy", floor, stats.cloud_accuracy)
+    assert cheap.expected_uj == pytest.approx(min(p.expected_uj for p in pts))
+    synthetic = [Point((0.1,), 0.80, [0.7], 10.0), Point((0.5,), 0.85, [0.5], 20.0), Point((0.0,), 0.9, [0.0], 50.0)]
+    with pytest.raises(ConfigError, match="lower --min-accuracy"):
+        choose(synthetic, "min_accuracy", 0.95, 0.9)
+    assert choose(synthetic, "min_accuracy", 0.84, 0.9).thresholds == (0.5,)
+    assert choose(synthetic, "max_drop", 0.05, 0.9).thresholds == (0.5,)
+    assert choose(synthetic, "max_drop", 0.10, 0.9).thresholds == (0.1,)
+    with pytest.raises(ConfigError):
+        choose(pts, "exit_fraction", 1.5, stats.cloud_accuracy)

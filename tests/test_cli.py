@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from hybridexit.cli import main
+
+
+def run(capsys, *args):
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_energy_json_paper_configuration(capsys):
+    code, out, _ = run(capsys, "energy", "--depth", "32", "--classes", "10", "--edge-layers", "20", "--edge-bits", "1",
+                       "--exits", "20", "--exit-rate", "0.65", "--json")
+    d = json.loads(out)
+    assert code == 0
+    assert d["fp32_uj"] == pytest.approx(317, rel=0.03)
+    assert d["edge_uj"] == pytest.approx(11.3, rel=0.03)
+    assert d["cloud_uj"] == pytest.approx(103, rel=0.03)
+    assert d["expected_uj"] == pytest.approx(47, rel=0.03)
+    assert d["reduction"] == pytest.approx(6.7, rel=0.03)
+    assert d["reduction"] == pytest.approx(d["fp32_uj"] / d["expected_uj"])
+
+
+def test_energy_several_exits_one_rate_each(capsys):
+    code, out, _ = run(capsys, "energy", "--edge-layers", "20", "--edge-bits", "2", "--exits", "10", "20",
+                       "--exit-rate", "0.2", "0.3", "--json")
+    assert code == 0 and json.loads(out)["exit_rate"] == [0.2, 0.3]
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--edge-layers", "21"], "block boundary"),
+    (["--edge-layers", "40"], "from 0 to 30"),
+    (["--edge-layers", "10", "--exits", "20"], "not allowed"),
+    (["--edge-bits", "3"], "unsupported bit width"),
+    (["--edge-layers", "20", "--exits", "20", "--exit-rate", "-0.1"], "in \\[0, 1\\]"),
+    (["--edge-layers", "20", "--exits", "20", "--exit-rate", "1.5"], "in \\[0, 1\\]"),
+])
+def test_bad_input_one_line_nonzero_no_traceback(capsys, args, msg):
+    import re
+
+    code, out, err = run(capsys, "energy", *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and re.search(msg, err) and "Traceback" not in err
+
+
+def test_summary_prints_every_layer(capsys):
+    code, out, _ = run(capsys, "summary", "--edge-layers", "20", "--edge-bits", "1", "--exits", "20")
+    assert code == 0 and out.count(".conv") == 30 and "exit:0" in out and "total cloud" in out
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "hybridexit.cli", "energy", "--edge-bits", "5"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "unsupported bit width 5" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_train_evaluate_calibrate_roundtrip(tmp_path, tiny_cifar, capsys):
+    ck = str(tmp_path / "ck")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["train", "--data-dir", str(tiny_cifar), "--out", ck, "--depth", "8", "--edge-layers", "4",
+                     "--edge-bits", "1", "--exits", "4", "--epochs", "1", "--batch-size", "50", "--val-size", "50"]) == 0
+        capsys.readouterr()
+        code, out, err = run(capsys, "evaluate", ck, "--data-dir", str(tiny_cifar), "--json")
+        assert code == 2 and "calibrate" in err  # no thresholds yet: says what to do
+        assert main(["calibrate", ck, "--data-dir", str(tiny_cifar), "--exit-fraction", "0.5", "--json"]) == 0
+        cal = json.loads(capsys.readouterr().out)
+        code, out, _ = run(capsys, "evaluate", ck, "--data-dir", str(tiny_cifar), "--json", "--limit", "30",
+                           "--out", str(tmp_path / "r.jsonl"))
+    d = json.loads(out)
+    assert code == 0 and d["n"] == 30 and cal["edge_fraction"] <= 0.5
+    for key in ("accuracy", "exit_fraction", "edge_fraction", "cloud_accuracy", "reduction", "expected_uj", "fp32_uj"):
+        assert key in d
+    assert 0 <= d["accuracy"] <= 1 and 0 <= d["edge_fraction"] <= 1
+    recs = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in recs] == list(range(30))
+    assert {r["decided_at"] for r in recs} <= {"exit:0", "cloud"}
+    assert d["accuracy"] == pytest.approx(sum(r["label"] == r["prediction"] for r in recs) / 30)

@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from hybridexit.errors import ConfigError
+from hybridexit.quant import QuanConv, QuantConv2d, quantize_activation, quantize_weight, sign_ste, uniform_ste
+
+
+def test_binary_weight_is_plus_minus_alpha_per_output_channel():
+    torch.manual_seed(0)
+    w = torch.randn(8, 4, 3, 3)
+    q = quantize_weight(w, 1)
+    alpha = w.abs().mean(dim=(1, 2, 3))
+    for c in range(8):
+        vals = set(torch.unique(q[c]).tolist())
+        assert vals <= {alpha[c].item(), -alpha[c].item()}
+        assert len(vals) == 2
+    assert torch.equal(torch.sign(q), torch.where(w >= 0, 1.0, -1.0))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_kbit_activation_has_exactly_2k_levels(bits):
+    x = torch.linspace(-3, 3, 100_001)
+    q = quantize_activation(x, bits)
+    levels = torch.unique(q)
+    assert len(levels) == 2**bits
+    assert levels.min() == -1 and levels.max() == 1
+    step = torch.diff(levels)
+    assert torch.allclose(step, torch.full_like(step, 2 / (2**bits - 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_kbit_weight_levels_per_channel(bits):
+    torch.manual_seed(1)
+    w = torch.randn(4, 16, 3, 3) * torch.tensor([0.1, 1.0, 3.0, 0.01]).view(4, 1, 1, 1)
+    q = quantize_weight(w, bits)
+    for c in range(4):
+        s = w[c].abs().max()
+        levels = torch.unique(q[c] / s)
+        assert len(levels) <= 2**bits
+        expected = torch.linspace(-1, 1, 2**bits)
+        assert all(torch.isclose(expected, v, atol=1e-5).any() for v in levels)
+
+
+def test_binary_activation_values_and_ste_gradient():
+    x = torch.tensor([-2.0, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5], requires_grad=True)
+    y = sign_ste(x)
+    assert y.tolist() == [-1, -1, -1, 1, 1, 1, 1]
+    y.backward(torch.arange(1.0, 8.0))
+    # gradient passes where |x| <= 1, zero outside
+    assert x.grad.tolist() == [0, 2, 3, 4, 5, 6, 0]
+
+
+def test_kbit_ste_gradient_clipped():
+    x = torch.tensor([-1.5, -0.3, 0.9, 1.0, 1.01], requires_grad=True)
+    uniform_ste(x, 2).sum().backward()
+    assert x.grad.tolist() == [0, 1, 1, 1, 0]
+
+
+def test_weight_ste_reaches_latent_weights():
+    conv = QuantConv2d(2, 3, 3, bits=1, bias=False)
+    conv(torch.randn(1, 2, 5, 5)).sum().backward()
+    assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
+
+
+def test_quanconv_order_and_bits():
+    m = QuanConv(4, 8, 1, bits=2)
+    assert [type(c).__name__ for c in m.children()] == ["BatchNorm2d", "ActQuantizer", "QuantConv2d"]
+    assert m.conv.bits == 2 and m.act.bits == 2
+    assert QuanConv(4, 8, 1, bits=32).conv.__class__ is torch.nn.Conv2d
+
+
+def test_unsupported_bits_rejected():
+    with pytest.raises(ConfigError, match="use one of 1, 2, 4, 8, 32"):
+        QuanConv(4, 4, bits=3)

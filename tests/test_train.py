@@ -1,0 +1,107 @@
+import json
+import warnings
+
+import pytest
+import torch
+
+from hybridexit import CheckpointError, HybridConfig
+from hybridexit.checkpoint import load_model, read_tensors
+from hybridexit.data import load_cifar
+from hybridexit.train import TrainConfig, train
+
+NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
+
+
+@pytest.fixture
+def ds(tiny_cifar):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_cifar("cifar10", tiny_cifar, download_ok=False)
+
+
+def tcfg(**kw):
+    base = dict(epochs=2, batch_size=32, val_size=40, lr=0.05, warmup_epochs=0.0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_checkpoint_rebuilds_with_no_flags(tmp_path, ds):
+    meta = train(tmp_path / "ck", NET, tcfg(), ds, progress=False)
+    model, meta2 = load_model(tmp_path / "ck")
+    assert model.cfg == NET and meta2["epochs_done"] == 2 and meta2["data"]["checksum"] == ds.checksum
+    assert len(meta["val_acc"]) == 3
+    log = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2]
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, ds):
+    train(tmp_path / "full", NET, tcfg(), ds, progress=False)
+    train(tmp_path / "part", NET, tcfg(), ds, progress=False, stop_after_epochs=1)
+    assert json.loads((tmp_path / "part" / "config.json").read_text())["epochs_done"] == 1
+    with pytest.raises(CheckpointError, match="--resume"):
+        train(tmp_path / "part", NET, tcfg(), ds, progress=False)
+    train(tmp_path / "part", NET, tcfg(), ds, progress=False, resume=True)
+    a, b = read_tensors(tmp_path / "full"), read_tensors(tmp_path / "part")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def test_resume_refuses_a_different_config(tmp_path, ds):
+    train(tmp_path / "ck", NET, tcfg(), ds, progress=False, stop_after_epochs=1)
+    with pytest.raises(CheckpointError, match="differs"):
+        train(tmp_path / "ck", NET, tcfg(lr=0.2), ds, progress=False, resume=True)
+
+
+def test_interrupted_write_keeps_previous_checkpoint(tmp_path, ds, monkeypatch):
+    train(tmp_path / "ck", NET, tcfg(epochs=1), ds, progress=False)
+    before = read_tensors(tmp_path / "ck")
+    import hybridexit.checkpoint as ck
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        ck.write_checkpoint(tmp_path / "ck", {"config.json": {"x": 1}}, {"model.safetensors": before})
+    monkeypatch.undo()
+    after = read_tensors(tmp_path / "ck")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["epochs_done"] == 1
+
+
+def _changed(a, b, prefix):
+    return {k for k in a if k.startswith(prefix) and a[k].is_floating_point() and not torch.equal(a[k], b[k])}
+
+
+def test_separate_freezes_backbone_then_trains_only_exits(tmp_path, ds):
+    train(tmp_path / "sep", NET, tcfg(mode="separate", epochs=1, exit_epochs=1), ds, progress=False,
+          stop_after_epochs=1)
+    after_backbone = read_tensors(tmp_path / "sep")
+    train(tmp_path / "sep", NET, tcfg(mode="separate", epochs=1, exit_epochs=1), ds, progress=False, resume=True)
+    after_exits = read_tensors(tmp_path / "sep")
+    assert _changed(after_backbone, after_exits, "exits.")  # exits learn in phase 2
+    backbone = {k for k in after_exits if not k.startswith("exits.")}
+    assert all(torch.equal(after_backbone[k], after_exits[k]) for k in backbone)  # weights and BN stats frozen
+
+
+def test_joint_trains_backbone_and_exits_together(tmp_path, ds):
+    torch.manual_seed(0)
+    from hybridexit.hybrid import HybridNet
+
+    init = HybridNet(NET).state_dict()
+    train(tmp_path / "j", NET, tcfg(epochs=1, seed=0), ds, progress=False)
+    after = read_tensors(tmp_path / "j")
+    assert _changed(init, after, "exits.") and _changed(init, after, "blocks.") and _changed(init, after, "head.")
+
+
+def test_init_from_float_checkpoint(tmp_path, ds):
+    fp = HybridConfig(depth=8)
+    train(tmp_path / "fp", fp, tcfg(epochs=1), ds, progress=False)
+    train(tmp_path / "hy", NET, tcfg(epochs=1, init=str(tmp_path / "fp"), lr=0.0), ds, progress=False)
+    a, b = read_tensors(tmp_path / "fp"), read_tensors(tmp_path / "hy")
+    # with lr 0 the latent weights are the float ones (BN running stats move with the data)
+    assert torch.equal(a["blocks.0.c1.conv.weight"], b["blocks.0.c1.conv.weight"])
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train(tmp_path / "bad", HybridConfig(depth=8, num_classes=100), tcfg(init=str(tmp_path / "fp")), ds,
+              progress=False)
