@@ -34,7 +34,7 @@ def cmd_train(a):
     tcfg = TrainConfig(epochs=a.epochs, exit_epochs=a.exit_epochs, mode=a.mode, exit_weights=tuple(a.exit_weights),
                        batch_size=a.batch_size, lr=a.lr, exit_lr=a.exit_lr, weight_decay=a.weight_decay,
                        label_smoothing=a.label_smoothing, init=a.init, teacher=a.teacher, kd_alpha=a.kd_alpha,
-                       seed=a.seed, val_size=a.val_size, limit_train=a.limit_train)
+                       seed=a.seed, val_size=a.val_size, limit_train=a.limit_train, compile=a.compile)
     meta = train(a.out, _net_cfg(a), tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
     print(json.dumps({"checkpoint": a.out, "epochs_done": meta["epochs_done"], "val_acc": meta["val_acc"],
@@ -153,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-size", type=int, default=5000)
     t.add_argument("--limit-train", type=int, default=None)
+    t.add_argument("--compile", action="store_true", help="torch.compile the training step (faster binary steps)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--stop-after-epochs", type=int, default=None)
     t.add_argument("--device", default=None)

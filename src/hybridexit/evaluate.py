@@ -21,7 +21,8 @@ from .exits import entropy
 from .hybrid import CLOUD, conditional_inference, decided_label
 
 
-def _x(images, mean, std, device):
+def prepare_images(images, mean, std, device):
+    """uint8 images -> normalized float, channels-last: the one preprocessing of evaluation and the edge."""
     return normalize(images.to(device), mean, std).contiguous(memory_format=torch.channels_last)
 
 
@@ -46,7 +47,7 @@ def evaluate_conditional(model, split: Split, mean, std, thresholds=None, batch_
     start = 0
     for images, labels in tqdm(batches(split, batch_size), total=math.ceil(len(split) / batch_size),
                                desc="evaluate", disable=not progress, leave=False):
-        d = conditional_inference(edge, cloud, _x(images, mean, std, device), thr)
+        d = conditional_inference(edge, cloud, prepare_images(images, mean, std, device), thr)
         recs.extend(records_from(d, labels, start))
         start += len(labels)
     return recs
@@ -87,7 +88,7 @@ def collect_exit_stats(model, split: Split, mean, std, batch_size: int = 500, de
     ents, preds, finals = [], [], []
     for images, _ in tqdm(batches(split, batch_size), total=math.ceil(len(split) / batch_size),
                           desc="exit stats", disable=not progress, leave=False):
-        outs = model(_x(images, mean, std, device))
+        outs = model(prepare_images(images, mean, std, device))
         k = len(outs) - 1
         ents.append(torch.stack([entropy(o) for o in outs[:-1]], 1).cpu() if k else torch.zeros(len(images), 0))
         preds.append(torch.stack([o.argmax(1) for o in outs[:-1]], 1).cpu() if k

@@ -53,6 +53,7 @@ class TrainConfig:
     split_seed: int = 0
     channels_last: bool = True
     limit_train: int | None = None  # for smoke tests: use only the first N training images
+    compile: bool = False  # torch.compile the training step (faster quantized steps on CPU; drops the last partial batch)
 
     def __post_init__(self):
         object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
@@ -220,7 +221,10 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         if tcfg.channels_last:
             teacher = teacher.to(memory_format=torch.channels_last)
 
-    steps_per_epoch = math.ceil(len(train_split) / tcfg.batch_size)
+    drop_last = tcfg.compile and len(train_split) >= tcfg.batch_size  # one static batch shape: no recompiles
+    steps_per_epoch = (len(train_split) // tcfg.batch_size if drop_last
+                       else math.ceil(len(train_split) / tcfg.batch_size))
+    fwd = torch.compile(model) if tcfg.compile else model
     gen = torch.Generator().manual_seed(tcfg.seed)
     start_epoch, history, wall = 0, [], 0.0
 
@@ -237,7 +241,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
 
     if resume and (out_dir / ck.STATE_JSON).exists():
         meta = ck.read_config(out_dir)
-        if meta["network"] != net_cfg.to_dict() or meta["train"] != tcfg.to_dict():
+        if (HybridConfig.from_dict(meta["network"]).replace(thresholds=()) != net_cfg.replace(thresholds=())
+                or TrainConfig(**meta["train"]).to_dict() != tcfg.to_dict()):
             raise CheckpointError(f"cannot resume {out_dir}: its network/training config differs from the one requested")
         if meta["data"]["checksum"] != ds.checksum:
             raise CheckpointError(f"cannot resume {out_dir}: it was trained on different data (checksum differs)")
@@ -273,6 +278,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                    desc=f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if separate_exits else ''}",
                    disable=not progress, leave=False)
         for step, (images, labels) in enumerate(bar):
+            if drop_last and len(labels) < tcfg.batch_size:
+                break
             t_step = time.perf_counter()
             gstep = phase_epoch * steps_per_epoch + step
             lr = _lr_at(gstep, phase_total, int(tcfg.warmup_epochs * steps_per_epoch), base_lr)
@@ -283,9 +290,9 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             if separate_exits:
                 outs, w = _frozen_exit_outputs(model, x), [1.0] * len(net_cfg.exits)
             elif tcfg.mode == "separate":
-                outs, w = [model(x)[-1]], [1.0]
+                outs, w = [fwd(x)[-1]], [1.0]
             else:
-                outs, w = model(x), weights
+                outs, w = fwd(x), weights
             losses = [F.cross_entropy(o, y, label_smoothing=tcfg.label_smoothing) for o in outs]
             if teacher is not None and not separate_exits:
                 with torch.no_grad():

@@ -1,0 +1,521 @@
+"""The edge: EdgeNet and its exits run here, batch by batch; only the samples that did not exit go to the cloud.
+
+Per batch of ``batch_size`` inputs (default 1, i.e. streaming, one input at a time as a camera would deliver
+them): the edge runs Algorithm 1 (``EdgeNet.decide``); the samples that did not exit are sent in ONE request
+(one wire frame holding their features) and the cloud's logits give their answers. With ``batch_size=1`` every
+number is per sample and honest: ``latency_ms`` is the time from the start of that input's preprocessing to its
+answer (edge compute for samples decided at an exit; + encoding, network, queueing, cloud compute, decoding and
+any retries for offloaded ones), ``payload_bytes`` the exact request body sent for it. With larger batches
+every sample of a batch shares the batch's timing and the body is split evenly over the offloaded samples.
+
+Faults: a request that fails (connection refused or reset, timeout, 5xx, 408, 429) is retried ``retries`` times
+with exponential backoff. When it still fails, ``on_cloud_failure`` decides: ``fallback`` answers with the
+prediction of the last exit the sample reached (``decided_at: "fallback"``, with the reason in ``error``), or
+``error`` stops with ``CloudUnavailable``. After a request has exhausted its retries the cloud is considered
+down for ``cooldown_s`` seconds (later samples fall back at once instead of each waiting for its retries); then
+it is tried again. Every input gets exactly one record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DatasetError, HybridExitError
+from ..hybrid import FALLBACK, Decisions
+from . import wire
+
+RAW_IMAGE_BYTES = 3 * 32 * 32  # a CIFAR image as uint8: what sending the input itself would cost
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}
+FAILURE_POLICIES = ("fallback", "error")
+
+
+class CloudError(HybridExitError):
+    """The cloud could not answer. ``attempts``: how many times the request was sent (0: not tried)."""
+
+    def __init__(self, message: str, attempts: int = 1):
+        super().__init__(message)
+        self.attempts = attempts
+
+    def with_context(self, prefix: str, suffix: str = "") -> CloudError:
+        e = CloudError.__new__(type(self))
+        e.__dict__.update(self.__dict__)
+        e.args = (f"{prefix}{self}{suffix}",)
+        return e
+
+
+class CloudUnavailable(CloudError):
+    """The cloud did not answer after the allowed retries (down, unreachable, overloaded, timing out)."""
+
+
+class CloudRejected(CloudError):
+    """The cloud refused the request (4xx): wrong token, other model, bad frame. Retrying will not help."""
+
+    def __init__(self, message: str, status: int, code: str, attempts: int = 1):
+        super().__init__(message, attempts)
+        self.status, self.code = status, code
+
+
+@dataclass(frozen=True)
+class EdgeOptions:
+    cloud_url: str
+    token: str | None = None
+    codec: str = "fp32"
+    compress: bool = False
+    batch_size: int = 1
+    timeout_s: float = 10.0
+    retries: int = 2
+    retry_backoff_ms: float = 100.0
+    cooldown_s: float = 5.0
+    on_cloud_failure: str = "fallback"
+    thresholds: tuple[float, ...] | None = None
+    device: str | None = None
+
+    def __post_init__(self):
+        wire.check_codec(self.codec)
+        if self.on_cloud_failure not in FAILURE_POLICIES:
+            raise ConfigError(f"on_cloud_failure={self.on_cloud_failure!r}: use one of {', '.join(FAILURE_POLICIES)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size={self.batch_size}: must be at least 1")
+        if self.retries < 0 or self.timeout_s <= 0 or self.retry_backoff_ms < 0 or self.cooldown_s < 0:
+            raise ConfigError("retries, retry_backoff_ms and cooldown_s must be >= 0 and timeout_s > 0")
+        if not self.cloud_url.startswith(("http://", "https://")):
+            raise ConfigError(f"cloud URL {self.cloud_url!r} must start with http:// or https://")
+
+
+@dataclass
+class CloudReply:
+    logits: torch.Tensor
+    request_bytes: int
+    response_bytes: int
+    attempts: int
+    batch_samples: int  # samples in the server's forward pass that carried this request
+    batch_requests: int
+    queue_ms: float
+    compute_ms: float
+
+
+def _error_text(r) -> tuple[str, str]:
+    try:
+        j = r.json()
+        return str(j.get("error", f"http_{r.status_code}")), str(j.get("detail", ""))
+    except ValueError:  # not JSON: a proxy's error page, say
+        return f"http_{r.status_code}", r.text[:200]
+
+
+class CloudClient:
+    """HTTP client of the cloud server: wire frames, bearer token, bounded retries, cool-down after failure."""
+
+    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0, retries: int = 2,
+                 retry_backoff_ms: float = 100.0, cooldown_s: float = 5.0):
+        import httpx
+
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        # TCP_NODELAY: request headers and body are separate writes; Nagle + delayed ACK would stall the body
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s),
+                                  transport=transport)
+        self._httpx = httpx
+        self.retries, self.backoff_s, self.cooldown_s = retries, retry_backoff_ms / 1000.0, cooldown_s
+        self._down_until = 0.0
+        self._last_failure = ""
+        self._lock = threading.Lock()
+
+    def close(self):
+        self._http.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def _request(self, method: str, path: str, **kw):
+        """One logical request with retries; returns (response, attempts). Raises CloudUnavailable/Rejected."""
+        now = time.monotonic()
+        if now < self._down_until:
+            raise CloudUnavailable(f"cloud considered down for {self._down_until - now:.1f} s more after: "
+                                   f"{self._last_failure}", attempts=0)
+        last = ""
+        for attempt in range(self.retries + 1):
+            if attempt:
+                time.sleep(self.backoff_s * 2 ** (attempt - 1))
+            try:
+                r = self._http.request(method, path, **kw)
+            except self._httpx.TransportError as e:
+                last = f"{type(e).__name__}: {e or 'no detail'}"
+                continue
+            if r.status_code < 400:
+                return r, attempt + 1
+            code, detail = _error_text(r)
+            if r.status_code in RETRY_STATUS:
+                last = f"HTTP {r.status_code} {code}: {detail}"
+                continue
+            raise CloudRejected(f"cloud refused the request: HTTP {r.status_code} {code}: {detail}",
+                                r.status_code, code, attempt + 1)
+        with self._lock:
+            self._down_until = time.monotonic() + self.cooldown_s
+            self._last_failure = f"{self.url}{path}: {last} ({self.retries + 1} attempts)"
+        raise CloudUnavailable(f"no answer from {self.url}{path} after {self.retries + 1} attempts: {last}",
+                               attempts=self.retries + 1)
+
+    def health(self) -> bool:
+        try:
+            return self._http.get("/healthz").status_code == 200
+        except self._httpx.TransportError:
+            return False
+
+    def info(self) -> dict:
+        r, _ = self._request("GET", "/v1/info")
+        return r.json()
+
+    def stats(self) -> dict:
+        r, _ = self._request("GET", "/v1/stats")
+        return r.json()
+
+    def infer(self, body: bytes, fingerprint: str, num_classes: int) -> CloudReply:
+        r, attempts = self._request("POST", "/v1/infer", content=body,
+                                    headers={"Content-Type": wire.CONTENT_TYPE})
+        n = wire.parse_header(body).shape[0]
+        try:
+            logits = wire.decode(r.content, fingerprint, (n, num_classes))
+        except wire.WireError as e:
+            raise CloudRejected(f"the cloud's answer is not a valid frame for this request: {e}", r.status_code,
+                                e.code, attempts) from None
+        h = r.headers
+        return CloudReply(logits, len(body), len(r.content), attempts, int(h.get("x-hybridexit-batch-samples", n)),
+                          int(h.get("x-hybridexit-batch-requests", 1)), float(h.get("x-hybridexit-queue-ms", "nan")),
+                          float(h.get("x-hybridexit-compute-ms", "nan")))
+
+
+@dataclass
+class EdgeStats:
+    """What the edge saw of the cloud over a run."""
+
+    requests: int = 0  # offload requests sent (a retry is not a new request)
+    attempts: int = 0  # HTTP requests actually sent, retries included
+    retries: int = 0
+    failed_requests: int = 0  # sent, but no answer after the retries (or refused)
+    skipped_requests: int = 0  # not sent: the cloud was in its cool-down after a failure
+    request_bytes: int = 0
+    response_bytes: int = 0
+    server_batch_samples: list[int] = field(default_factory=list)
+    server_batch_requests: list[int] = field(default_factory=list)
+    server_queue_ms: list[float] = field(default_factory=list)
+    server_compute_ms: list[float] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    def merge(self, other: EdgeStats) -> EdgeStats:
+        out = EdgeStats()
+        for f in ("requests", "attempts", "retries", "failed_requests", "skipped_requests", "request_bytes",
+                  "response_bytes"):
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        for f in ("server_batch_samples", "server_batch_requests", "server_queue_ms", "server_compute_ms"):
+            setattr(out, f, getattr(self, f) + getattr(other, f))
+        out.wall_s = max(self.wall_s, other.wall_s)
+        return out
+
+
+def _split_bytes(total: int, n: int) -> list[int]:
+    """``total`` bytes over ``n`` samples as integers that add up to ``total``."""
+    q, r = divmod(total, n)
+    return [q + (1 if i < r else 0) for i in range(n)]
+
+
+class EdgeRunner:
+    """Runs the edge half of a checkpoint and talks to the cloud for the samples that do not exit."""
+
+    def __init__(self, model, mean, std, fingerprint: str, options: EdgeOptions, cloud: CloudClient | None = None):
+        self.opt = options
+        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        edge, _ = model.split()
+        self.edge = edge.eval().to(self.device)
+        self.cfg = model.cfg
+        self.thresholds = self.edge.resolve_thresholds(options.thresholds)
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.fingerprint = fingerprint
+        self.cloud = cloud or CloudClient(options.cloud_url, options.token, options.timeout_s, options.retries,
+                                          options.retry_backoff_ms, options.cooldown_s)
+        self.stats = EdgeStats()
+
+    def check_cloud(self) -> dict | None:
+        """Ask the server who it is. A different model or a refused token stops here (whatever the failure
+        policy); an unreachable server is an error under ``error`` and a warning under ``fallback``."""
+        try:
+            info = self.cloud.info()
+        except CloudRejected as e:
+            raise e.with_context("", ". Check --token / HYBRIDEXIT_TOKEN and the --cloud URL") from None
+        except CloudUnavailable as e:
+            if self.opt.on_cloud_failure == "error":
+                raise
+            print(f"hybridexit edge: warning: {e}; samples that do not exit will fall back to the edge's answer "
+                  f"while the cloud is down", file=sys.stderr)
+            return None
+        if info.get("fingerprint") != self.fingerprint:
+            raise CloudRejected(
+                f"the cloud at {self.cloud.url} serves model {info.get('model')} (fingerprint "
+                f"{info.get('fingerprint')}), this edge runs fingerprint {self.fingerprint}: start both halves from "
+                f"the same checkpoint", 409, wire.FingerprintMismatch.code)
+        if tuple(info.get("feature_shape", ())) != tuple(self.edge.feature_shape):
+            raise CloudRejected(f"the cloud expects features {info.get('feature_shape')}, the edge produces "
+                                f"{list(self.edge.feature_shape)}", 409, wire.WrongShape.code)
+        return info
+
+    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        from ..evaluate import prepare_images  # the exact preprocessing of in-process evaluation
+
+        return prepare_images(images, self.mean, self.std, self.device)
+
+    def run_batch(self, images: torch.Tensor, labels: torch.Tensor, start: int) -> list[dict]:
+        from ..evaluate import records_from
+
+        t0 = time.perf_counter()
+        r = self.edge.decide(self._preprocess(images), self.thresholds)
+        t_edge = time.perf_counter()
+        preds, decided = r.predictions.cpu().clone(), r.decided_at.cpu().clone()
+        remaining = r.remaining.cpu().tolist()
+        lat = [(t_edge - t0) * 1000.0] * len(labels)
+        sent = [0] * len(labels)
+        errors: dict[int, str] = {}
+        if remaining:
+            body = wire.encode(r.features, self.fingerprint, self.opt.codec, self.opt.compress)
+            try:
+                reply = self.cloud.infer(body, self.fingerprint, self.cfg.num_classes)
+            except CloudError as e:
+                tried = e.attempts > 0
+                self.stats.requests += tried
+                self.stats.failed_requests += tried
+                self.stats.skipped_requests += not tried
+                if self.opt.on_cloud_failure == "error":
+                    raise e.with_context(f"input {start + remaining[0]}: ", "; use --on-cloud-failure fallback to "
+                                         "answer with the edge's last exit instead") from None
+                t_done = time.perf_counter()
+                self.stats.attempts += e.attempts
+                self.stats.retries += max(e.attempts - 1, 0)
+                for i, b in zip(remaining, _split_bytes(len(body), len(remaining))):
+                    decided[i] = FALLBACK
+                    lat[i] = (t_done - t0) * 1000.0
+                    sent[i] = b if tried else 0
+                    errors[i] = str(e)
+                if tried:
+                    self.stats.request_bytes += len(body)
+            else:
+                t_done = time.perf_counter()
+                s = self.stats
+                s.requests += 1
+                s.attempts += reply.attempts
+                s.retries += reply.attempts - 1
+                s.request_bytes += reply.request_bytes
+                s.response_bytes += reply.response_bytes
+                s.server_batch_samples.append(reply.batch_samples)
+                s.server_batch_requests.append(reply.batch_requests)
+                s.server_queue_ms.append(reply.queue_ms)
+                s.server_compute_ms.append(reply.compute_ms)
+                cloud_preds = reply.logits.argmax(1)
+                for j, (i, b) in enumerate(zip(remaining, _split_bytes(len(body), len(remaining)))):
+                    preds[i] = cloud_preds[j]
+                    lat[i] = (t_done - t0) * 1000.0
+                    sent[i] = b
+        recs = records_from(Decisions(preds, decided, r.entropies.cpu()), labels, start)
+        for i, rec in enumerate(recs):
+            rec["latency_ms"] = round(lat[i], 3)
+            rec["payload_bytes"] = sent[i]
+            if i in errors:
+                rec["error"] = errors[i]
+        return recs
+
+    def iter_records(self, images: torch.Tensor, labels: torch.Tensor, start: int = 0, progress: bool = False):
+        """Yield one record per input, in order, processing ``batch_size`` inputs at a time."""
+        from tqdm import tqdm
+
+        bs = self.opt.batch_size
+        t_run = time.perf_counter()
+        with tqdm(total=len(labels), desc="edge", unit="img", disable=not progress, leave=False) as bar:
+            for i in range(0, len(labels), bs):
+                recs = self.run_batch(images[i:i + bs], labels[i:i + bs], start + i)
+                self.stats.wall_s = time.perf_counter() - t_run
+                bar.update(len(recs))
+                yield from recs
+
+    def run(self, images: torch.Tensor, labels: torch.Tensor, start: int = 0, progress: bool = False) -> list[dict]:
+        return list(self.iter_records(images, labels, start, progress))
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class Inputs:
+    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    labels: torch.Tensor  # int64 (N,), -1 when unknown
+    paths: list[str] | None = None
+    description: str = ""
+
+    @property
+    def labelled(self) -> bool:
+        return bool((self.labels >= 0).all())
+
+
+def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inputs:
+    """A folder of image files: ``FOLDER/*.png`` (unlabelled) or ``FOLDER/<class>/*.png`` with class names from
+    the checkpoint (labelled)."""
+    from ..data import IMAGE_EXTS, load_image_files
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"--images {root}: not a folder")
+    is_img = lambda p: p.is_file() and p.suffix.lower() in IMAGE_EXTS
+    flat = sorted(p for p in root.iterdir() if is_img(p))
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and any(is_img(p) for p in d.iterdir()))
+    if flat and subdirs:
+        raise DatasetError(f"{root} has both images and class folders with images: use one layout, "
+                           f"FOLDER/*.png (unlabelled) or FOLDER/<class>/*.png (labelled)")
+    if subdirs:
+        known = list(classes or [])
+        paths, labels = [], []
+        for d in subdirs:
+            if d.name not in known:
+                raise DatasetError(f"{d}: {d.name!r} is not a class of this model (classes: {', '.join(known)}); "
+                                   f"put unlabelled images directly in {root}")
+            for p in sorted(q for q in d.iterdir() if is_img(q)):
+                paths.append(p)
+                labels.append(known.index(d.name))
+    elif flat:
+        paths, labels = flat, [-1] * len(flat)
+    else:
+        raise DatasetError(f"no images in {root} (extensions {', '.join(IMAGE_EXTS)})")
+    return Inputs(load_image_files(paths, size), torch.tensor(labels, dtype=torch.long),
+                  [str(p.relative_to(root)) for p in paths], f"images in {root}")
+
+
+# ---------------------------------------------------------------------------------------------- summary
+def _pct(values, q):
+    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+
+
+def edge_summary(records: list[dict], report, stats: EdgeStats | None = None, options: EdgeOptions | None = None,
+                 labelled: bool = True) -> dict:
+    """``evaluate.summarize`` plus bytes, latency and what the cloud did."""
+    from ..evaluate import summarize
+
+    s = summarize(records, report, None)
+    if not labelled:
+        s["accuracy"] = None
+    n = len(records)
+    total = sum(r["payload_bytes"] for r in records)
+    sent = [r for r in records if r["payload_bytes"] > 0]
+    lat = [r["latency_ms"] for r in records]
+    at_edge = [r["latency_ms"] for r in records if r["decided_at"].startswith("exit:")]
+    offl = [r["latency_ms"] for r in records if r["decided_at"] == "cloud"]
+    s.update({
+        "payload_bytes_per_input": total / n if n else 0.0,
+        "payload_bytes_per_offloaded": total / len(sent) if sent else None,
+        "raw_image_bytes": RAW_IMAGE_BYTES,
+        "latency_ms_p50": _pct(lat, 50),
+        "latency_ms_p95": _pct(lat, 95),
+        "latency_ms_edge_p50": _pct(at_edge, 50),
+        "latency_ms_edge_p95": _pct(at_edge, 95),
+        "latency_ms_offloaded_p50": _pct(offl, 50),
+        "latency_ms_offloaded_p95": _pct(offl, 95),
+    })
+    if options is not None:
+        s.update({"codec": options.codec, "compressed": options.compress, "batch_size": options.batch_size,
+                  "on_cloud_failure": options.on_cloud_failure})
+    if stats is not None:
+        bs = stats.server_batch_samples
+        s.update({
+            "requests": stats.requests,
+            "failed_requests": stats.failed_requests,
+            "skipped_requests": stats.skipped_requests,
+            "retries": stats.retries,
+            "response_bytes_per_request": stats.response_bytes / max(stats.requests - stats.failed_requests, 1),
+            "server_batch_samples_mean": float(np.mean(bs)) if bs else None,
+            "server_batch_samples_max": max(bs) if bs else None,
+            "wall_s": stats.wall_s,
+            "throughput_per_s": n / stats.wall_s if stats.wall_s > 0 else None,
+        })
+    return s
+
+
+def _fmt_pct(v):
+    return "n/a" if v is None else f"{100 * v:.2f} %"
+
+
+def _fmt_ms(a, b):
+    return "n/a" if a is None else f"{a:.1f} / {b:.1f} ms"
+
+
+def format_summary(s: dict) -> str:
+    """The summary as a two-column table."""
+    exits = ", ".join(f"exit {k}: {_fmt_pct(f)}" for k, f in enumerate(s["exit_fraction"]))
+    per_off = s["payload_bytes_per_offloaded"]
+    rows = [
+        ("inputs", f"{s['n']}"),
+        ("accuracy", _fmt_pct(s["accuracy"])),
+        ("decided at the edge", f"{_fmt_pct(s['edge_fraction'])}" + (f"  ({exits})" if exits else "")),
+        ("answered by the cloud", _fmt_pct(s["cloud_fraction"])),
+        ("fallback (cloud failed)", _fmt_pct(s["fallback_fraction"])),
+        ("energy per image", (f"{s['expected_uj']:.2f} uJ  (edge {s['edge_uj']:.2f}, cloud {s['cloud_uj']:.2f}; "
+                             f"all-FP32 {s['fp32_uj']:.2f})")),
+        ("energy reduction", "n/a" if not math.isfinite(s["reduction"]) else f"{s['reduction']:.2f} x"),
+        ("bytes sent per input", f"{s['payload_bytes_per_input']:.0f} B"),
+        ("bytes per offloaded input", "n/a" if per_off is None else
+         f"{per_off:.0f} B  (raw image {s['raw_image_bytes']} B: {per_off / s['raw_image_bytes']:.2f} x)"),
+        ("latency p50 / p95", _fmt_ms(s["latency_ms_p50"], s["latency_ms_p95"])),
+        ("  decided at the edge", _fmt_ms(s["latency_ms_edge_p50"], s["latency_ms_edge_p95"])),
+        ("  answered by the cloud", _fmt_ms(s["latency_ms_offloaded_p50"], s["latency_ms_offloaded_p95"])),
+    ]
+    if "codec" in s:
+        rows.append(("codec", f"{s['codec']}{' + zstd' if s['compressed'] else ''}, batch size {s['batch_size']}"))
+    if "requests" in s:
+        rows.append(("cloud requests", (f"{s['requests']} sent ({s['failed_requests']} failed, {s['retries']} retries"
+                                       f", {s['skipped_requests']} skipped while the cloud was down)")))
+        if s["server_batch_samples_mean"] is not None:
+            rows.append(("server batch (samples)", (f"mean {s['server_batch_samples_mean']:.1f}, "
+                                                   f"max {s['server_batch_samples_max']}")))
+        if s["throughput_per_s"]:
+            rows.append(("wall time", f"{s['wall_s']:.1f} s  ({s['throughput_per_s']:.1f} inputs/s)"))
+    w = max(len(k) for k, _ in rows) + 2
+    line = "-" * (w + 50)
+    return "\n".join([line] + [f"{k:<{w}}{v}" for k, v in rows] + [line])
+
+
+# ---------------------------------------------------------------------------------------------- one call
+def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progress: bool = False,
+             on_record=None) -> tuple[dict, list[dict]]:
+    """Load the checkpoint, check the cloud, run every input, write ``out`` (JSONL, streamed), summarize.
+
+    ``on_record(record)`` is called after each record is produced (progress, tests)."""
+    import json
+
+    from ..checkpoint import fingerprint, load_model
+    from ..energy import energy_report
+
+    model, meta = load_model(checkpoint)
+    d = meta.get("data", {})
+    if "mean" not in d or "std" not in d:
+        raise ConfigError(f"checkpoint {checkpoint} has no data mean/std in config.json: cannot normalize inputs")
+    runner = EdgeRunner(model, d["mean"], d["std"], fingerprint(checkpoint), options)
+    recs: list[dict] = []
+    with open(out, "w") if out else contextlib.nullcontext() as f, runner.cloud:
+        runner.check_cloud()
+        for rec in runner.iter_records(inputs.images, inputs.labels, 0, progress):
+            if inputs.paths is not None:
+                rec["path"] = inputs.paths[rec["index"]]
+            recs.append(rec)
+            if f:  # streamed: whatever happens later, the records so far are on disk
+                f.write(json.dumps(rec) + "\n")
+                f.flush()
+            if on_record:
+                on_record(rec)
+    cfg = model.cfg.replace(thresholds=runner.thresholds)
+    summary = edge_summary(recs, energy_report(cfg), runner.stats, options, inputs.labelled)
+    return summary, recs

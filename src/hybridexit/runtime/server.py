@@ -1,0 +1,420 @@
+"""The cloud server: the CloudNet of a checkpoint behind HTTP (FastAPI on uvicorn), with dynamic batching.
+
+Stateless: a request carries everything it needs (a wire frame of edge features with the model fingerprint), so
+any number of replicas can sit behind a load balancer. Concurrent requests are queued and grouped into one
+forward pass of at most ``max_batch`` samples, waiting at most ``max_wait_ms`` after the first one arrived for
+others to join; while a forward pass runs, new requests gather for the next one.
+
+Endpoints (docs/wire-format.md): ``GET /healthz`` (no token), ``GET /v1/info``, ``GET /v1/stats`` and
+``POST /v1/infer`` (bearer token when the server has one). Every refused request gets a 4xx JSON body
+``{"error": CODE, "detail": MESSAGE}``; the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import os
+import socket
+import sys
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import HybridExitError
+from . import wire
+
+TOKEN_ENV = "HYBRIDEXIT_TOKEN"
+
+
+class ServerConfigError(HybridExitError):
+    """The server cannot start with these settings."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    max_batch: int = 64  # samples per forward pass
+    max_wait_ms: float = 5.0  # how long the first request of a batch waits for others
+    max_request_bytes: int = 8 * 1024 * 1024  # body limit, and limit on the decoded tensor
+    request_timeout_s: float = 30.0  # reading the body + queueing + computing, per request
+    max_queue_samples: int = 4096  # samples waiting; beyond this, 503 (overloaded)
+    token: str | None = None
+
+    def __post_init__(self):
+        if self.max_batch < 1:
+            raise ServerConfigError(f"max_batch={self.max_batch}: must be at least 1")
+        if self.max_wait_ms < 0:
+            raise ServerConfigError(f"max_wait_ms={self.max_wait_ms}: must be >= 0")
+        if self.max_request_bytes < 1024:
+            raise ServerConfigError(f"max_request_bytes={self.max_request_bytes}: must be at least 1024")
+        if self.request_timeout_s <= 0:
+            raise ServerConfigError(f"request_timeout_s={self.request_timeout_s}: must be > 0")
+        if self.max_queue_samples < self.max_batch:
+            raise ServerConfigError(f"max_queue_samples={self.max_queue_samples} must be >= max_batch={self.max_batch}")
+        if self.token is not None and len(self.token) < 8:
+            raise ServerConfigError("the token must be at least 8 characters (e.g. `openssl rand -hex 16`)")
+
+
+class CloudModel:
+    """The cloud half of a checkpoint, ready to serve: CloudNet in eval mode, fingerprint, shapes."""
+
+    def __init__(self, cloud, fingerprint: str, name: str = "", device=None):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.net = cloud.eval().to(self.device)
+        self.fingerprint = fingerprint
+        self.feature_shape = tuple(cloud._in_shape)
+        self.num_classes = cloud.cfg.num_classes
+        self.name = name or cloud.cfg.name
+
+    @classmethod
+    def from_checkpoint(cls, path, device=None) -> CloudModel:
+        from ..checkpoint import fingerprint, load_model
+
+        model, _ = load_model(path)
+        _, cloud = model.split()
+        return cls(cloud, fingerprint(path), model.cfg.name, device)
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, max_batch: int) -> torch.Tensor:
+        x = x.to(self.device).contiguous(memory_format=torch.channels_last)
+        outs = [self.net(x[i:i + max_batch]) for i in range(0, len(x), max_batch)]
+        return torch.cat(outs).float().cpu()
+
+
+class RequestFailed(Exception):
+    """An HTTP error answer: status, error code, message."""
+
+    def __init__(self, status: int, code: str, detail: str, headers: dict | None = None):
+        super().__init__(detail)
+        self.status, self.code, self.detail, self.headers = status, code, detail, headers or {}
+
+
+@dataclass
+class _Item:
+    x: torch.Tensor
+    future: asyncio.Future
+    enqueued: float
+
+    @property
+    def n(self) -> int:
+        return len(self.x)
+
+
+@dataclass
+class BatchInfo:
+    samples: int  # samples in the forward pass this request was part of
+    requests: int  # requests in that forward pass
+    queue_ms: float
+    compute_ms: float
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    samples: int = 0
+    forwards: int = 0
+    refused: Counter = field(default_factory=Counter)
+    batch_samples: Counter = field(default_factory=Counter)  # forward-pass size -> count
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["refused"] = dict(self.refused)
+        d["batch_samples"] = {str(k): v for k, v in sorted(self.batch_samples.items())}
+        return d
+
+
+class Batcher:
+    """Groups queued requests into forward passes of at most ``max_batch`` samples (one at a time, off the
+    event loop, in a single worker thread)."""
+
+    def __init__(self, model: CloudModel, settings: ServerSettings, stats: Stats):
+        self.model, self.s, self.stats = model, settings, stats
+        self._pending: deque[_Item] = deque()
+        self._pending_samples = 0
+        self._wake = asyncio.Event()
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="cloudnet")
+        self._task: asyncio.Task | None = None
+
+    def start(self):
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self):
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        self._pool.shutdown(wait=True)
+
+    def submit(self, x: torch.Tensor) -> asyncio.Future:
+        if self._pending_samples + len(x) > self.s.max_queue_samples:
+            raise RequestFailed(503, "overloaded", f"{self._pending_samples} samples already queued "
+                                f"(limit {self.s.max_queue_samples}); retry later", {"Retry-After": "1"})
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append(_Item(x, fut, time.perf_counter()))
+        self._pending_samples += len(x)
+        self._wake.set()
+        return fut
+
+    def _take(self) -> list[_Item]:
+        items, n = [], 0
+        while self._pending and (not items or n + self._pending[0].n <= self.s.max_batch):
+            it = self._pending.popleft()
+            self._pending_samples -= it.n
+            if it.future.done():  # timed out or abandoned while queued
+                continue
+            items.append(it)
+            n += it.n
+        return items
+
+    async def _run(self):
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            deadline = self._pending[0].enqueued + self.s.max_wait_ms / 1000.0
+            while self._pending_samples < self.s.max_batch:
+                left = deadline - time.perf_counter()
+                if left <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+            items = self._take()
+            if not items:
+                continue
+            x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
+            t0 = time.perf_counter()
+            try:
+                logits = await loop.run_in_executor(self._pool, self.model.forward, x, self.s.max_batch)
+            except Exception as e:  # noqa: BLE001 - a bug, not bad input: answer 500 to this batch and keep serving
+                for it in items:
+                    if not it.future.done():
+                        it.future.set_exception(e)
+                continue
+            t1 = time.perf_counter()
+            self.stats.forwards += 1
+            self.stats.batch_samples[len(x)] += 1
+            start = 0
+            for it in items:
+                if not it.future.done():
+                    info = BatchInfo(len(x), len(items), (t0 - it.enqueued) * 1000.0, (t1 - t0) * 1000.0)
+                    it.future.set_result((logits[start:start + it.n], info))
+                start += it.n
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def resolve_token(token: str | None) -> str | None:
+    return token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+
+
+def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
+    """The FastAPI application serving ``model``. ``on_ready()`` is called once the batcher runs."""
+
+    stats = Stats()
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        b = Batcher(model, settings, stats)
+        b.start()
+        state["batcher"] = b
+        if on_ready:
+            on_ready()
+        yield
+        await b.stop()
+
+    app = FastAPI(title="hybridexit cloud", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    token = settings.token.encode() if settings.token else None
+
+    def error(status: int, code: str, detail: str, headers: dict | None = None):
+        if status < 500:
+            stats.refused[code] += 1
+        return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestFailed)
+    async def _failed(request, e: RequestFailed):
+        return error(e.status, e.code, e.detail, e.headers)
+
+    @app.exception_handler(wire.WireError)
+    async def _wire(request, e: wire.WireError):
+        return error(e.http_status, e.code, str(e))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):
+        return error(e.status_code, f"http_{e.status_code}", str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request, e):
+        return error(422, "invalid_request", str(e))
+
+    @app.exception_handler(Exception)
+    async def _internal(request, e: Exception):
+        return error(500, "internal", f"{type(e).__name__}: {e}")
+
+    def check_token(request: Request):
+        if token is None:
+            return
+        got = request.headers.get("authorization", "")
+        scheme, _, value = got.partition(" ")
+        if scheme.lower() != "bearer" or not value:
+            raise RequestFailed(401, "missing_token", "this server needs `Authorization: Bearer <token>` "
+                                "(edge: --token or HYBRIDEXIT_TOKEN)", {"WWW-Authenticate": "Bearer"})
+        if not hmac.compare_digest(value.strip().encode(), token):
+            raise RequestFailed(401, "wrong_token", "the bearer token is wrong: use the token the server was "
+                                "started with", {"WWW-Authenticate": "Bearer"})
+
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_request_bytes
+        cl = request.headers.get("content-length")
+        if cl is not None:
+            if not cl.isdigit():
+                raise RequestFailed(400, "bad_content_length", f"Content-Length {cl!r} is not a number")
+            if int(cl) > limit:
+                raise RequestFailed(413, "too_large", f"body of {cl} bytes is over the limit of {limit} bytes: "
+                                    f"send fewer samples per request")
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                raise RequestFailed(413, "too_large", f"body is over the limit of {limit} bytes: send fewer "
+                                    f"samples per request")
+        return bytes(buf)
+
+    @app.get("/healthz")
+    async def healthz():
+        return {"status": "ok", "protocol": wire.PROTOCOL_VERSION}
+
+    @app.get("/v1/info")
+    async def info(request: Request):
+        check_token(request)
+        return {"model": model.name, "fingerprint": model.fingerprint, "protocol": wire.PROTOCOL_VERSION,
+                "feature_shape": list(model.feature_shape), "num_classes": model.num_classes,
+                "codecs": list(wire.CODECS), "compression": ["zstd"], "device": str(model.device),
+                "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
+                "max_request_bytes": settings.max_request_bytes, "request_timeout_s": settings.request_timeout_s}
+
+    @app.get("/v1/stats")
+    async def get_stats(request: Request):
+        check_token(request)
+        return stats.to_dict()
+
+    @app.post("/v1/infer")
+    async def infer(request: Request):
+        check_token(request)
+        t_start = time.perf_counter()
+        budget = settings.request_timeout_s
+        try:
+            body = await asyncio.wait_for(read_body(request), budget)
+        except asyncio.TimeoutError:
+            raise RequestFailed(408, "timeout", f"the body did not arrive within {budget} s") from None
+        x = wire.decode(body, fingerprint=model.fingerprint, shape=(None, *model.feature_shape),
+                        max_decoded_bytes=settings.max_request_bytes)
+        fut = state["batcher"].submit(x)
+        left = budget - (time.perf_counter() - t_start)
+        try:
+            logits, binfo = await asyncio.wait_for(fut, max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise RequestFailed(503, "timeout", f"no answer within the request timeout of {budget} s "
+                                "(server overloaded); retry later", {"Retry-After": "1"}) from None
+        stats.requests += 1
+        stats.samples += len(x)
+        out = wire.encode(logits, model.fingerprint, "fp32")
+        return Response(out, media_type=wire.CONTENT_TYPE, headers={
+            "X-Hybridexit-Batch-Samples": str(binfo.samples), "X-Hybridexit-Batch-Requests": str(binfo.requests),
+            "X-Hybridexit-Queue-Ms": f"{binfo.queue_ms:.3f}", "X-Hybridexit-Compute-Ms": f"{binfo.compute_ms:.3f}"})
+
+    app.state.stats = stats
+    return app
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Bind and listen now (so ``port=0`` gives a known free port and errors come before anything starts)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ServerConfigError(f"cannot resolve host {host!r} ({e})") from None
+    family, _, _, _, addr = infos[0]
+    # proto IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted sockets only then; without it Nagle's
+    # algorithm and delayed ACKs add ~40 ms to every request after the first on a keep-alive connection
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise ServerConfigError(f"cannot listen on {host}:{port} ({e.strerror}); choose another --port") from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def check_bind(host: str, token: str | None) -> None:
+    if token is None and not is_loopback(host):
+        raise ServerConfigError(
+            f"refusing to listen on non-loopback address {host!r} without a token: pass --token or set "
+            f"{TOKEN_ENV} (or bind 127.0.0.1)")
+
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def make_server(model: CloudModel, settings: ServerSettings, sock: socket.socket, on_ready=None, log_level="warning"):
+    """A ``uvicorn.Server`` for ``model`` on an already bound socket (run it with ``server.run(sockets=[sock])``)."""
+    import uvicorn
+
+    app = create_app(model, settings, on_ready)
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30,
+                            limit_concurrency=4096, h11_max_incomplete_event_size=64 * 1024)
+    return uvicorn.Server(config)
+
+
+def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
+          device=None, threads: int | None = None, log_level: str = "warning") -> None:
+    """Load the checkpoint (errors here stop the start-up with the reason), bind, serve until interrupted."""
+    settings = settings or ServerSettings()
+    check_bind(host, settings.token)
+    if threads:
+        torch.set_num_threads(threads)
+    model = CloudModel.from_checkpoint(checkpoint, device)
+    sock = bind_socket(host, port)
+    url = url_of(sock)
+
+    def ready():
+        auth = "bearer token required" if settings.token else "no token (loopback only)"
+        print(f"hybridexit serve: ready at {url} (model {model.name}, fingerprint {model.fingerprint}, "
+              f"features {'x'.join(map(str, model.feature_shape))}, {model.device}, max batch {settings.max_batch}, "
+              f"max wait {settings.max_wait_ms:g} ms, {auth})", flush=True)
+
+    server = make_server(model, settings, sock, ready, log_level)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise ServerConfigError("the server did not start (see the messages above)")
+    print("hybridexit serve: stopped", file=sys.stderr, flush=True)

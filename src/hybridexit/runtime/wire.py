@@ -1,0 +1,288 @@
+"""The binary wire format between the edge and the cloud: one tensor per HTTP body, never pickle, never JSON floats.
+
+A frame is a fixed 32-byte little-endian header, the shape, then the payload (see docs/wire-format.md)::
+
+    offset size  field
+    0      4     magic            b"HYBX"
+    4      2     version          uint16, PROTOCOL_VERSION
+    6      1     codec            1 fp32, 2 fp16, 3 int8 (per-channel scale)
+    7      1     flags            bit 0: payload is zstd-compressed; other bits must be 0
+    8      16    fingerprint      ASCII hex of the model fingerprint (``checkpoint.fingerprint``)
+    24     1     dtype            element type of the tensor data: 1 float32, 2 float16, 3 int8
+    25     1     ndim             1..8
+    26     2     reserved         0
+    28     4     payload_bytes    uint32, length of what follows the shape (compressed length when zstd)
+    32     4*ndim shape           uint32 per dimension, each >= 1
+    ...    payload_bytes payload
+
+Decoded payload: fp32 / fp16: the elements in C order. int8: one float32 scale per (dim 0, dim 1) pair, i.e.
+per sample and channel, then the int8 elements in C order; value = scale * q, q in [-127, 127].
+
+Parsing is strict: every field is checked, the body length must match exactly, a compressed payload may not
+decompress past the size its shape implies, values must be finite. Each failure is a typed ``WireError`` with
+the HTTP status a server should answer and a message that says what was wrong.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..errors import HybridExitError
+
+MAGIC = b"HYBX"
+PROTOCOL_VERSION = 1
+CONTENT_TYPE = "application/x-hybridexit-tensor"
+HEADER = struct.Struct("<4sHBB16sBBHI")
+HEADER_BYTES = HEADER.size  # 32
+MAX_NDIM = 8
+FLAG_ZSTD = 0x01
+ZSTD_LEVEL = 3
+
+CODECS = {"fp32": 1, "fp16": 2, "int8": 3}
+CODEC_NAMES = {v: k for k, v in CODECS.items()}
+DTYPES = {"float32": 1, "float16": 2, "int8": 3}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+CODEC_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
+_NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
+_FP_RE = re.compile(rb"^[0-9a-f]{16}$")
+
+
+class WireError(HybridExitError, ValueError):
+    """A frame that cannot be accepted. ``code`` names the problem, ``http_status`` is the answer to give."""
+
+    code = "bad_frame"
+    http_status = 400
+
+
+class TruncatedFrame(WireError):
+    code = "truncated"
+
+
+class BadMagic(WireError):
+    code = "bad_magic"
+
+
+class UnsupportedVersion(WireError):
+    code = "unsupported_version"
+
+
+class UnknownCodec(WireError):
+    code = "unknown_codec"
+
+
+class WrongDtype(WireError):
+    code = "wrong_dtype"
+
+
+class WrongShape(WireError):
+    code = "wrong_shape"
+
+
+class CorruptPayload(WireError):
+    code = "corrupt_payload"
+
+
+class FingerprintMismatch(WireError):
+    code = "wrong_fingerprint"
+    http_status = 409
+
+
+class FrameTooLarge(WireError):
+    code = "too_large"
+    http_status = 413
+
+
+@dataclass(frozen=True)
+class Header:
+    version: int
+    codec: str
+    compressed: bool
+    fingerprint: str
+    dtype: str
+    shape: tuple[int, ...]
+    payload_bytes: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def decoded_bytes(self) -> int:
+        """Size of the decompressed payload this header implies."""
+        n = self.numel * _NP[self.dtype].itemsize
+        if self.codec == "int8":
+            n += self.shape[0] * self.shape[1] * 4
+        return n
+
+
+def check_codec(codec: str) -> str:
+    if codec not in CODECS:
+        raise UnknownCodec(f"unknown codec {codec!r}: use one of {', '.join(CODECS)}")
+    return codec
+
+
+def _check_fingerprint(fingerprint: str) -> bytes:
+    raw = fingerprint.encode("ascii", "replace")
+    if not _FP_RE.match(raw):
+        raise WireError(f"fingerprint {fingerprint!r} must be 16 lowercase hex digits (checkpoint.fingerprint)")
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+def quantize_int8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 with one scale per (dim 0, dim 1): scale = max|x| / 127, q = round(x / scale)."""
+    if x.dim() < 2:
+        raise WrongShape(f"the int8 codec needs at least 2 dimensions (samples, channels, ...), got {tuple(x.shape)}")
+    n, c = x.shape[0], x.shape[1]
+    flat = x.detach().float().reshape(n, c, -1)
+    scale = flat.abs().amax(dim=2) / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = torch.round(flat / safe[:, :, None]).clamp_(-127, 127).to(torch.int8)
+    return scale.cpu().numpy().astype("<f4"), q.reshape(x.shape).cpu().numpy()
+
+
+def encode(x: torch.Tensor, fingerprint: str, codec: str = "fp32", compress: bool = False,
+           level: int = ZSTD_LEVEL) -> bytes:
+    """One tensor as a frame. ``codec`` fp32 / fp16 / int8; ``compress`` zstd-compresses the payload."""
+    check_codec(codec)
+    fp = _check_fingerprint(fingerprint)
+    if not isinstance(x, torch.Tensor) or not 1 <= x.dim() <= MAX_NDIM or x.numel() == 0:
+        raise WrongShape(f"can only send a non-empty tensor with 1 to {MAX_NDIM} dimensions, "
+                         f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    x = x.detach().to("cpu", torch.float32).contiguous()
+    if codec == "fp32":
+        raw = x.numpy().astype("<f4", copy=False).tobytes()
+    elif codec == "fp16":
+        raw = x.numpy().astype("<f2").tobytes()
+    else:
+        scale, q = quantize_int8(x)
+        raw = scale.tobytes() + q.tobytes()
+    flags = 0
+    if compress:
+        import zstandard
+
+        raw = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
+        flags |= FLAG_ZSTD
+    dtype = CODEC_DTYPE[codec]
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, CODECS[codec], flags, fp, DTYPES[dtype], x.dim(), 0, len(raw))
+    return head + struct.pack(f"<{x.dim()}I", *x.shape) + raw
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def parse_header(body: bytes) -> Header:
+    """Check and read the header and shape; the payload length must match the body exactly."""
+    if not isinstance(body, (bytes, bytearray, memoryview)):
+        raise WireError(f"a frame is bytes, got {type(body).__name__}")
+    if len(body) < HEADER_BYTES:
+        if body[:4] != MAGIC[:len(body[:4])]:
+            raise BadMagic(f"not a hybridexit tensor frame: it must start with {MAGIC!r} (got {bytes(body[:4])!r})")
+        raise TruncatedFrame(f"frame truncated: {len(body)} bytes, the header alone is {HEADER_BYTES}")
+    magic, version, codec_id, flags, fp, dtype_id, ndim, reserved, payload_bytes = HEADER.unpack_from(body)
+    if magic != MAGIC:
+        raise BadMagic(f"not a hybridexit tensor frame: it must start with {MAGIC!r} (got {magic!r})")
+    if version != PROTOCOL_VERSION:
+        raise UnsupportedVersion(f"protocol version {version} is not supported: this side speaks version "
+                                 f"{PROTOCOL_VERSION}; run the same hybridexit version on edge and cloud")
+    if codec_id not in CODEC_NAMES:
+        raise UnknownCodec(f"unknown codec id {codec_id}: known {', '.join(f'{v} {k}' for k, v in CODECS.items())}")
+    codec = CODEC_NAMES[codec_id]
+    if flags & ~FLAG_ZSTD:
+        raise WireError(f"unknown flag bits 0x{flags & ~FLAG_ZSTD:02x}: only bit 0 (zstd) is defined")
+    if not _FP_RE.match(fp):
+        raise WireError("fingerprint field is not 16 lowercase hex digits")
+    if dtype_id not in DTYPE_NAMES:
+        raise WrongDtype(f"unknown dtype id {dtype_id}: known {', '.join(f'{v} {k}' for k, v in DTYPES.items())}")
+    dtype = DTYPE_NAMES[dtype_id]
+    if dtype != CODEC_DTYPE[codec]:
+        raise WrongDtype(f"codec {codec} carries {CODEC_DTYPE[codec]} elements, the header says {dtype}")
+    if not 1 <= ndim <= MAX_NDIM:
+        raise WrongShape(f"ndim={ndim}: a frame carries a tensor with 1 to {MAX_NDIM} dimensions")
+    if reserved != 0:
+        raise WireError(f"reserved header bytes must be 0 (got {reserved})")
+    end_shape = HEADER_BYTES + 4 * ndim
+    if len(body) < end_shape:
+        raise TruncatedFrame(f"frame truncated inside the shape: {len(body)} bytes, need {end_shape}")
+    shape = struct.unpack_from(f"<{ndim}I", body, HEADER_BYTES)
+    if min(shape) < 1:
+        raise WrongShape(f"shape {shape} has an empty dimension")
+    if codec == "int8" and ndim < 2:
+        raise WrongShape(f"the int8 codec needs at least 2 dimensions (samples, channels, ...), got {shape}")
+    have = len(body) - end_shape
+    if have < payload_bytes:
+        raise TruncatedFrame(f"frame truncated: header announces {payload_bytes} payload bytes, got {have}")
+    if have > payload_bytes:
+        raise CorruptPayload(f"{have - payload_bytes} unexpected bytes after the {payload_bytes}-byte payload")
+    return Header(version, codec, bool(flags & FLAG_ZSTD), fp.decode(), dtype, tuple(shape), payload_bytes)
+
+
+def _decompress(data: bytes, expected: int) -> bytes:
+    import zstandard
+
+    try:
+        size = zstandard.frame_content_size(data)
+    except zstandard.ZstdError as e:
+        raise CorruptPayload(f"payload is flagged zstd but is not a zstd frame ({e})") from None
+    if size not in (-1, expected):  # -1: size not recorded in the frame
+        raise CorruptPayload(f"zstd frame says {size} decompressed bytes, the shape implies {expected}")
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
+            out = r.read(expected + 1)  # never more than the shape allows, whatever the frame claims
+    except zstandard.ZstdError as e:
+        raise CorruptPayload(f"zstd payload does not decompress ({e})") from None
+    return out
+
+
+def decode(body: bytes, fingerprint: str | None = None, shape: tuple | None = None,
+           max_decoded_bytes: int | None = None) -> torch.Tensor:
+    """A frame back to a float32 tensor, checking it against what the receiver expects.
+
+    ``fingerprint``: the receiver's model fingerprint (mismatch -> ``FingerprintMismatch``). ``shape``: the
+    expected shape, ``None`` entries matching any size (e.g. ``(None, 64, 8, 8)``). ``max_decoded_bytes``:
+    refuse frames whose decompressed payload would be larger (``FrameTooLarge``).
+    """
+    h = parse_header(body)
+    if fingerprint is not None and h.fingerprint != fingerprint:
+        raise FingerprintMismatch(
+            f"model fingerprint {h.fingerprint} does not match this side's {fingerprint}: edge and cloud must "
+            f"run the two halves of the same checkpoint (copy the checkpoint to both sides)")
+    if shape is not None:
+        ok = len(shape) == len(h.shape) and all(s is None or s == g for s, g in zip(shape, h.shape))
+        if not ok:
+            want = "(" + ", ".join("N" if s is None else str(s) for s in shape) + ")"
+            raise WrongShape(f"tensor of shape {h.shape} does not fit: this model expects {want}")
+    expected = h.decoded_bytes
+    if max_decoded_bytes is not None and expected > max_decoded_bytes:
+        raise FrameTooLarge(f"tensor of shape {h.shape} decodes to {expected} bytes, over the limit of "
+                            f"{max_decoded_bytes}: send fewer samples per request")
+    payload = bytes(body[len(body) - h.payload_bytes:])
+    if h.compressed:
+        payload = _decompress(payload, expected)
+    if len(payload) != expected:
+        raise CorruptPayload(f"payload has {len(payload)} bytes, a {h.codec} tensor of shape {h.shape} needs {expected}")
+    if h.codec == "int8":
+        ns = h.shape[0] * h.shape[1]
+        scale = np.frombuffer(payload, dtype="<f4", count=ns)
+        q = np.frombuffer(payload, dtype="i1", offset=ns * 4).reshape(h.shape)
+        if not np.isfinite(scale).all() or (scale < 0).any():
+            raise CorruptPayload("int8 scales must be finite and non-negative")
+        if (q == -128).any():
+            raise CorruptPayload("int8 values must be in [-127, 127] (symmetric quantization)")
+        s = torch.from_numpy(scale.astype(np.float32)).reshape(h.shape[:2] + (1,) * (len(h.shape) - 2))
+        return torch.from_numpy(q.astype(np.float32)) * s
+    arr = np.frombuffer(payload, dtype=_NP[h.dtype]).reshape(h.shape)
+    if not np.isfinite(arr).all():
+        raise CorruptPayload("tensor contains NaN or infinite values")
+    return torch.from_numpy(arr.astype(np.float32))
+
+
+def frame_bytes(shape: tuple[int, ...], codec: str) -> int:
+    """Size of an uncompressed frame carrying a tensor of ``shape`` with ``codec``."""
+    h = Header(PROTOCOL_VERSION, check_codec(codec), False, "0" * 16, CODEC_DTYPE[codec], tuple(shape), 0)
+    return HEADER_BYTES + 4 * len(shape) + h.decoded_bytes
