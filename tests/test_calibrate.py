@@ -1,7 +1,6 @@
 import warnings
 
 import pytest
-import torch
 
 from hybridexit import ConfigError, HybridConfig
 from hybridexit.calibrate import Point, calibrate_checkpoint, choose, sweep

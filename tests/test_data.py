@@ -4,10 +4,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from conftest import write_tiny_cifar10
-from hybridexit.data import (augment, get_split, load_cifar, load_image_folder, resolve_data_dir,
-                             safe_load_pickle, train_val_split)
+
+from hybridexit.data import (
+    augment,
+    get_split,
+    load_cifar,
+    load_image_folder,
+    resolve_data_dir,
+    safe_load_pickle,
+    train_val_split,
+)
 from hybridexit.errors import DatasetError
 
 

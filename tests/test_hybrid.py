@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hybridexit.exits import entropy
 from hybridexit import CLOUD, ConfigError, HybridConfig, HybridNet, InputShapeError, conditional_inference
+from hybridexit.exits import entropy
 
 
 def small(**kw):

@@ -19,7 +19,7 @@ import zstandard
 from hybridexit.checkpoint import fingerprint, load_model, save_model
 from hybridexit.cli import main
 from hybridexit.data import Split
-from hybridexit.evaluate import prepare_images, evaluate_conditional
+from hybridexit.evaluate import evaluate_conditional, prepare_images
 from hybridexit.hybrid import HybridNet
 from hybridexit.resnet import HybridConfig
 from hybridexit.runtime import wire

@@ -163,7 +163,8 @@ class CloudNet(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not isinstance(h, torch.Tensor) or h.dim() != 4 or tuple(h.shape[1:]) != self._in_shape:
             got = tuple(h.shape) if isinstance(h, torch.Tensor) else type(h).__name__
-            raise InputShapeError(f"cloud half expects edge features of shape (N, {', '.join(map(str, self._in_shape))}), got {got}")
+            want = ", ".join(map(str, self._in_shape))
+            raise InputShapeError(f"cloud half expects edge features of shape (N, {want}), got {got}")
         for block in self.blocks:
             h = block(h)
         return self.head(h)
