@@ -55,11 +55,15 @@ def main(argv=None) -> int:
             except ImportError:
                 run_demo = None
             if run_demo is not None:
-                return run_demo(a.checkpoint, a.data_dir, a.limit)
+                run_demo(a.checkpoint, a.data_dir, a.limit)
+                return 0
         offline_demo()
     except HybridExitError as e:
         print(f"demo: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("demo: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 
