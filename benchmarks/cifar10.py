@@ -71,10 +71,11 @@ def main():
         meta = read_config(path)
         cal = None
         if meta["network"]["exits"]:
+            plot = out.parent / f"{name}-calibration.png"
             try:
-                cal = calibrate_checkpoint(path, ds, "min_accuracy", fp32_val - 0.02)
+                cal = calibrate_checkpoint(path, ds, "min_accuracy", fp32_val - 0.02, plot_path=plot)
             except ConfigError:
-                cal = calibrate_checkpoint(path, ds, "max_drop", 0.01)
+                cal = calibrate_checkpoint(path, ds, "max_drop", 0.01, plot_path=plot)
         model, meta = load_model(path)
         summary, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std)
         rows = [(name, summary, cal)]

@@ -105,3 +105,25 @@ def test_init_from_float_checkpoint(tmp_path, ds):
     with pytest.raises(CheckpointError, match="does not fit"):
         train(tmp_path / "bad", HybridConfig(depth=8, num_classes=100), tcfg(init=str(tmp_path / "fp")), ds,
               progress=False)
+
+
+def test_thread_tuner_keeps_the_faster_setting():
+    from hybridexit.train import ThreadTuner
+
+    before = torch.get_num_threads()
+    try:
+        t = ThreadTuner(2, every=4, probe=3)
+        assert t.current == 2
+        for _ in range(4):
+            t.record(1.0)  # two threads: slow (another process holds a core)
+        assert t.trial == 1 and torch.get_num_threads() == 1
+        for _ in range(3):
+            t.record(0.4)  # one thread is faster
+        assert t.current == 1 and t.trial is None and torch.get_num_threads() == 1
+        for _ in range(4):
+            t.record(0.4)
+        for _ in range(3):
+            t.record(0.6)  # two threads tried again, slower: stay on one
+        assert t.current == 1
+    finally:
+        torch.set_num_threads(before)
