@@ -36,7 +36,7 @@ DEFAULT = list(PAPER)
 
 def describe_training(meta: dict) -> str:
     t = meta["train"]
-    s = f"{t['mode']}, {meta['epochs_done']} ep"
+    s = f"{t['mode']}, {meta['epochs_done']} ep" if meta["network"]["exits"] else f"float, {meta['epochs_done']} ep"
     if t["mode"] == "separate":
         s = f"separate, {t['epochs']} ep backbone + {t['exit_epochs']} ep exit"
     if t.get("init"):

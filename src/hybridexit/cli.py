@@ -202,17 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def guarded(fn, prog: str = "hybridexit") -> int:
+    """Run ``fn()``; a HybridExitError becomes one line on stderr and exit status 2, Ctrl-C status 130."""
     try:
-        args.func(args)
+        fn()
     except HybridExitError as e:
-        print(f"hybridexit: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("hybridexit: interrupted", file=sys.stderr)
+        print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return guarded(lambda: args.func(args))
 
 
 if __name__ == "__main__":

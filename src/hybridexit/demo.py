@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
+from .cli import guarded
 from .energy import energy_report, summary_table
-from .errors import HybridExitError
 from .hybrid import HybridNet, conditional_inference, decided_label
 from .resnet import HybridConfig
 
@@ -48,24 +48,18 @@ def main(argv=None) -> int:
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=1000)
     a = p.parse_args(argv)
-    try:
+
+    def run():
         if (Path(a.checkpoint) / "config.json").exists():
             try:
                 from .runtime.demo import run_demo
-            except ImportError:
+            except ImportError:  # runtime extras not installed: the in-process demo below
                 run_demo = None
             if run_demo is not None:
                 run_demo(a.checkpoint, a.data_dir, a.limit)
-                return 0
+                return
         offline_demo()
-    except HybridExitError as e:
-        print(f"demo: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("demo: interrupted", file=sys.stderr)
-        return 130
-    return 0
-
+    return guarded(run, "demo")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -53,7 +53,7 @@ def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, co
 
 
 def main(argv=None) -> int:
-    from ..errors import HybridExitError
+    from ..cli import guarded
 
     p = argparse.ArgumentParser(prog="python -m hybridexit.runtime.demo", description=__doc__)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -65,15 +65,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     p.add_argument("--out", default=None, help="write the per-image records (JSONL)")
     a = p.parse_args(argv)
-    try:
-        run_demo(a.checkpoint, a.data_dir, a.limit, a.codec, a.compress, a.batch_size, a.threads or None, a.out)
-    except HybridExitError as e:
-        print(f"hybridexit demo: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("hybridexit demo: interrupted (server stopped)", file=sys.stderr)
-        return 130
-    return 0
+    return guarded(lambda: run_demo(a.checkpoint, a.data_dir, a.limit, a.codec, a.compress, a.batch_size,
+                                    a.threads or None, a.out), "hybridexit demo")
 
 
 if __name__ == "__main__":
