@@ -116,7 +116,6 @@ def count_layers(model: nn.Module) -> list[LayerCount]:
         for h in hooks:
             h.remove()
         model.train(was_training)
-    # residual adds are reported after the block's convs: order rows by name then kind for a readable table
     return rows
 
 

@@ -9,8 +9,6 @@ makes joint training of an exit on the un-normalized residual stream stable.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,10 +36,6 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Entropy (natural log) of softmax(logits), one value per row. Range [0, log(num_classes)]."""
     logp = F.log_softmax(logits.float(), dim=1)
     return -(logp.exp() * logp).sum(dim=1)
-
-
-def max_entropy(num_classes: int) -> float:
-    return math.log(num_classes)
 
 
 def exits_here(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:

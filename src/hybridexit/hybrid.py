@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError, InputShapeError
-from .exits import ExitHead, entropy
+from .exits import ExitHead, exits_here
 from .resnet import ClassifierHead, HybridConfig, block_specs, edge_feature_shape, init_weights, make_blocks, make_stem
 
 CLOUD = -1  # decided_at value for samples answered by the cloud half
@@ -143,10 +143,9 @@ class EdgeNet(nn.Module):
             if layer in exit_no:
                 j = exit_no[layer]
                 logits = self.exits[str(layer)](h)
-                e = entropy(logits)
+                stop, e = exits_here(logits, thr[j])
                 ents[idx, j] = e
                 preds[idx] = logits.argmax(1)
-                stop = e < thr[j]
                 decided[idx[stop]] = j
                 h, idx = h[~stop], idx[~stop]
         return EdgeResult(preds, decided, ents, h, idx)
@@ -176,9 +175,6 @@ class Decisions:
     decided_at: torch.Tensor  # (N,) exit index k or CLOUD
     entropies: torch.Tensor  # (N, K), NaN where not reached
 
-    def exit_fractions(self, num_exits: int) -> list[float]:
-        n = max(len(self.decided_at), 1)
-        return [float((self.decided_at == k).sum()) / n for k in range(num_exits)]
 
 
 @torch.no_grad()
