@@ -176,7 +176,6 @@ class Decisions:
     entropies: torch.Tensor  # (N, K), NaN where not reached
 
 
-
 @torch.no_grad()
 def conditional_inference(edge: EdgeNet, cloud: CloudNet, x: torch.Tensor, thresholds=None) -> Decisions:
     """Algorithm 1 on a batch: the cloud half runs once, on the sub-batch that did not exit (if any)."""
