@@ -124,6 +124,14 @@ def test_thread_tuner_keeps_the_faster_setting():
             t.record(0.4)
         for _ in range(3):
             t.record(0.6)  # two threads tried again, slower: stay on one
-        assert t.current == 1
+        assert t.current == 1 and t.every == 8  # a lost probe doubles the interval
+        for _ in range(7):
+            t.record(0.4)
+        assert t.trial is None
+        t.record(0.4)
+        assert t.trial == 2
+        for _ in range(3):
+            t.record(0.1)  # two threads won (the other process ended): interval back to the base
+        assert t.current == 2 and t.every == 4
     finally:
         torch.set_num_threads(before)

@@ -87,11 +87,14 @@ class TrainConfig:
 class ThreadTuner:
     """Re-picks the CPU thread count while training. On a shared machine, two OpenMP threads slow down several
     times when another process takes one of the cores, while one thread degrades gracefully; every ``every``
-    steps the other setting is tried for ``probe`` steps and the faster one is kept."""
+    steps the other setting is tried for ``probe`` steps and the faster one is kept. A probe that loses doubles
+    the interval (up to ``max_every``), since probing two threads on a contended machine is itself expensive;
+    a probe that wins resets it."""
 
-    def __init__(self, max_threads: int, every: int = 60, probe: int = 6):
+    def __init__(self, max_threads: int, every: int = 60, probe: int = 6, max_every: int = 960):
         self.options = sorted({1, max_threads}, reverse=True)
-        self.current, self.every, self.probe = self.options[0], every, probe
+        self.current, self.probe = self.options[0], probe
+        self.base_every, self.every, self.max_every = every, every, max_every
         self.times: list[float] = []
         self.trial: int | None = None
         self.trial_times: list[float] = []
@@ -108,7 +111,9 @@ class ThreadTuner:
             self.trial_times.append(seconds)
             if len(self.trial_times) >= self.probe:
                 if self._median(self.trial_times[1:]) < 0.85 * self._median(self.times[-self.probe:]):
-                    self.current = self.trial
+                    self.current, self.every = self.trial, self.base_every
+                else:
+                    self.every = min(2 * self.every, self.max_every)
                 self.trial, self.trial_times, self.times = None, [], []
                 torch.set_num_threads(self.current)
             return
