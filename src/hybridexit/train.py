@@ -91,7 +91,7 @@ class ThreadTuner:
     the interval (up to ``max_every``), since probing two threads on a contended machine is itself expensive;
     a probe that wins resets it."""
 
-    def __init__(self, max_threads: int, every: int = 60, probe: int = 6, max_every: int = 960):
+    def __init__(self, max_threads: int, every: int = 60, probe: int = 6, max_every: int = 240):
         self.options = sorted({1, max_threads}, reverse=True)
         self.current, self.probe = self.options[0], probe
         self.base_every, self.every, self.max_every = every, every, max_every
