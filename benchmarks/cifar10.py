@@ -27,7 +27,9 @@ from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
 
 PAPER = {
     "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
+    "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
     "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
+    "c10-r32-e20-b1-x20-8ep": "(first stage of c10-r32-e20-b1-x20)",
     "c10-r32-e16-b1-x16-joint": "joint: 89.16 %, 52.8 % exits",
     "c10-r32-e16-b1-x16-separate": "separate: 88.72 %, 24.1 % exits",
 }
@@ -95,8 +97,10 @@ def main():
             }
         print(f"{name}: acc {summary['accuracy']:.4f} edge {summary['edge_fraction']:.3f} "
               f"reduction {summary['reduction']:.2f}x ({time.time() - t0:.0f} s)")
+    order = [r for n in DEFAULT for r in (n, n + " @ paper threshold 0.5")]
+    ordered = sorted(points.values(), key=lambda pt: order.index(pt["name"]) if pt["name"] in order else len(order))
     result = {"dataset": "cifar10", "split": "test", "data_checksum": ds.checksum,
-              "fp32_val_accuracy": fp32_val, "points": list(points.values()),
+              "fp32_val_accuracy": fp32_val, "points": ordered,
               "note": "Accuracies are on the 10,000 CIFAR-10 test images; thresholds were chosen on a 5,000-image "
                       "validation split held out of the training set. Energy is computational (MACs and adds), per "
                       "image, from the measured exit fractions; the paper's Table I constants."}
