@@ -7,6 +7,8 @@
 #   2b. same, 16 more epochs (lr 0.03, wd 1e-4)       checkpoints/c10-r32-e20-b1-x20      (init: 2a)
 #   3. 16E+14C binary, exit at 16, joint              checkpoints/c10-r32-e16-b1-x16-joint     (init: 1a; EPOCHS_16E)
 #   4. 16E+14C binary, exit at 16, separate           checkpoints/c10-r32-e16-b1-x16-separate  (init: 1a; EPOCHS_16E + 1)
+#   5. CIFAR-100 FP32, first stage, 7 epochs          checkpoints/c100-r32-fp32-7ep  (46.61 % test; continue it with
+#      --init into checkpoints/c100-r32-fp32 for a real baseline)
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
 # core when 1b ended), as did 3 and 4.
 set -euo pipefail
@@ -33,4 +35,5 @@ run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 
     --epochs "$EPOCHS_16E" --lr 0.05
 run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
     --mode separate --epochs "$EPOCHS_16E" --exit-epochs 1 --lr 0.05
+run checkpoints/c100-r32-fp32-7ep --dataset cifar100 --epochs 7 --batch-size 128 --lr 0.1
 echo "== $(date -u +%H:%M:%S) done"
