@@ -62,8 +62,7 @@ def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24) -> list[Point]
     for thr in itertools.product(*per_exit):
         preds, decided = stats.simulate(thr)
         fr = [float((decided == j).sum()) / n for j in range(k)]
-        points.append(Point(tuple(float(t) for t in thr), int((preds == stats.labels).sum()) / n, fr,
-                            report.expected_uj(fr)))
+        points.append(Point(tuple(float(t) for t in thr), stats.accuracy(preds), fr, report.expected_uj(fr)))
     return points
 
 

@@ -62,9 +62,13 @@ class ExitStats:
     final_preds: torch.Tensor  # (N,)
     labels: torch.Tensor  # (N,)
 
+    def accuracy(self, preds: torch.Tensor) -> float:
+        """Exact fraction of ``preds`` equal to the labels (counted as integers: no float32 rounding)."""
+        return int((preds == self.labels).sum()) / max(len(self.labels), 1)
+
     @property
     def cloud_accuracy(self) -> float:
-        return int((self.final_preds == self.labels).sum()) / max(len(self.labels), 1)
+        return self.accuracy(self.final_preds)
 
     def simulate(self, thresholds) -> tuple[torch.Tensor, torch.Tensor]:
         """(predictions, decided_at) that Algorithm 1 gives with these thresholds."""
