@@ -38,9 +38,10 @@ DEFAULT = list(PAPER)
 
 def describe_training(meta: dict) -> str:
     t = meta["train"]
-    s = f"{t['mode']}, {meta['epochs_done']} ep" if meta["network"]["exits"] else f"float, {meta['epochs_done']} ep"
     if t["mode"] == "separate":
         s = f"separate, {t['epochs']} ep backbone + {t['exit_epochs']} ep exit"
+    else:
+        s = f"{t['mode'] if meta['network']['exits'] else 'float'}, {meta['epochs_done']} ep"
     if t.get("init"):
         s += f", init {Path(t['init']).name}"
     return s + f", {meta['train_wall_s'] / 60:.0f} min CPU"

@@ -61,5 +61,6 @@ def main(argv=None) -> int:
         offline_demo()
     return guarded(run, "demo")
 
+
 if __name__ == "__main__":
     sys.exit(main())
