@@ -37,10 +37,11 @@ def _pct(x):
     return "" if x is None else f"{100 * x:.2f}"
 
 
-def section_cifar10() -> str:
-    data = _load("cifar10.json")
+def section_results(dataset: str) -> str:
+    data = _load(f"{dataset}.json")
     if not data:
-        return "_No results yet: run `python benchmarks/cifar10.py` (writes results/cifar10.json)._\n"
+        return (f"_No results yet: run `python benchmarks/cifar.py --dataset {dataset}` "
+                f"(writes results/{dataset}.json)._\n")
     rows = ["| model | training | thresholds | test accuracy % | final classifier alone % | exits at edge % | "
             "expected uJ/image | reduction | paper |",
             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -91,7 +92,8 @@ def section_runtime() -> str:
     return "\n".join(out) + "\n"
 
 
-SECTIONS = {"summary": section_summary, "cifar10": section_cifar10, "train_speed": section_train_speed,
+SECTIONS = {"summary": section_summary, "cifar10": lambda: section_results("cifar10"),
+            "cifar100": lambda: section_results("cifar100"), "train_speed": section_train_speed,
             "runtime": section_runtime}
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Evaluate the CIFAR-10 checkpoints on the test split and write results/cifar10.json.
+"""Evaluate the CIFAR-10 or CIFAR-100 checkpoints on the test split and write results/<dataset>.json.
 
 For every hybrid checkpoint: thresholds are calibrated on the validation split (held out of training, never the
 test split) and written into the checkpoint; then the test split is evaluated with real conditional inference by
@@ -7,9 +7,9 @@ the same code as `hybridexit evaluate CKPT --split test --json`, which therefore
 Calibration target (primary): the lowest expected energy whose validation accuracy is at least the FP32
 baseline's validation accuracy minus 2 points (i.e. within the 3-point budget with a margin); if the hybrid cannot
 reach that floor, the most exits within 1 point of its own final-classifier accuracy. The paper's fixed threshold
-(0.5 on CIFAR-10) is evaluated too, as a second row.
+(0.5 on CIFAR-10, 1.0 on CIFAR-100) is evaluated too, as a second row.
 
-    python benchmarks/cifar10.py --data-dir data [--checkpoints NAME ...]
+    python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...]
 """
 
 from __future__ import annotations
@@ -25,15 +25,23 @@ from hybridexit.data import get_split, load_cifar
 from hybridexit.errors import ConfigError
 from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
 
-PAPER = {
-    "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
-    "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
-    "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
-    "c10-r32-e20-b1-x20-8ep": "(first stage of c10-r32-e20-b1-x20)",
-    "c10-r32-e16-b1-x16-joint": "joint: 89.16 %, 52.8 % exits",
-    "c10-r32-e16-b1-x16-separate": "separate: 88.72 %, 24.1 % exits",
+# Per dataset: the checkpoint-name prefix, the paper's fixed exit threshold, and the checkpoints
+# evaluated by default (in table order) with the paper's figure each is compared to.
+DATASETS = {
+    "cifar10": {"prefix": "c10", "paper_threshold": 0.5, "paper": {
+        "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
+        "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
+        "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
+        "c10-r32-e20-b1-x20-24ep": "(earlier stage of c10-r32-e20-b1-x20)",
+        "c10-r32-e20-b1-x20-8ep": "(first stage of c10-r32-e20-b1-x20)",
+        "c10-r32-e16-b1-x16-joint": "joint: 89.16 %, 52.8 % exits",
+        "c10-r32-e16-b1-x16-separate": "separate: 88.72 %, 24.1 % exits",
+    }},
+    "cifar100": {"prefix": "c100", "paper_threshold": 1.0, "paper": {
+        "c100-r32-fp32": "FP32 ResNet-32: about 70 % (published)",
+        "c100-r32-fp32-7ep": "(first stage of c100-r32-fp32)",
+    }},
 }
-DEFAULT = list(PAPER)
 
 
 def describe_training(meta: dict) -> str:
@@ -50,22 +58,25 @@ def describe_training(meta: dict) -> str:
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--checkpoints", nargs="*", default=DEFAULT)
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    p.add_argument("--checkpoints", nargs="*", default=None, help="default: every known checkpoint of the dataset")
     p.add_argument("--root", default="checkpoints")
-    p.add_argument("--out", default="results/cifar10.json")
+    p.add_argument("--out", default=None, help="default: results/<dataset>.json")
     a = p.parse_args()
-    ds = load_cifar("cifar10", a.data_dir)
-    out = Path(a.out)
+    spec = DATASETS[a.dataset]
+    paper, default = spec["paper"], list(spec["paper"])
+    ds = load_cifar(a.dataset, a.data_dir)
+    out = Path(a.out or f"results/{a.dataset}.json")
     old = json.loads(out.read_text()) if out.exists() else {"points": []}
     points = {pt["name"]: pt for pt in old["points"]}
     fp32_val = None
-    fp_path = Path(a.root) / "c10-r32-fp32"
+    fp_path = Path(a.root) / f"{spec['prefix']}-r32-fp32"
     if (fp_path / "config.json").exists():
         fp_model, fp_meta = load_model(fp_path)
         d = fp_meta["data"]
         fp32_val = collect_exit_stats(fp_model, get_split(ds, "val", d["val_size"], d["split_seed"]),
                                       ds.mean, ds.std).cloud_accuracy
-    for name in a.checkpoints:
+    for name in a.checkpoints or default:
         path = Path(a.root) / name
         if not (path / "config.json").exists():
             print(f"skip {name}: no checkpoint")
@@ -76,6 +87,8 @@ def main():
         if meta["network"]["exits"]:
             plot = out.parent / f"{name}-calibration.png"
             try:
+                if fp32_val is None:
+                    raise ConfigError(f"no {fp_path} to set an accuracy floor")
                 cal = calibrate_checkpoint(path, ds, "min_accuracy", fp32_val - 0.02, plot_path=plot)
             except ConfigError:
                 cal = calibrate_checkpoint(path, ds, "max_drop", 0.01, plot_path=plot)
@@ -83,14 +96,14 @@ def main():
         summary, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std)
         rows = [(name, summary, cal)]
         if meta["network"]["exits"]:
-            paper_thr = [0.5] * len(meta["network"]["exits"])
+            paper_thr = [spec["paper_threshold"]] * len(meta["network"]["exits"])
             s2, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=paper_thr)
-            rows.append((name + " @ paper threshold 0.5", s2, None))
+            rows.append((name + f" @ paper threshold {spec['paper_threshold']}", s2, None))
         for rname, s, c in rows:
             points[rname] = {
                 "name": rname, "checkpoint": str(path), "training": describe_training(meta),
                 "network": meta["network"], "thresholds": s["thresholds"],
-                "calibration": c, "paper": PAPER.get(name, "") if c is not None or not meta["network"]["exits"] else "",
+                "calibration": c, "paper": paper.get(name, "") if c is not None or not meta["network"]["exits"] else "",
                 "command": f"hybridexit evaluate {path} --data-dir DATA --split test --json"
                 if rname == name else f"... --thresholds {' '.join(map(str, s['thresholds']))}",
                 **{k: s[k] for k in ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction",
@@ -98,11 +111,11 @@ def main():
             }
         print(f"{name}: acc {summary['accuracy']:.4f} edge {summary['edge_fraction']:.3f} "
               f"reduction {summary['reduction']:.2f}x ({time.time() - t0:.0f} s)")
-    order = [r for n in DEFAULT for r in (n, n + " @ paper threshold 0.5")]
+    order = [r for n in default for r in (n, n + f" @ paper threshold {spec['paper_threshold']}")]
     ordered = sorted(points.values(), key=lambda pt: order.index(pt["name"]) if pt["name"] in order else len(order))
-    result = {"dataset": "cifar10", "split": "test", "data_checksum": ds.checksum,
+    result = {"dataset": a.dataset, "split": "test", "data_checksum": ds.checksum,
               "fp32_val_accuracy": fp32_val, "points": ordered,
-              "note": "Accuracies are on the 10,000 CIFAR-10 test images; thresholds were chosen on a 5,000-image "
+              "note": f"Accuracies are on the {len(ds.test):,} {a.dataset.upper().replace('CIFAR', 'CIFAR-')} test images; thresholds were chosen on a 5,000-image "
                       "validation split held out of the training set. Energy is computational (MACs and adds), per "
                       "image, from the measured exit fractions; the paper's Table I constants."}
     out.parent.mkdir(parents=True, exist_ok=True)
