@@ -52,6 +52,8 @@ def describe_training(meta: dict) -> str:
         s = f"{t['mode'] if meta['network']['exits'] else 'float'}, {meta['epochs_done']} ep"
     if t.get("init"):
         s += f", init {Path(t['init']).name}"
+    if t.get("teacher"):
+        s += f", distilled from {Path(t['teacher']).name}"
     return s + f", {meta['train_wall_s'] / 60:.0f} min CPU"
 
 
