@@ -115,10 +115,11 @@ def main():
               f"reduction {summary['reduction']:.2f}x ({time.time() - t0:.0f} s)")
     order = [r for n in default for r in (n, n + f" @ paper threshold {spec['paper_threshold']}")]
     ordered = sorted(points.values(), key=lambda pt: order.index(pt["name"]) if pt["name"] in order else len(order))
+    pretty = a.dataset.upper().replace("CIFAR", "CIFAR-")
     result = {"dataset": a.dataset, "split": "test", "data_checksum": ds.checksum,
               "fp32_val_accuracy": fp32_val, "points": ordered,
-              "note": f"Accuracies are on the {len(ds.test):,} {a.dataset.upper().replace('CIFAR', 'CIFAR-')} test images; thresholds were chosen on a 5,000-image "
-                      "validation split held out of the training set. Energy is computational (MACs and adds), per "
+              "note": f"Accuracies are on the {len(ds.test):,} {pretty} test images; thresholds were chosen on a "
+                      "5,000-image validation split held out of the training set. Energy is computational (MACs and adds), per "
                       "image, from the measured exit fractions; the paper's Table I constants."}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
