@@ -22,7 +22,6 @@ from pathlib import Path
 from hybridexit.calibrate import calibrate_checkpoint
 from hybridexit.checkpoint import load_model, read_config
 from hybridexit.data import get_split, load_cifar
-from hybridexit.errors import ConfigError
 from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
 
 # Per dataset: the checkpoint-name prefix, the paper's fixed exit threshold, and the checkpoints
@@ -67,6 +66,10 @@ def main():
     a = p.parse_args()
     spec = DATASETS[a.dataset]
     paper, default = spec["paper"], list(spec["paper"])
+
+    def paper_row(name: str) -> str:  # the row evaluated at the paper's fixed threshold
+        return f"{name} @ paper threshold {spec['paper_threshold']}"
+
     ds = load_cifar(a.dataset, a.data_dir)
     out = Path(a.out or f"results/{a.dataset}.json")
     old = json.loads(out.read_text()) if out.exists() else {"points": []}
@@ -88,24 +91,21 @@ def main():
         cal = None
         if meta["network"]["exits"]:
             plot = out.parent / f"{name}-calibration.png"
-            try:
-                if fp32_val is None:
-                    raise ConfigError(f"no {fp_path} to set an accuracy floor")
-                cal = calibrate_checkpoint(path, ds, "min_accuracy", fp32_val - 0.02, plot_path=plot)
-            except ConfigError:
-                cal = calibrate_checkpoint(path, ds, "max_drop", 0.01, plot_path=plot)
+            fallback = ("max_drop", 0.01)
+            target = fallback if fp32_val is None else ("min_accuracy", fp32_val - 0.02)
+            cal = calibrate_checkpoint(path, ds, *target, plot_path=plot, fallback=fallback)
         model, meta = load_model(path)
         summary, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std)
         rows = [(name, summary, cal)]
         if meta["network"]["exits"]:
             paper_thr = [spec["paper_threshold"]] * len(meta["network"]["exits"])
             s2, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=paper_thr)
-            rows.append((name + f" @ paper threshold {spec['paper_threshold']}", s2, None))
+            rows.append((paper_row(name), s2, None))
         for rname, s, c in rows:
             points[rname] = {
                 "name": rname, "checkpoint": str(path), "training": describe_training(meta),
                 "network": meta["network"], "thresholds": s["thresholds"],
-                "calibration": c, "paper": paper.get(name, "") if c is not None or not meta["network"]["exits"] else "",
+                "calibration": c, "paper": paper.get(name, "") if rname == name else "",
                 "command": f"hybridexit evaluate {path} --data-dir DATA --split test --json"
                 if rname == name else f"... --thresholds {' '.join(map(str, s['thresholds']))}",
                 **{k: s[k] for k in ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction",
@@ -113,7 +113,7 @@ def main():
             }
         print(f"{name}: acc {summary['accuracy']:.4f} edge {summary['edge_fraction']:.3f} "
               f"reduction {summary['reduction']:.2f}x ({time.time() - t0:.0f} s)")
-    order = [r for n in default for r in (n, n + f" @ paper threshold {spec['paper_threshold']}")]
+    order = [r for n in default for r in (n, paper_row(n))]
     ordered = sorted(points.values(), key=lambda pt: order.index(pt["name"]) if pt["name"] in order else len(order))
     pretty = a.dataset.upper().replace("CIFAR", "CIFAR-")
     result = {"dataset": a.dataset, "split": "test", "data_checksum": ds.checksum,

@@ -74,3 +74,15 @@ def test_targets(trained):
     assert choose(synthetic, "max_drop", 0.10, 0.9).thresholds == (0.1,)
     with pytest.raises(ConfigError):
         choose(pts, "exit_fraction", 1.5, stats.cloud_accuracy)
+
+
+def test_unreachable_target_uses_the_fallback(trained):
+    path, ds = trained
+    model, _ = load_model(path)
+    stats = collect_exit_stats(model, get_split(ds, "val", 60, 0), ds.mean, ds.std)
+    assert max(p.accuracy for p in sweep(stats, energy_report(model.cfg))) < 1.0  # so a floor of 1.0 is unreachable
+    with pytest.raises(ConfigError, match="lower --min-accuracy"):
+        calibrate_checkpoint(path, ds, "min_accuracy", 1.0, write=False)
+    res = calibrate_checkpoint(path, ds, "min_accuracy", 1.0, write=False, fallback=("max_drop", 0.01))
+    direct = calibrate_checkpoint(path, ds, "max_drop", 0.01, write=False)
+    assert res["target"] == "max_drop" and res["value"] == 0.01 and res == direct

@@ -117,8 +117,12 @@ def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accurac
 
 
 def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = True,
-                         device=None, progress: bool = False) -> dict:
-    """Choose thresholds for a checkpoint on its validation split and (by default) write them into its config."""
+                         device=None, progress: bool = False, fallback: tuple[str, float] | None = None) -> dict:
+    """Choose thresholds for a checkpoint on its validation split and (by default) write them into its config.
+
+    ``fallback`` = (target, value) is used instead when ``target`` cannot be met (e.g. an accuracy floor above
+    every threshold's accuracy), on the same validation pass; the result names the target that was used.
+    """
     from . import checkpoint as ck
     from .data import get_split
     from .energy import energy_report
@@ -136,7 +140,13 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     stats = collect_exit_stats(model, val, ds.mean, ds.std, device=device, progress=progress)
     report = energy_report(model.cfg)
     points = sweep(stats, report)
-    best = choose(points, target, value, stats.cloud_accuracy)
+    try:
+        best = choose(points, target, value, stats.cloud_accuracy)
+    except ConfigError:
+        if fallback is None:
+            raise
+        target, value = fallback
+        best = choose(points, target, value, stats.cloud_accuracy)
     result = {"split": "val", "n": len(val), "target": target, "value": value,
               "cloud_accuracy": stats.cloud_accuracy, **best.to_dict(report)}
     if plot_path:
