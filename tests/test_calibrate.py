@@ -86,3 +86,5 @@ def test_unreachable_target_uses_the_fallback(trained):
     res = calibrate_checkpoint(path, ds, "min_accuracy", 1.0, write=False, fallback=("max_drop", 0.01))
     direct = calibrate_checkpoint(path, ds, "max_drop", 0.01, write=False)
     assert res["target"] == "max_drop" and res["value"] == 0.01 and res == direct
+    with pytest.raises(ConfigError, match="fraction, not a percentage"):  # a bad value is not "unreachable"
+        calibrate_checkpoint(path, ds, "min_accuracy", 90.0, write=False, fallback=("max_drop", 0.01))

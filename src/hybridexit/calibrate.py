@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from .energy import EnergyReport
-from .errors import ConfigError
+from .errors import ConfigError, TargetUnreachableError
 from .evaluate import ExitStats
 
 TARGETS = ("max_drop", "exit_fraction", "min_accuracy")
@@ -85,8 +85,8 @@ def choose(points: list[Point], target: str, value: float, cloud_accuracy: float
     ok = [p for p in points if p.accuracy >= value - 1e-12]
     if not ok:
         top = max(p.accuracy for p in points)
-        raise ConfigError(f"no thresholds reach accuracy {value:.4f} on the validation split (best {top:.4f}): "
-                          f"lower --min-accuracy")
+        raise TargetUnreachableError(f"no thresholds reach accuracy {value:.4f} on the validation split "
+                                     f"(best {top:.4f}): lower --min-accuracy")
     return min(ok, key=lambda p: (p.expected_uj, -p.accuracy))
 
 
@@ -120,8 +120,9 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
                          device=None, progress: bool = False, fallback: tuple[str, float] | None = None) -> dict:
     """Choose thresholds for a checkpoint on its validation split and (by default) write them into its config.
 
-    ``fallback`` = (target, value) is used instead when ``target`` cannot be met (e.g. an accuracy floor above
-    every threshold's accuracy), on the same validation pass; the result names the target that was used.
+    ``fallback`` = (target, value) is used instead when a valid ``target`` cannot be met (an accuracy floor above
+    every threshold's accuracy), on the same validation pass; the result names the target that was used. An
+    invalid target or value still raises.
     """
     from . import checkpoint as ck
     from .data import get_split
@@ -142,7 +143,7 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     points = sweep(stats, report)
     try:
         best = choose(points, target, value, stats.cloud_accuracy)
-    except ConfigError:
+    except TargetUnreachableError:
         if fallback is None:
             raise
         target, value = fallback

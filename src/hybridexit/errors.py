@@ -9,6 +9,10 @@ class ConfigError(HybridExitError, ValueError):
     """An invalid network, exit or energy configuration."""
 
 
+class TargetUnreachableError(ConfigError):
+    """A valid calibration target that no threshold meets on the validation split."""
+
+
 class InputShapeError(HybridExitError, ValueError):
     """A tensor given to a network does not have the shape the network was built for."""
 
