@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, four
+# The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, five
 # sessions).
 # Every step is resumable: re-running the script continues where it stopped.
 #   1a. FP32 baseline, 18 epochs                      checkpoints/c10-r32-fp32-18ep
@@ -8,14 +8,15 @@
 #   2b. same, 16 more epochs (lr 0.03, wd 1e-4)       checkpoints/c10-r32-e20-b1-x20-24ep (init: 2a)
 #   2c. same, 12 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-36ep (init: 2b; lr 0.02, wd 1e-4;
 #       KD alpha 0.5, temperature 4, on the exit and the final classifier)
-#   2d. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20      (init: 2c; lr 0.01, wd 5e-5)
+#   2d. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-56ep (init: 2c; lr 0.01, wd 5e-5)
+#   2e. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20      (init: 2d; lr 0.01, wd 0)
 #   3. 16E+14C binary, exit at 16, joint              checkpoints/c10-r32-e16-b1-x16-joint     (init: 1a; EPOCHS_16E)
 #   4. 16E+14C binary, exit at 16, separate           checkpoints/c10-r32-e16-b1-x16-separate  (init: 1a; EPOCHS_16E + 1)
 #   5a. CIFAR-100 FP32, first stage, 7 epochs         checkpoints/c100-r32-fp32-7ep
 #   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5a)
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
 # core when 1b ended), as did 3 and 4, and 2c and 5b (5b with OMP_NUM_THREADS=1).
-# 2d ran alone with two threads.
+# 2d and 2e ran alone with two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HX=".venv/bin/hybridexit"
@@ -38,8 +39,10 @@ run checkpoints/c10-r32-e20-b1-x20-24ep --edge-layers 20 --edge-bits 1 --exits 2
     --init checkpoints/c10-r32-e20-b1-x20-8ep --epochs 16 --lr 0.03 --weight-decay 1e-4
 run checkpoints/c10-r32-e20-b1-x20-36ep --edge-layers 20 --edge-bits 1 --exits 20 \
     --init checkpoints/c10-r32-e20-b1-x20-24ep --teacher checkpoints/c10-r32-fp32 --epochs 12 --lr 0.02 --weight-decay 1e-4
-run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-36ep \
+run checkpoints/c10-r32-e20-b1-x20-56ep --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-36ep \
     --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.01 --weight-decay 5e-5
+run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-56ep \
+    --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.01 --weight-decay 0
 run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
     --epochs "$EPOCHS_16E" --lr 0.05
 run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
