@@ -31,6 +31,8 @@ DATASETS = {
         "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
         "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
         "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
+        "c10-r32-e20-b1-x20-85ep": "(earlier stage of c10-r32-e20-b1-x20)",
+        "c10-r32-e20-b1-x20-76ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-56ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-36ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-24ep": "(earlier stage of c10-r32-e20-b1-x20)",
