@@ -36,9 +36,9 @@ run() {  # run OUT ARGS...: train into OUT, resuming if it exists
 
 run_until() {  # run_until OUT N ARGS...: like run, but stop once OUT has N epochs of its (longer) schedule done
   local out=$1 n=$2; shift 2
-  local done=0
-  [ -f "$out/config.json" ] && done=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epochs_done"])' "$out/config.json")
-  if [ "$done" -lt "$n" ]; then run "$out" "$@" --stop-after-epochs $((n - done)); fi
+  local have=0
+  [ -f "$out/config.json" ] && have=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["epochs_done"])' "$out/config.json")
+  if [ "$have" -lt "$n" ]; then run "$out" "$@" --stop-after-epochs $((n - have)); fi
 }
 
 run checkpoints/c10-r32-fp32-18ep --epochs 18 --batch-size 128 --lr 0.1
