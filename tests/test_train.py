@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from hybridexit import CheckpointError, HybridConfig
+from hybridexit import CheckpointError, ConfigError, HybridConfig
 from hybridexit.checkpoint import load_model, read_tensors
 from hybridexit.data import load_cifar
 from hybridexit.train import TrainConfig, train
@@ -83,6 +83,23 @@ def test_separate_freezes_backbone_then_trains_only_exits(tmp_path, ds):
     assert _changed(after_backbone, after_exits, "exits.")  # exits learn in phase 2
     backbone = {k for k in after_exits if not k.startswith("exits.")}
     assert all(torch.equal(after_backbone[k], after_exits[k]) for k in backbone)  # weights and BN stats frozen
+
+
+def test_cloud_mode_trains_only_the_cloud_half(tmp_path, ds):
+    train(tmp_path / "j", NET, tcfg(epochs=1), ds, progress=False)
+    before = read_tensors(tmp_path / "j")
+    meta = train(tmp_path / "c", NET, tcfg(mode="cloud", epochs=1, init=str(tmp_path / "j")), ds, progress=False)
+    after = read_tensors(tmp_path / "c")
+    cloud = ("blocks.2.", "head.")  # depth 8: one block per stage; edge_layers 4 = blocks 0 and 1
+    assert _changed(before, after, "blocks.2.") and _changed(before, after, "head.")
+    frozen = {k for k in after if not k.startswith(cloud)}  # stem, edge blocks, exits: weights and BN statistics
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert meta["val_acc"] and json.loads((tmp_path / "c" / "log.jsonl").read_text())["phase"] == "cloud"
+
+
+def test_cloud_mode_needs_an_init():
+    with pytest.raises(ConfigError, match="init"):
+        tcfg(mode="cloud")
 
 
 def test_joint_trains_backbone_and_exits_together(tmp_path, ds):

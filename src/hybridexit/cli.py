@@ -133,14 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridexit", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
 
-    t = sub.add_parser("train", help="train a float or hybrid network (joint or separate optimization)")
+    t = sub.add_parser("train", help="train a float or hybrid network (joint or separate optimization, or the cloud half alone)")
     _net_args(t)
     t.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
     t.add_argument("--data-dir", default=None, help="folder with the official archive or its extracted folder")
     t.add_argument("--out", required=True, help="checkpoint directory")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--exit-epochs", type=int, default=0, help="separate mode: epochs for exits on the frozen backbone")
-    t.add_argument("--mode", choices=["joint", "separate"], default="joint")
+    t.add_argument("--mode", choices=["joint", "separate", "cloud"], default="joint",
+                   help="cloud: fine-tune only the cloud half of --init on its frozen edge")
     t.add_argument("--exit-weights", type=float, nargs="*", default=[], help="lambdas: exits then final, sum 1")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=0.1)

@@ -77,6 +77,12 @@ class HybridNet(nn.Module):
             if not name.startswith("exits."):
                 yield p
 
+    def cloud_parameters(self):
+        """Parameters of the cloud half: the blocks after the edge and the final head."""
+        for block in self.blocks[self.cfg.edge_blocks:]:
+            yield from block.parameters()
+        yield from self.head.parameters()
+
     def split(self) -> tuple["EdgeNet", "CloudNet"]:
         """Two independent modules (deep copies) whose composition reproduces the whole network."""
         m = self.cfg.edge_blocks

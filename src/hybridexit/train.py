@@ -4,6 +4,9 @@ Joint (paper Eq. 5): loss = sum_k lambda_k CE(exit_k) + lambda_final CE(final), 
 Separate: the backbone (stem, blocks, final head) is trained alone for ``epochs``; then it is frozen and the
 exits are trained for ``exit_epochs`` on its features. Exits do not interact, so training them together on a
 frozen backbone is the same as training one at a time.
+Cloud: fine-tune the cloud half (its float blocks and the final classifier) of a trained hybrid (``init``) on
+a frozen edge: stem, quantized blocks and exits stay exactly as they are (weights and BatchNorm statistics), so the
+exits' decisions and calibrated thresholds remain valid, and each step runs the edge without gradients.
 
 The loop is plain PyTorch: uint8 tensors in memory, augmentation on whole batches, channels-last, SGD with
 momentum and a per-step cosine schedule (with linear warm-up). A checkpoint is written after every epoch.
@@ -28,7 +31,7 @@ from .errors import CheckpointError, ConfigError
 from .hybrid import HybridNet
 from .resnet import HybridConfig
 
-MODES = ("joint", "separate")
+MODES = ("joint", "separate", "cloud")
 
 
 @dataclass(frozen=True)
@@ -63,6 +66,8 @@ class TrainConfig:
             raise ConfigError("epochs and exit_epochs must be >= 0 and batch_size >= 1")
         if self.exit_weights and (abs(sum(self.exit_weights) - 1) > 1e-6 or min(self.exit_weights) < 0):
             raise ConfigError(f"exit_weights {list(self.exit_weights)} must be non-negative and sum to 1")
+        if self.mode == "cloud" and not self.init:
+            raise ConfigError("mode 'cloud' fine-tunes the cloud half of a trained hybrid: give init (--init CKPT)")
 
     def weights(self, num_exits: int) -> list[float]:
         if self.exit_weights:
@@ -155,18 +160,31 @@ def evaluate_outputs(model: HybridNet, split, ds: Dataset, device=None, batch_si
     return [float(v) / max(n, 1) for v in correct]
 
 
-def _frozen_exit_outputs(model: HybridNet, x):
-    """Separate optimization, phase 2: backbone frozen (eval, no grad), exits trained on its features."""
-    outs, last = [], max(model.cfg.exits)
+def _frozen_prefix(model: HybridNet, x, n_blocks: int):
+    """The stem and the first ``n_blocks`` blocks without gradients: (output, {exit key: features})."""
+    feats = {}
     with torch.no_grad():
-        feats, h = {}, model.stem(x)
-        for i, block in enumerate(model.blocks[: last // 2]):
+        h = model.stem(x)
+        for i, block in enumerate(model.blocks[:n_blocks]):
             h = block(h)
             if str(2 * (i + 1)) in model.exits:
                 feats[str(2 * (i + 1))] = h
-    for key, head in model.exits.items():
-        outs.append(head(feats[key]))
-    return outs
+    return h, feats
+
+
+def _frozen_exit_outputs(model: HybridNet, x):
+    """Separate optimization, phase 2: backbone frozen (eval, no grad), exits trained on its features."""
+    _, feats = _frozen_prefix(model, x, max(model.cfg.exits) // 2)
+    return [head(feats[key]) for key, head in model.exits.items()]
+
+
+def _frozen_edge_outputs(model: HybridNet, x):
+    """Cloud mode: the edge half frozen (eval, no grad), the cloud blocks and final head trained on its output."""
+    m = model.cfg.edge_blocks
+    h, _ = _frozen_prefix(model, x, m)
+    for block in model.blocks[m:]:
+        h = block(h)
+    return [model.head(h)]
 
 
 def _optimizer_state(opt) -> tuple[dict, dict]:
@@ -240,7 +258,9 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=tcfg.momentum,
                                nesterov=True)
 
-    phase1_params = list(model.parameters()) if tcfg.mode == "joint" else list(model.backbone_parameters())
+    phase1_params = {"joint": model.parameters, "separate": model.backbone_parameters,
+                     "cloud": model.cloud_parameters}[tcfg.mode]()
+    phase1_params = list(phase1_params)
     opt1 = make_opt(phase1_params, tcfg.lr)
     opt2 = make_opt(list(model.exits.parameters()), tcfg.exit_lr) if tcfg.mode == "separate" and net_cfg.exits else None
 
@@ -278,6 +298,10 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         if separate_exits:
             model.eval()
             model.exits.train()
+        elif tcfg.mode == "cloud":
+            model.eval()
+            model.blocks[model.cfg.edge_blocks:].train()
+            model.head.train()
         sums, n_seen = torch.zeros(len(net_cfg.exits) + 1), 0
         bar = tqdm(batches(train_split, tcfg.batch_size, shuffle=True, generator=gen), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if separate_exits else ''}",
@@ -294,6 +318,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             y = labels.to(device)
             if separate_exits:
                 outs, w = _frozen_exit_outputs(model, x), [1.0] * len(net_cfg.exits)
+            elif tcfg.mode == "cloud":
+                outs, w = _frozen_edge_outputs(model, x), [1.0]
             elif tcfg.mode == "separate":
                 outs, w = [fwd(x)[-1]], [1.0]
             else:
@@ -311,7 +337,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             opt.step()
             with torch.no_grad():
                 sel = range(len(net_cfg.exits)) if separate_exits else (
-                    [len(net_cfg.exits)] if tcfg.mode == "separate" else range(len(outs)))
+                    [len(net_cfg.exits)] if tcfg.mode != "joint" else range(len(outs)))
                 for o, j in zip(outs, sel):
                     sums[j] += float((o.argmax(1) == y).sum())
             n_seen += len(labels)
@@ -320,7 +346,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                 tuner.record(time.perf_counter() - t_step)
         val_acc = evaluate_outputs(model, val_split, ds, device, channels_last=tcfg.channels_last)
         wall += time.time() - t0
-        rec = {"epoch": epoch + 1, "phase": "exits" if separate_exits else ("backbone" if tcfg.mode == "separate" else "joint"),
+        phase = "exits" if separate_exits else {"separate": "backbone"}.get(tcfg.mode, tcfg.mode)
+        rec = {"epoch": epoch + 1, "phase": phase,
                "train_acc": [float(s) / max(n_seen, 1) for s in sums], "val_acc": val_acc,
                "epoch_s": round(time.time() - t0, 1), "wall_s": round(wall, 1)}
         history.append(rec)
