@@ -258,9 +258,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=tcfg.momentum,
                                nesterov=True)
 
-    phase1_params = {"joint": model.parameters, "separate": model.backbone_parameters,
-                     "cloud": model.cloud_parameters}[tcfg.mode]()
-    phase1_params = list(phase1_params)
+    phase1_params = list({"joint": model.parameters, "separate": model.backbone_parameters,
+                          "cloud": model.cloud_parameters}[tcfg.mode]())
     opt1 = make_opt(phase1_params, tcfg.lr)
     opt2 = make_opt(list(model.exits.parameters()), tcfg.exit_lr) if tcfg.mode == "separate" and net_cfg.exits else None
 
