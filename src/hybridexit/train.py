@@ -302,6 +302,9 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             model.blocks[model.cfg.edge_blocks:].train()
             model.head.train()
         sums, n_seen = torch.zeros(len(net_cfg.exits) + 1), 0
+        # the outputs trained in this phase, in the order the step returns them (the others log no train accuracy)
+        sel = list(range(len(net_cfg.exits))) if separate_exits else (
+            [len(net_cfg.exits)] if tcfg.mode != "joint" else list(range(len(net_cfg.exits) + 1)))
         bar = tqdm(batches(train_split, tcfg.batch_size, shuffle=True, generator=gen), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if separate_exits else ''}",
                    disable=not progress, leave=False)
@@ -335,8 +338,6 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             loss.backward()
             opt.step()
             with torch.no_grad():
-                sel = range(len(net_cfg.exits)) if separate_exits else (
-                    [len(net_cfg.exits)] if tcfg.mode != "joint" else range(len(outs)))
                 for o, j in zip(outs, sel):
                     sums[j] += float((o.argmax(1) == y).sum())
             n_seen += len(labels)
@@ -347,7 +348,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         wall += time.time() - t0
         phase = "exits" if separate_exits else {"separate": "backbone"}.get(tcfg.mode, tcfg.mode)
         rec = {"epoch": epoch + 1, "phase": phase,
-               "train_acc": [float(s) / max(n_seen, 1) for s in sums], "val_acc": val_acc,
+               "train_acc": [float(s) / max(n_seen, 1) if j in sel else None for j, s in enumerate(sums)],
+               "val_acc": val_acc,
                "epoch_s": round(time.time() - t0, 1), "wall_s": round(wall, 1)}
         history.append(rec)
         meta = {"network": net_cfg.to_dict(), "train": tcfg.to_dict(), "data": data_meta,
