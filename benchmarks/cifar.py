@@ -6,8 +6,10 @@ test split) and written into the checkpoint; then the test split is evaluated wi
 the same code as `hybridexit evaluate CKPT --split test --json`, which therefore reproduces these figures.
 Calibration target (primary): the lowest expected energy whose validation accuracy is at least the FP32
 baseline's validation accuracy minus 2 points (i.e. within the 3-point budget with a margin); if the hybrid cannot
-reach that floor, the most exits within 1 point of its own final-classifier accuracy. The paper's fixed threshold
-(0.5 on CIFAR-10, 1.0 on CIFAR-100) is evaluated too, as a second row.
+reach that floor, the best validation accuracy at the dataset's exit target plus a 2-point margin (62 % of the
+validation images at the edge on CIFAR-10, whose target is 60 %; 54 % on CIFAR-100, the paper's 52 %), so that the
+exit target still holds on the test split. The paper's fixed threshold (0.5 on CIFAR-10, 1.0 on CIFAR-100) is
+evaluated too, as a second row.
 
     python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...]
 """
@@ -24,13 +26,15 @@ from hybridexit.checkpoint import load_model, read_config
 from hybridexit.data import get_split, load_cifar
 from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
 
-# Per dataset: the checkpoint-name prefix, the paper's fixed exit threshold, and the checkpoints
+# Per dataset: the checkpoint-name prefix, the paper's fixed exit threshold, the fallback calibration target
+# (exit fraction on validation: the exit target plus a 2-point margin), and the checkpoints
 # evaluated by default (in table order) with the paper's figure each is compared to.
 DATASETS = {
-    "cifar10": {"prefix": "c10", "paper_threshold": 0.5, "paper": {
+    "cifar10": {"prefix": "c10", "paper_threshold": 0.5, "fallback": ("exit_fraction", 0.62), "paper": {
         "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
         "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
         "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
+        "c10-r32-e20-b1-x20-103ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-85ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-76ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-56ep": "(earlier stage of c10-r32-e20-b1-x20)",
@@ -40,7 +44,7 @@ DATASETS = {
         "c10-r32-e16-b1-x16-joint": "joint: 89.16 %, 52.8 % exits",
         "c10-r32-e16-b1-x16-separate": "separate: 88.72 %, 24.1 % exits",
     }},
-    "cifar100": {"prefix": "c100", "paper_threshold": 1.0, "paper": {
+    "cifar100": {"prefix": "c100", "paper_threshold": 1.0, "fallback": ("exit_fraction", 0.54), "paper": {
         "c100-r32-fp32": "FP32 ResNet-32: about 70 % (published)",
         "c100-r32-fp32-7ep": "(first stage of c100-r32-fp32)",
     }},
@@ -95,7 +99,7 @@ def main():
         cal = None
         if meta["network"]["exits"]:
             plot = out.parent / f"{name}-calibration.png"
-            fallback = ("max_drop", 0.01)
+            fallback = spec["fallback"]
             target = fallback if fp32_val is None else ("min_accuracy", fp32_val - 0.02)
             cal = calibrate_checkpoint(path, ds, *target, plot_path=plot, fallback=fallback)
         model, meta = load_model(path)
@@ -123,7 +127,10 @@ def main():
     result = {"dataset": a.dataset, "split": "test", "data_checksum": ds.checksum,
               "fp32_val_accuracy": fp32_val, "points": ordered,
               "note": f"Accuracies are on the {len(ds.test):,} {pretty} test images; thresholds were chosen on a "
-                      "5,000-image validation split held out of the training set. Energy is computational (MACs and adds), per "
+                      "5,000-image validation split held out of the training set: the lowest expected energy with validation "
+                      "accuracy at least the FP32 baseline's minus 2 points or, when no threshold reaches that floor, "
+                      "the best validation accuracy "
+                      f"with {spec['fallback'][1]:.0%} of it at the edge. Energy is computational (MACs and adds), per "
                       "image, from the measured exit fractions; the paper's Table I constants."}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

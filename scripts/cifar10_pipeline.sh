@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, six
+# The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, seven
 # sessions).
 # Every step is resumable: re-running the script continues where it stopped.
 #   1a. FP32 baseline, 18 epochs                      checkpoints/c10-r32-fp32-18ep
@@ -12,14 +12,16 @@
 #   2e. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-76ep (init: 2d; lr 0.01, wd 0)
 #   2f. same, a 40-epoch schedule stopped after 9    checkpoints/c10-r32-e20-b1-x20-85ep (init: 2e; lr 0.01, wd 0; the
 #       session ended; instead of resuming it, 2g restarts the cosine at about the lr 2f had reached)
-#   2g. same, 18 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20      (init: 2f; lr 0.009, wd 0)
+#   2g. same, 18 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-103ep (init: 2f; lr 0.009, wd 0)
+#   2h. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20      (init: 2g; lr 0.005, wd 0;
+#       stopped after 8 and after 12 epochs and resumed each time with --resume)
 #   3. 16E+14C binary, exit at 16, joint              checkpoints/c10-r32-e16-b1-x16-joint     (init: 1a; EPOCHS_16E)
 #   4. 16E+14C binary, exit at 16, separate           checkpoints/c10-r32-e16-b1-x16-separate  (init: 1a; EPOCHS_16E + 1)
 #   5a. CIFAR-100 FP32, first stage, 7 epochs         checkpoints/c100-r32-fp32-7ep
 #   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5a)
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
 # core when 1b ended), as did 3 and 4, and 2c and 5b (5b with OMP_NUM_THREADS=1).
-# 2d, 2e, 2f and 2g ran alone with two threads.
+# 2d to 2h ran alone with two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HX=".venv/bin/hybridexit"
@@ -55,8 +57,10 @@ run checkpoints/c10-r32-e20-b1-x20-76ep --edge-layers 20 --edge-bits 1 --exits 2
     --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.01 --weight-decay 0
 run_until checkpoints/c10-r32-e20-b1-x20-85ep 9 --edge-layers 20 --edge-bits 1 --exits 20 \
     --init checkpoints/c10-r32-e20-b1-x20-76ep --teacher checkpoints/c10-r32-fp32 --epochs 40 --lr 0.01 --weight-decay 0
-run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-85ep \
-    --teacher checkpoints/c10-r32-fp32 --epochs 18 --lr 0.009 --weight-decay 0
+run checkpoints/c10-r32-e20-b1-x20-103ep --edge-layers 20 --edge-bits 1 --exits 20 \
+    --init checkpoints/c10-r32-e20-b1-x20-85ep --teacher checkpoints/c10-r32-fp32 --epochs 18 --lr 0.009 --weight-decay 0
+run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-103ep \
+    --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.005 --weight-decay 0
 run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
     --epochs "$EPOCHS_16E" --lr 0.05
 run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
