@@ -34,6 +34,7 @@ DATASETS = {
         "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
         "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
         "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
+        "c10-r32-e20-b1-x20-123ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-103ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-85ep": "(earlier stage of c10-r32-e20-b1-x20)",
         "c10-r32-e20-b1-x20-76ep": "(earlier stage of c10-r32-e20-b1-x20)",
@@ -55,6 +56,8 @@ def describe_training(meta: dict) -> str:
     t = meta["train"]
     if t["mode"] == "separate":
         s = f"separate, {t['epochs']} ep backbone + {t['exit_epochs']} ep exit"
+    elif t["mode"] == "cloud":
+        s = f"cloud half only (edge and exit frozen), {meta['epochs_done']} ep"
     else:
         s = f"{t['mode'] if meta['network']['exits'] else 'float'}, {meta['epochs_done']} ep"
     if t.get("init"):

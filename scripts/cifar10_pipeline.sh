@@ -13,8 +13,11 @@
 #   2f. same, a 40-epoch schedule stopped after 9    checkpoints/c10-r32-e20-b1-x20-85ep (init: 2e; lr 0.01, wd 0; the
 #       session ended; instead of resuming it, 2g restarts the cosine at about the lr 2f had reached)
 #   2g. same, 18 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-103ep (init: 2f; lr 0.009, wd 0)
-#   2h. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20      (init: 2g; lr 0.005, wd 0;
+#   2h. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-123ep (init: 2g; lr 0.005, wd 0;
 #       stopped after 8 and after 12 epochs and resumed each time with --resume)
+#   2i. the cloud half only, 16 epochs, distilled     checkpoints/c10-r32-e20-b1-x20      (init: 2h; --mode cloud;
+#       from 1b: stem, binary blocks and exit stay as 2h left them; lr 0.01, wd 1e-4; its first 7 epochs shared the
+#       two cores with benchmarks/cifar.py)
 #   3. 16E+14C binary, exit at 16, joint              checkpoints/c10-r32-e16-b1-x16-joint     (init: 1a; EPOCHS_16E)
 #   4. 16E+14C binary, exit at 16, separate           checkpoints/c10-r32-e16-b1-x16-separate  (init: 1a; EPOCHS_16E + 1)
 #   5a. CIFAR-100 FP32, first stage, 7 epochs         checkpoints/c100-r32-fp32-7ep
@@ -59,8 +62,10 @@ run_until checkpoints/c10-r32-e20-b1-x20-85ep 9 --edge-layers 20 --edge-bits 1 -
     --init checkpoints/c10-r32-e20-b1-x20-76ep --teacher checkpoints/c10-r32-fp32 --epochs 40 --lr 0.01 --weight-decay 0
 run checkpoints/c10-r32-e20-b1-x20-103ep --edge-layers 20 --edge-bits 1 --exits 20 \
     --init checkpoints/c10-r32-e20-b1-x20-85ep --teacher checkpoints/c10-r32-fp32 --epochs 18 --lr 0.009 --weight-decay 0
-run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-103ep \
-    --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.005 --weight-decay 0
+run checkpoints/c10-r32-e20-b1-x20-123ep --edge-layers 20 --edge-bits 1 --exits 20 \
+    --init checkpoints/c10-r32-e20-b1-x20-103ep --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.005 --weight-decay 0
+run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --mode cloud \
+    --init checkpoints/c10-r32-e20-b1-x20-123ep --teacher checkpoints/c10-r32-fp32 --epochs 16 --lr 0.01 --weight-decay 1e-4
 run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
     --epochs "$EPOCHS_16E" --lr 0.05
 run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
