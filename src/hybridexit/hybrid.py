@@ -77,11 +77,10 @@ class HybridNet(nn.Module):
             if not name.startswith("exits."):
                 yield p
 
-    def cloud_parameters(self):
-        """Parameters of the cloud half: the blocks after the edge and the final head."""
-        for block in self.blocks[self.cfg.edge_blocks:]:
-            yield from block.parameters()
-        yield from self.head.parameters()
+    def cloud_modules(self) -> nn.Sequential:
+        """The cloud half as this network's own modules (shared, not copied): the blocks after the edge, then the
+        final head. Training it trains this network; ``split()`` gives independent copies instead."""
+        return nn.Sequential(*self.blocks[self.cfg.edge_blocks:], self.head)
 
     def split(self) -> tuple["EdgeNet", "CloudNet"]:
         """Two independent modules (deep copies) whose composition reproduces the whole network."""

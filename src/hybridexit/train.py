@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ck
@@ -178,13 +179,10 @@ def _frozen_exit_outputs(model: HybridNet, x):
     return [head(feats[key]) for key, head in model.exits.items()]
 
 
-def _frozen_edge_outputs(model: HybridNet, x):
-    """Cloud mode: the edge half frozen (eval, no grad), the cloud blocks and final head trained on its output."""
-    m = model.cfg.edge_blocks
-    h, _ = _frozen_prefix(model, x, m)
-    for block in model.blocks[m:]:
-        h = block(h)
-    return [model.head(h)]
+def _frozen_edge_outputs(model: HybridNet, cloud: nn.Module, x):
+    """Cloud mode: the edge half frozen (eval, no grad), ``cloud`` (its blocks and final head) trained on its output."""
+    h, _ = _frozen_prefix(model, x, model.cfg.edge_blocks)
+    return [cloud(h)]
 
 
 def _optimizer_state(opt) -> tuple[dict, dict]:
@@ -258,8 +256,11 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                                 {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=tcfg.momentum,
                                nesterov=True)
 
-    phase1_params = list({"joint": model.parameters, "separate": model.backbone_parameters,
-                          "cloud": model.cloud_parameters}[tcfg.mode]())
+    cloud = model.cloud_modules() if tcfg.mode == "cloud" else None
+    if tcfg.mode == "separate":
+        phase1_params = list(model.backbone_parameters())
+    else:
+        phase1_params = list((cloud if cloud is not None else model).parameters())
     opt1 = make_opt(phase1_params, tcfg.lr)
     opt2 = make_opt(list(model.exits.parameters()), tcfg.exit_lr) if tcfg.mode == "separate" and net_cfg.exits else None
 
@@ -297,14 +298,13 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         if separate_exits:
             model.eval()
             model.exits.train()
-        elif tcfg.mode == "cloud":
+        elif cloud is not None:
             model.eval()
-            model.blocks[model.cfg.edge_blocks:].train()
-            model.head.train()
+            cloud.train()
         sums, n_seen = torch.zeros(len(net_cfg.exits) + 1), 0
         # the outputs trained in this phase, in the order the step returns them (the others log no train accuracy)
-        sel = list(range(len(net_cfg.exits))) if separate_exits else (
-            [len(net_cfg.exits)] if tcfg.mode != "joint" else list(range(len(net_cfg.exits) + 1)))
+        k = len(net_cfg.exits)
+        sel = list(range(k)) if separate_exits else list(range(k + 1)) if tcfg.mode == "joint" else [k]
         bar = tqdm(batches(train_split, tcfg.batch_size, shuffle=True, generator=gen), total=steps_per_epoch,
                    desc=f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if separate_exits else ''}",
                    disable=not progress, leave=False)
@@ -320,8 +320,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             y = labels.to(device)
             if separate_exits:
                 outs, w = _frozen_exit_outputs(model, x), [1.0] * len(net_cfg.exits)
-            elif tcfg.mode == "cloud":
-                outs, w = _frozen_edge_outputs(model, x), [1.0]
+            elif cloud is not None:
+                outs, w = _frozen_edge_outputs(model, cloud, x), [1.0]
             elif tcfg.mode == "separate":
                 outs, w = [fwd(x)[-1]], [1.0]
             else:
