@@ -58,6 +58,8 @@ def describe_training(meta: dict) -> str:
         s = f"separate, {t['epochs']} ep backbone + {t['exit_epochs']} ep exit"
     elif t["mode"] == "cloud":
         s = f"cloud half only (edge and exit frozen), {meta['epochs_done']} ep"
+        if t.get("easy_weight", 1.0) != 1.0:
+            s += f", exit-decided samples weighted {t['easy_weight']:g}"
     else:
         s = f"{t['mode'] if meta['network']['exits'] else 'float'}, {meta['epochs_done']} ep"
     if t.get("init"):

@@ -99,6 +99,38 @@ def test_cloud_mode_trains_only_the_cloud_half(tmp_path, ds):
     assert rec["train_acc"][:2] == [None, None] and 0 <= rec["train_acc"][2] <= 1  # exits not trained here
 
 
+def _set_thresholds(path, thresholds):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["network"]["thresholds"] = list(thresholds)
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_easy_weight_drops_the_samples_the_exits_decide(tmp_path, ds):
+    train(tmp_path / "j", NET, tcfg(epochs=1), ds, progress=False)
+    before = read_tensors(tmp_path / "j")
+    cloud_w = [k for k in before if k.startswith("blocks.2.") and k.endswith("weight")]
+    with pytest.raises(ConfigError, match="thresholds"):  # not calibrated yet
+        train(tmp_path / "x", NET, tcfg(mode="cloud", epochs=1, init=str(tmp_path / "j"), easy_weight=0.0), ds,
+              progress=False)
+    runs = {}
+    for name, thr in (("all_exit", 99.0), ("none_exit", 0.0)):  # entropy < 99 always; < 0 never
+        _set_thresholds(tmp_path / "j", (thr, thr))
+        train(tmp_path / name, NET, tcfg(mode="cloud", epochs=1, init=str(tmp_path / "j"), easy_weight=0.0,
+                                          weight_decay=0.0), ds, progress=False)
+        runs[name] = (read_tensors(tmp_path / name), json.loads((tmp_path / name / "log.jsonl").read_text()))
+    # every sample decided at the edge and weighted 0: no gradient reaches the cloud, its weights stay put
+    assert runs["all_exit"][1]["cloud_share"] == 0.0
+    assert all(torch.equal(before[k], runs["all_exit"][0][k]) for k in cloud_w)
+    # no sample decided: every sample has weight 1 and the cloud trains
+    assert runs["none_exit"][1]["cloud_share"] == 1.0
+    assert _changed(before, runs["none_exit"][0], "blocks.2.")
+
+
+def test_easy_weight_needs_cloud_mode():
+    with pytest.raises(ConfigError, match="cloud"):
+        tcfg(easy_weight=0.5)
+
+
 def test_cloud_mode_needs_an_init():
     with pytest.raises(ConfigError, match="init"):
         tcfg(mode="cloud")

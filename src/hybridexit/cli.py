@@ -34,7 +34,8 @@ def cmd_train(a):
     tcfg = TrainConfig(epochs=a.epochs, exit_epochs=a.exit_epochs, mode=a.mode, exit_weights=tuple(a.exit_weights),
                        batch_size=a.batch_size, lr=a.lr, exit_lr=a.exit_lr, weight_decay=a.weight_decay,
                        label_smoothing=a.label_smoothing, init=a.init, teacher=a.teacher, kd_alpha=a.kd_alpha,
-                       seed=a.seed, val_size=a.val_size, limit_train=a.limit_train, compile=a.compile)
+                       easy_weight=a.easy_weight, seed=a.seed, val_size=a.val_size, limit_train=a.limit_train,
+                       compile=a.compile)
     meta = train(a.out, _net_cfg(a), tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
     print(json.dumps({"checkpoint": a.out, "epochs_done": meta["epochs_done"], "val_acc": meta["val_acc"],
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default=None, help="initialize from a checkpoint (e.g. the float baseline)")
     t.add_argument("--teacher", default=None, help="distill from this checkpoint's final output")
     t.add_argument("--kd-alpha", type=float, default=0.5)
+    t.add_argument("--easy-weight", type=float, default=1.0,
+                   help="cloud mode: loss weight of training samples the frozen exits already decide under --init's "
+                        "calibrated thresholds (1: all alike; lower focuses the cloud on the samples it will see)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--val-size", type=int, default=5000)
     t.add_argument("--limit-train", type=int, default=None)

@@ -7,6 +7,10 @@ frozen backbone is the same as training one at a time.
 Cloud: fine-tune the cloud half (its float blocks and the final classifier) of a trained hybrid (``init``) on
 a frozen edge: stem, quantized blocks and exits stay exactly as they are (weights and BatchNorm statistics), so the
 exits' decisions and calibrated thresholds remain valid, and each step runs the edge without gradients.
+With ``easy_weight`` < 1 the cloud concentrates on the samples it will actually see: a training sample that the
+frozen exits would already decide (entropy below the init checkpoint's calibrated thresholds, on the augmented
+image) has its loss weighted by ``easy_weight``, the others by 1 (after Han et al., "Learning to Weight Samples for
+Dynamic Early-exiting Networks", ECCV 2022, here with the weights fixed by the deployed exit rule).
 
 The loop is plain PyTorch: uint8 tensors in memory, augmentation on whole batches, channels-last, SGD with
 momentum and a per-step cosine schedule (with linear warm-up). A checkpoint is written after every epoch.
@@ -29,6 +33,7 @@ from tqdm import tqdm
 from . import checkpoint as ck
 from .data import Dataset, augment, batches, get_split, normalize
 from .errors import CheckpointError, ConfigError
+from .exits import exits_here
 from .hybrid import HybridNet
 from .resnet import HybridConfig
 
@@ -52,6 +57,7 @@ class TrainConfig:
     teacher: str | None = None
     kd_alpha: float = 0.5
     kd_temperature: float = 4.0
+    easy_weight: float = 1.0  # cloud mode: loss weight of samples the frozen exits decide (1: all samples alike)
     seed: int = 0
     val_size: int = 5000
     split_seed: int = 0
@@ -69,6 +75,10 @@ class TrainConfig:
             raise ConfigError(f"exit_weights {list(self.exit_weights)} must be non-negative and sum to 1")
         if self.mode == "cloud" and not self.init:
             raise ConfigError("mode 'cloud' fine-tunes the cloud half of a trained hybrid: give init (--init CKPT)")
+        if not 0 <= self.easy_weight <= 1:
+            raise ConfigError(f"easy_weight={self.easy_weight} must be in [0, 1]")
+        if self.easy_weight != 1 and self.mode != "cloud":
+            raise ConfigError("easy_weight weights samples by the frozen exits' decisions: it needs mode 'cloud'")
 
     def weights(self, num_exits: int) -> list[float]:
         if self.exit_weights:
@@ -179,10 +189,37 @@ def _frozen_exit_outputs(model: HybridNet, x):
     return [head(feats[key]) for key, head in model.exits.items()]
 
 
-def _frozen_edge_outputs(model: HybridNet, cloud: nn.Module, x):
-    """Cloud mode: the edge half frozen (eval, no grad), ``cloud`` (its blocks and final head) trained on its output."""
-    h, _ = _frozen_prefix(model, x, model.cfg.edge_blocks)
-    return [cloud(h)]
+def _frozen_edge_outputs(model: HybridNet, cloud: nn.Module, x, thresholds=()):
+    """Cloud mode: the edge half frozen (eval, no grad), ``cloud`` (its blocks and final head) trained on its output.
+
+    Also returns which samples reach the cloud: those no exit decides under ``thresholds`` (all when none given)."""
+    h, feats = _frozen_prefix(model, x, model.cfg.edge_blocks)
+    reach = torch.ones(len(x), dtype=torch.bool, device=x.device)
+    with torch.no_grad():
+        for (key, head), t in zip(model.exits.items(), thresholds):
+            reach &= ~exits_here(head(feats[key]), t)[0]
+    return [cloud(h)], reach
+
+
+def _per_sample_loss(logits, y, t_logp, tcfg: TrainConfig):
+    """Cross-entropy, mixed with distillation from the teacher's log-probabilities ``t_logp`` when given."""
+    ce = F.cross_entropy(logits, y, label_smoothing=tcfg.label_smoothing, reduction="none")
+    if t_logp is None:
+        return ce
+    T = tcfg.kd_temperature
+    kd = F.kl_div(F.log_softmax(logits / T, 1), t_logp, reduction="none", log_target=True).sum(1) * T**2
+    return (1 - tcfg.kd_alpha) * ce + tcfg.kd_alpha * kd
+
+
+def _cloud_thresholds(tcfg: TrainConfig, net_cfg) -> tuple[float, ...]:
+    """The init checkpoint's calibrated exit thresholds, which decide the samples ``easy_weight`` applies to."""
+    if tcfg.mode != "cloud" or tcfg.easy_weight == 1:
+        return ()
+    t = tuple(ck.read_config(tcfg.init)["network"].get("thresholds") or ())
+    if len(t) != len(net_cfg.exits):
+        raise ConfigError(f"easy_weight needs the exits' calibrated thresholds in --init {tcfg.init}: "
+                          f"found {len(t)} for {len(net_cfg.exits)} exits (run hybridexit calibrate on it first)")
+    return t
 
 
 def _optimizer_state(opt) -> tuple[dict, dict]:
@@ -257,6 +294,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                                nesterov=True)
 
     cloud = model.cloud_modules() if tcfg.mode == "cloud" else None
+    cloud_thresholds = _cloud_thresholds(tcfg, net_cfg)
     if tcfg.mode == "separate":
         phase1_params = list(model.backbone_parameters())
     else:
@@ -301,7 +339,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         elif cloud is not None:
             model.eval()
             cloud.train()
-        sums, n_seen = torch.zeros(len(net_cfg.exits) + 1), 0
+        sums, n_seen, n_reach = torch.zeros(len(net_cfg.exits) + 1), 0, 0
         # the outputs trained in this phase, in the order the step returns them (the others log no train accuracy)
         k = len(net_cfg.exits)
         sel = list(range(k)) if separate_exits else list(range(k + 1)) if tcfg.mode == "joint" else [k]
@@ -318,21 +356,27 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                 g["lr"] = lr
             x = _prep(images, ds, device, tcfg.channels_last, True, gen)
             y = labels.to(device)
+            sample_w = None
             if separate_exits:
                 outs, w = _frozen_exit_outputs(model, x), [1.0] * len(net_cfg.exits)
             elif cloud is not None:
-                outs, w = _frozen_edge_outputs(model, cloud, x), [1.0]
+                (outs, reach), w = _frozen_edge_outputs(model, cloud, x, cloud_thresholds), [1.0]
+                n_reach += int(reach.sum())
+                if cloud_thresholds:
+                    sample_w = torch.where(reach, 1.0, tcfg.easy_weight)
             elif tcfg.mode == "separate":
                 outs, w = [fwd(x)[-1]], [1.0]
             else:
                 outs, w = fwd(x), weights
-            losses = [F.cross_entropy(o, y, label_smoothing=tcfg.label_smoothing) for o in outs]
+            t_logp = None
             if teacher is not None and not separate_exits:
                 with torch.no_grad():
-                    t_logits = teacher(x)[-1] / tcfg.kd_temperature
-                kd = [F.kl_div(F.log_softmax(o / tcfg.kd_temperature, 1), F.log_softmax(t_logits, 1),
-                               reduction="batchmean", log_target=True) * tcfg.kd_temperature**2 for o in outs]
-                losses = [(1 - tcfg.kd_alpha) * c + tcfg.kd_alpha * k for c, k in zip(losses, kd)]
+                    t_logp = F.log_softmax(teacher(x)[-1] / tcfg.kd_temperature, 1)
+            per_sample = [_per_sample_loss(o, y, t_logp, tcfg) for o in outs]
+            if sample_w is None:
+                losses = [ls.mean() for ls in per_sample]
+            else:  # weighted mean: the loss scale (and so the learning rate) does not depend on easy_weight
+                losses = [(ls * sample_w).sum() / sample_w.sum().clamp_min(1e-12) for ls in per_sample]
             loss = sum(wi * li for wi, li in zip(w, losses))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -350,6 +394,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         rec = {"epoch": epoch + 1, "phase": phase,
                "train_acc": [float(s) / max(n_seen, 1) if j in sel else None for j, s in enumerate(sums)],
                "val_acc": val_acc,
+               **({"cloud_share": n_reach / max(n_seen, 1)} if cloud_thresholds else {}),
                "epoch_s": round(time.time() - t0, 1), "wall_s": round(wall, 1)}
         history.append(rec)
         meta = {"network": net_cfg.to_dict(), "train": tcfg.to_dict(), "data": data_meta,
