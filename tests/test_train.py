@@ -126,6 +126,19 @@ def test_easy_weight_drops_the_samples_the_exits_decide(tmp_path, ds):
     assert _changed(before, runs["none_exit"][0], "blocks.2.")
 
 
+def test_easy_weight_resumes_with_the_thresholds_it_began_with(tmp_path, ds):
+    train(tmp_path / "j", NET, tcfg(epochs=1), ds, progress=False)
+    before = read_tensors(tmp_path / "j")
+    _set_thresholds(tmp_path / "j", (99.0, 99.0))  # every sample exits: weight 0, the cloud must not move
+    cfg = tcfg(mode="cloud", epochs=2, init=str(tmp_path / "j"), easy_weight=0.0, weight_decay=0.0)
+    train(tmp_path / "c", NET, cfg, ds, progress=False, stop_after_epochs=1)
+    _set_thresholds(tmp_path / "j", (0.0, 0.0))  # recalibrated in between: must not change the running schedule
+    meta = train(tmp_path / "c", NET, cfg, ds, progress=False, resume=True)
+    assert meta["epochs_done"] == 2 and meta["easy_thresholds"] == [99.0, 99.0]
+    after = read_tensors(tmp_path / "c")
+    assert all(torch.equal(before[k], after[k]) for k in after if k.startswith("blocks.2.") and k.endswith("weight"))
+
+
 def test_easy_weight_needs_cloud_mode():
     with pytest.raises(ConfigError, match="cloud"):
         tcfg(easy_weight=0.5)

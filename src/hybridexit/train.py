@@ -294,7 +294,6 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                                nesterov=True)
 
     cloud = model.cloud_modules() if tcfg.mode == "cloud" else None
-    cloud_thresholds = _cloud_thresholds(tcfg, net_cfg)
     if tcfg.mode == "separate":
         phase1_params = list(model.backbone_parameters())
     else:
@@ -302,6 +301,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     opt1 = make_opt(phase1_params, tcfg.lr)
     opt2 = make_opt(list(model.exits.parameters()), tcfg.exit_lr) if tcfg.mode == "separate" and net_cfg.exits else None
 
+    cloud_thresholds = ()  # easy_weight's exit thresholds: on resume, those the run began with
     if resume and (out_dir / ck.STATE_JSON).exists():
         meta = ck.read_config(out_dir)
         if (HybridConfig.from_dict(meta["network"]).replace(thresholds=()) != net_cfg.replace(thresholds=())
@@ -319,8 +319,10 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         gen.set_state(tensors["rng/generator"])
         torch.set_rng_state(tensors["rng/torch"])
         start_epoch, history, wall = st["epoch"], st["history"], st["wall_s"]
+        cloud_thresholds = tuple(meta.get("easy_thresholds", ()))
     elif out_dir.exists() and (out_dir / ck.CONFIG_FILE).exists() and not resume:
         raise CheckpointError(f"{out_dir} already holds a checkpoint: pass --resume to continue it or choose another --out")
+    cloud_thresholds = cloud_thresholds or _cloud_thresholds(tcfg, net_cfg)
 
     tuner = ThreadTuner(torch.get_num_threads()) if device.type == "cpu" else None
     end_epoch = tcfg.total_epochs if stop_after_epochs is None else min(tcfg.total_epochs, start_epoch + stop_after_epochs)
@@ -399,7 +401,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         history.append(rec)
         meta = {"network": net_cfg.to_dict(), "train": tcfg.to_dict(), "data": data_meta,
                 "epochs_done": epoch + 1, "val_acc": val_acc, "train_wall_s": round(wall, 1),
-                "device": str(device), "torch": torch.__version__}
+                "device": str(device), "torch": torch.__version__,
+                **({"easy_thresholds": list(cloud_thresholds)} if cloud_thresholds else {})}
         opt_files, opt_tensors = {}, {}
         for j, o in enumerate((opt1, opt2)):
             if o is not None:
