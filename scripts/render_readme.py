@@ -50,7 +50,31 @@ def section_results(dataset: str) -> str:
         rows.append(f"| `{p['name']}` | {p.get('training', '')} | {thr} | {_pct(p['accuracy'])} | "
                     f"{_pct(p.get('cloud_accuracy'))} | {_pct(p['edge_fraction'])} | {p['expected_uj']:.1f} | "
                     f"{p['reduction']:.2f}x | {p.get('paper', '')} |")
-    return "\n".join(rows) + "\n\n" + data.get("note", "") + "\n"
+    return "\n".join(rows) + "\n\n" + data.get("note", "") + "\n" + _against_targets(dataset, data["points"])
+
+
+# the CIFAR-10 targets of issue 3 (and the paper's headline): the float baseline and the 20E+10C binary hybrid
+TARGETS = {"cifar10": {"fp32": "c10-r32-fp32", "hybrid": "c10-r32-e20-b1-x20", "fp32_min": 0.90,
+                       "exits_min": 0.60, "reduction_min": 5.5, "max_drop": 0.03}}
+
+
+def _against_targets(dataset: str, points: list[dict]) -> str:
+    t = TARGETS.get(dataset)
+    by_name = {p["name"]: p for p in points}
+    if not t or t["fp32"] not in by_name or t["hybrid"] not in by_name:
+        return ""
+    fp, hy = by_name[t["fp32"]], by_name[t["hybrid"]]
+    drop = fp["accuracy"] - hy["accuracy"]
+
+    def mark(ok):
+        return "met" if ok else "**missed**"
+
+    return (f"\nAgainst the targets: FP32 {_pct(fp['accuracy'])} % (at least {100 * t['fp32_min']:.0f} %: "
+            f"{mark(fp['accuracy'] >= t['fp32_min'])}); `{t['hybrid']}` exits {_pct(hy['edge_fraction'])} % "
+            f"(at least {100 * t['exits_min']:.0f} %: {mark(hy['edge_fraction'] >= t['exits_min'])}), "
+            f"{hy['reduction']:.2f}x less energy (at least {t['reduction_min']}x: "
+            f"{mark(hy['reduction'] >= t['reduction_min'])}), {100 * drop:.2f} points below FP32 (at most "
+            f"{100 * t['max_drop']:.0f}: {mark(drop <= t['max_drop'] + 1e-9)}).\n")
 
 
 def section_train_speed() -> str:
