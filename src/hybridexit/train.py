@@ -192,12 +192,14 @@ def _frozen_exit_outputs(model: HybridNet, x):
 def _frozen_edge_outputs(model: HybridNet, cloud: nn.Module, x, thresholds=()):
     """Cloud mode: the edge half frozen (eval, no grad), ``cloud`` (its blocks and final head) trained on its output.
 
-    Also returns which samples reach the cloud: those no exit decides under ``thresholds`` (all when none given)."""
+    Also returns which samples reach the cloud, those no exit decides under ``thresholds``; None without thresholds
+    (no exit head is evaluated then)."""
     h, feats = _frozen_prefix(model, x, model.cfg.edge_blocks)
-    reach = torch.ones(len(x), dtype=torch.bool, device=x.device)
-    with torch.no_grad():
-        for (key, head), t in zip(model.exits.items(), thresholds):
-            reach &= ~exits_here(head(feats[key]), t)[0]
+    reach = None
+    if thresholds:
+        with torch.no_grad():
+            decided = [exits_here(head(feats[key]), t)[0] for (key, head), t in zip(model.exits.items(), thresholds)]
+        reach = ~torch.stack(decided).any(0)
     return [cloud(h)], reach
 
 
@@ -363,8 +365,8 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
                 outs, w = _frozen_exit_outputs(model, x), [1.0] * len(net_cfg.exits)
             elif cloud is not None:
                 (outs, reach), w = _frozen_edge_outputs(model, cloud, x, cloud_thresholds), [1.0]
-                n_reach += int(reach.sum())
-                if cloud_thresholds:
+                if reach is not None:
+                    n_reach += int(reach.sum())
                     sample_w = torch.where(reach, 1.0, tcfg.easy_weight)
             elif tcfg.mode == "separate":
                 outs, w = [fwd(x)[-1]], [1.0]
