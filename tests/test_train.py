@@ -85,6 +85,31 @@ def test_separate_freezes_backbone_then_trains_only_exits(tmp_path, ds):
     assert all(torch.equal(after_backbone[k], after_exits[k]) for k in backbone)  # weights and BN stats frozen
 
 
+def test_distillation_loss_mixes_cross_entropy_and_the_teacher():
+    from hybridexit.train import _per_sample_loss
+
+    torch.manual_seed(0)
+    logits, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+    assert torch.allclose(_per_sample_loss(logits, y, None, tcfg()), ce)
+    same = torch.log_softmax(logits / 4.0, 1)  # a teacher that agrees with the student adds nothing
+    assert torch.allclose(_per_sample_loss(logits, y, same, tcfg(kd_alpha=0.5)), 0.5 * ce, atol=1e-6)
+    other = torch.log_softmax(torch.randn(6, 10) / 4.0, 1)
+    assert (_per_sample_loss(logits, y, other, tcfg(kd_alpha=0.5)) > 0.5 * ce).all()
+    assert torch.allclose(_per_sample_loss(logits, y, other, tcfg(kd_alpha=0.0)), ce)
+
+
+def test_separate_mode_exits_distill_from_the_teacher(tmp_path, ds):
+    train(tmp_path / "j", NET, tcfg(epochs=1), ds, progress=False)
+    j = str(tmp_path / "j")
+    for alpha in (0.0, 0.5):  # phase 2 only (epochs=0): same frozen backbone, exits trained with/without KD
+        train(tmp_path / f"s{alpha}", NET, tcfg(mode="separate", epochs=0, exit_epochs=1, init=j, teacher=j,
+                                                kd_alpha=alpha), ds, progress=False)
+    a, b = read_tensors(tmp_path / "s0.0"), read_tensors(tmp_path / "s0.5")
+    assert _changed(a, b, "exits.")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("exits."))
+
+
 def test_cloud_mode_trains_only_the_cloud_half(tmp_path, ds):
     train(tmp_path / "j", NET, tcfg(epochs=1), ds, progress=False)
     before = read_tensors(tmp_path / "j")

@@ -373,7 +373,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
             else:
                 outs, w = fwd(x), weights
             t_logp = None
-            if teacher is not None and not separate_exits:
+            if teacher is not None:  # every phase distills: the backbone, the cloud, and separate mode's exits
                 with torch.no_grad():
                     t_logp = F.log_softmax(teacher(x)[-1] / tcfg.kd_temperature, 1)
             per_sample = [_per_sample_loss(o, y, t_logp, tcfg) for o in outs]
