@@ -47,6 +47,7 @@ DATASETS = {
     }},
     "cifar100": {"prefix": "c100", "paper_threshold": 1.0, "fallback": ("exit_fraction", 0.54), "paper": {
         "c100-r32-fp32": "FP32 ResNet-32: about 70 % (published)",
+        "c100-r32-fp32-25ep": "(earlier stage of c100-r32-fp32)",
         "c100-r32-fp32-7ep": "(first stage of c100-r32-fp32)",
     }},
 }

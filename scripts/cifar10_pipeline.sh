@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, seven
-# sessions).
+# The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, spread
+# over several sessions).
 # Every step is resumable: re-running the script continues where it stopped.
 #   1a. FP32 baseline, 18 epochs                      checkpoints/c10-r32-fp32-18ep
 #   1b. FP32, 12 more epochs (new cosine, lr 0.05)    checkpoints/c10-r32-fp32            (init: 1a)
@@ -21,7 +21,8 @@
 #   3. 16E+14C binary, exit at 16, joint              checkpoints/c10-r32-e16-b1-x16-joint     (init: 1a; EPOCHS_16E)
 #   4. 16E+14C binary, exit at 16, separate           checkpoints/c10-r32-e16-b1-x16-separate  (init: 1a; EPOCHS_16E + 1)
 #   5a. CIFAR-100 FP32, first stage, 7 epochs         checkpoints/c100-r32-fp32-7ep
-#   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5a)
+#   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32-25ep  (init: 5a)
+#   5c. CIFAR-100 FP32, 40 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5b; ran alone)
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
 # core when 1b ended), as did 3 and 4, and 2c and 5b (5b with OMP_NUM_THREADS=1).
 # 2d to 2h ran alone with two threads.
@@ -71,6 +72,8 @@ run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 
 run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
     --mode separate --epochs "$EPOCHS_16E" --exit-epochs 1 --lr 0.05
 run checkpoints/c100-r32-fp32-7ep --dataset cifar100 --epochs 7 --batch-size 128 --lr 0.1
-run checkpoints/c100-r32-fp32 --dataset cifar100 --init checkpoints/c100-r32-fp32-7ep --epochs 18 --batch-size 128 \
+run checkpoints/c100-r32-fp32-25ep --dataset cifar100 --init checkpoints/c100-r32-fp32-7ep --epochs 18 --batch-size 128 \
+    --lr 0.05
+run checkpoints/c100-r32-fp32 --dataset cifar100 --init checkpoints/c100-r32-fp32-25ep --epochs 40 --batch-size 128 \
     --lr 0.05
 echo "== $(date -u +%H:%M:%S) done"
