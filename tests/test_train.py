@@ -7,7 +7,7 @@ import torch
 from hybridexit import CheckpointError, ConfigError, HybridConfig
 from hybridexit.checkpoint import load_model, read_tensors
 from hybridexit.data import load_cifar
-from hybridexit.train import TrainConfig, train
+from hybridexit.train import TrainConfig, _per_sample_loss, train
 
 NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
 
@@ -86,8 +86,6 @@ def test_separate_freezes_backbone_then_trains_only_exits(tmp_path, ds):
 
 
 def test_distillation_loss_mixes_cross_entropy_and_the_teacher():
-    from hybridexit.train import _per_sample_loss
-
     torch.manual_seed(0)
     logits, y = torch.randn(6, 10), torch.randint(0, 10, (6,))
     ce = torch.nn.functional.cross_entropy(logits, y, reduction="none")
