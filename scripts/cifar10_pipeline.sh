@@ -18,8 +18,11 @@
 #   2i. the cloud half only, 16 epochs, distilled     checkpoints/c10-r32-e20-b1-x20      (init: 2h; --mode cloud;
 #       from 1b: stem, binary blocks and exit stay as 2h left them; lr 0.01, wd 1e-4; its first 7 epochs shared the
 #       two cores with benchmarks/cifar.py)
-#   3. 16E+14C binary, exit at 16, joint              checkpoints/c10-r32-e16-b1-x16-joint     (init: 1a; EPOCHS_16E)
-#   4. 16E+14C binary, exit at 16, separate           checkpoints/c10-r32-e16-b1-x16-separate  (init: 1a; EPOCHS_16E + 1)
+#   3a. 16E+14C binary, exit at 16, joint, 2 epochs   checkpoints/c10-r32-e16-b1-x16-joint-2ep     (init: 1a)
+#   4a. same, separate: 2 epochs backbone + 1 exit    checkpoints/c10-r32-e16-b1-x16-separate-2ep  (init: 1a)
+#   3b. 16E+14C binary, exit at 16, joint, 20 epochs  checkpoints/c10-r32-e16-b1-x16-joint         (init: 1b)
+#   4b. same, separate: 20 epochs backbone + 1 exit   checkpoints/c10-r32-e16-b1-x16-separate      (init: 1b)
+#       (the paper's Table II comparison; 3b and 4b ran side by side, each with OMP_NUM_THREADS=1, no teacher)
 #   5a. CIFAR-100 FP32, first stage, 7 epochs         checkpoints/c100-r32-fp32-7ep
 #   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32-25ep  (init: 5a)
 #   5c. CIFAR-100 FP32, 40 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5b; ran alone)
@@ -30,7 +33,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 HX=".venv/bin/hybridexit"
 DATA="${DATA:-data}"
-EPOCHS_16E="${EPOCHS_16E:-2}"
 
 run() {  # run OUT ARGS...: train into OUT, resuming if it exists
   local out=$1; shift
@@ -67,10 +69,17 @@ run checkpoints/c10-r32-e20-b1-x20-123ep --edge-layers 20 --edge-bits 1 --exits 
     --init checkpoints/c10-r32-e20-b1-x20-103ep --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.005 --weight-decay 0
 run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --mode cloud \
     --init checkpoints/c10-r32-e20-b1-x20-123ep --teacher checkpoints/c10-r32-fp32 --epochs 16 --lr 0.01 --weight-decay 1e-4
-run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
-    --epochs "$EPOCHS_16E" --lr 0.05
-run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
-    --mode separate --epochs "$EPOCHS_16E" --exit-epochs 1 --lr 0.05
+run checkpoints/c10-r32-e16-b1-x16-joint-2ep --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
+    --epochs 2 --lr 0.05
+run checkpoints/c10-r32-e16-b1-x16-separate-2ep --edge-layers 16 --edge-bits 1 --exits 16 \
+    --init checkpoints/c10-r32-fp32-18ep --mode separate --epochs 2 --exit-epochs 1 --lr 0.05
+(export OMP_NUM_THREADS=1
+ run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32 \
+     --epochs 20 --lr 0.05 &
+ joint=$!
+ run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32 \
+     --mode separate --epochs 20 --exit-epochs 1 --lr 0.05 &
+ wait "$joint"; wait $!)
 run checkpoints/c100-r32-fp32-7ep --dataset cifar100 --epochs 7 --batch-size 128 --lr 0.1
 run checkpoints/c100-r32-fp32-25ep --dataset cifar100 --init checkpoints/c100-r32-fp32-7ep --epochs 18 --batch-size 128 \
     --lr 0.05

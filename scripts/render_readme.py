@@ -50,7 +50,8 @@ def section_results(dataset: str) -> str:
         rows.append(f"| `{p['name']}` | {p.get('training', '')} | {thr} | {_pct(p['accuracy'])} | "
                     f"{_pct(p.get('cloud_accuracy'))} | {_pct(p['edge_fraction'])} | {p['expected_uj']:.1f} | "
                     f"{p['reduction']:.2f}x | {p.get('paper', '')} |")
-    return "\n".join(rows) + "\n\n" + data.get("note", "") + "\n" + _against_targets(dataset, data["points"])
+    return ("\n".join(rows) + "\n\n" + data.get("note", "") + "\n" + _against_targets(dataset, data["points"])
+            + _table2(dataset, data["points"]))
 
 
 # the CIFAR-10 targets of issue 3 (and the paper's headline): the float baseline and the 20E+10C binary hybrid
@@ -75,6 +76,30 @@ def _against_targets(dataset: str, points: list[dict]) -> str:
             f"{hy['reduction']:.2f}x less energy (at least {t['reduction_min']}x: "
             f"{mark(hy['reduction'] >= t['reduction_min'])}), {100 * drop:.2f} points below FP32 (at most "
             f"{100 * t['max_drop']:.0f}: {mark(drop <= t['max_drop'] + 1e-9)}).\n")
+
+
+# the paper's Table II: the same 16E+14C binary network (exit at 16) trained jointly and separately
+TABLE2 = {"cifar10": ("c10-r32-e16-b1-x16-joint", "c10-r32-e16-b1-x16-separate")}
+
+
+def _table2(dataset: str, points: list[dict]) -> str:
+    names = TABLE2.get(dataset)
+    by_name = {p["name"]: p for p in points}
+    fixed = {n: next((p for p in points if p["name"].startswith(f"{n} @ paper threshold")), None)
+             for n in names or ()}
+    if not names or any(n not in by_name or fixed[n] is None for n in names):
+        return ""
+
+    def at(p):
+        return f"{_pct(p['accuracy'])} % with {_pct(p['edge_fraction'])} % exits"
+
+    joint, sep = (by_name[n] for n in names)
+    thr = ", ".join(f"{t:g}" for t in fixed[names[0]]["thresholds"])
+    return (f"\nTable II (16E+14C binary, exit at 16; {joint['training']} vs {sep['training']}): "
+            f"at the paper's threshold {thr}, joint {at(fixed[names[0]])}, separate {at(fixed[names[1]])} "
+            f"(paper: {joint['paper']}; {sep['paper']}); at the calibrated thresholds, joint {at(joint)}, "
+            f"separate {at(sep)}; final classifier alone, joint {_pct(joint['cloud_accuracy'])} %, separate "
+            f"{_pct(sep['cloud_accuracy'])} %.\n")
 
 
 def section_train_speed() -> str:
