@@ -44,6 +44,7 @@ DATASETS = {
         "c10-r32-e20-b1-x20-8ep": "(first stage of c10-r32-e20-b1-x20)",
         "c10-r32-e16-b1-x16-joint": "joint: 89.16 %, 52.8 % exits",
         "c10-r32-e16-b1-x16-separate": "separate: 88.72 %, 24.1 % exits",
+        "c10-r32-e16-b1-x16-separate-6exitep": "(the separate one, its exit trained 5 more epochs)",
         "c10-r32-e16-b1-x16-joint-2ep": "(2-epoch run of the joint one)",
         "c10-r32-e16-b1-x16-separate-2ep": "(2-epoch run of the separate one)",
     }},

@@ -23,6 +23,7 @@
 #   3b. 16E+14C binary, exit at 16, joint, 20 epochs  checkpoints/c10-r32-e16-b1-x16-joint         (init: 1b)
 #   4b. same, separate: 20 epochs backbone + 1 exit   checkpoints/c10-r32-e16-b1-x16-separate      (init: 1b)
 #       (the paper's Table II comparison; 3b and 4b ran side by side, each with OMP_NUM_THREADS=1, no teacher)
+#   4c. 4b's exit, 5 more epochs, backbone frozen    checkpoints/c10-r32-e16-b1-x16-separate-6exitep  (init: 4b)
 #   5a. CIFAR-100 FP32, first stage, 7 epochs         checkpoints/c100-r32-fp32-7ep
 #   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32-25ep  (init: 5a)
 #   5c. CIFAR-100 FP32, 40 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5b; ran alone)
@@ -80,6 +81,8 @@ run checkpoints/c10-r32-e16-b1-x16-separate-2ep --edge-layers 16 --edge-bits 1 -
  run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32 \
      --mode separate --epochs 20 --exit-epochs 1 --lr 0.05 &
  wait "$joint"; wait $!)
+run checkpoints/c10-r32-e16-b1-x16-separate-6exitep --edge-layers 16 --edge-bits 1 --exits 16 \
+    --init checkpoints/c10-r32-e16-b1-x16-separate --mode separate --epochs 0 --exit-epochs 5 --lr 0.05
 run checkpoints/c100-r32-fp32-7ep --dataset cifar100 --epochs 7 --batch-size 128 --lr 0.1
 run checkpoints/c100-r32-fp32-25ep --dataset cifar100 --init checkpoints/c100-r32-fp32-7ep --epochs 18 --batch-size 128 \
     --lr 0.05
