@@ -96,9 +96,10 @@ def _table2(dataset: str, points: list[dict]) -> str:
     thr = ", ".join(f"{t:g}" for t in fixed[names[0]]["thresholds"])
     rows = [f"`{n}` ({by_name[n]['training']}): {at(fixed[n])} at the paper's threshold {thr}, {at(by_name[n])} at "
             f"the calibrated one, final classifier alone {_pct(by_name[n]['cloud_accuracy'])} %" for n in names]
-    papers = "; ".join(by_name[n]["paper"] for n in names if by_name[n]["paper"] and not by_name[n]["paper"].startswith("("))
-    return "\nTable II, 16E+14C binary with its exit at 16, joint vs separate optimization (paper: " + papers + "):\n\n" + \
-        "".join(f"- {r}\n" for r in rows)
+    # the paper's figures; a "(...)" entry only says how a point relates to another one of ours
+    papers = "; ".join(p for p in (by_name[n]["paper"] for n in names) if p and not p.startswith("("))
+    return (f"\nTable II, 16E+14C binary with its exit at 16, joint vs separate optimization (paper: {papers}):\n\n"
+            + "".join(f"- {r}\n" for r in rows))
 
 
 def section_train_speed() -> str:
