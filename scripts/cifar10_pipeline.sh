@@ -28,7 +28,7 @@
 #   5b. CIFAR-100 FP32, 18 more epochs (lr 0.05)      checkpoints/c100-r32-fp32-25ep  (init: 5a)
 #   5c. CIFAR-100 FP32, 40 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5b; ran alone)
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
-# core when 1b ended), as did 3 and 4, and 2c and 5b (5b with OMP_NUM_THREADS=1).
+# core when 1b ended), as did 3a and 4a, 3b and 4b, and 2c and 5b (5b with OMP_NUM_THREADS=1).
 # 2d to 2h ran alone with two threads.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -85,7 +85,8 @@ TABLE2 = {"cifar10": ("c10-r32-e16-b1-x16-joint", "c10-r32-e16-b1-x16-separate",
 
 def _table2(dataset: str, points: list[dict]) -> str:
     by_name = {p["name"]: p for p in points}
-    fixed = {p["name"].split(" @ paper threshold")[0]: p for p in points if " @ paper threshold" in p["name"]}
+    # each checkpoint's second row, evaluated at the paper's fixed threshold
+    fixed = {Path(p["checkpoint"]).name: p for p in points if p["name"] != Path(p["checkpoint"]).name}
     names = [n for n in TABLE2.get(dataset, ()) if n in by_name and n in fixed]
     if len(names) < 2:
         return ""
