@@ -70,6 +70,8 @@ def describe_training(meta: dict) -> str:
         s += f", init {Path(t['init']).name}"
     if t.get("teacher"):
         s += f", distilled from {Path(t['teacher']).name}"
+    if t.get("optimizer", "sgd") != "sgd":
+        s += f", {t['optimizer']} lr {t['lr']:g}"
     return s + f", {meta['train_wall_s'] / 60:.0f} min CPU"
 
 

@@ -47,6 +47,26 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, ds):
         assert torch.allclose(a[k], b[k], atol=1e-5), k
 
 
+def test_adam_resumes_with_its_moments(tmp_path, ds):
+    cfg = tcfg(optimizer="adam", lr=1e-3, weight_decay=0.0)
+    train(tmp_path / "full", NET, cfg, ds, progress=False)
+    train(tmp_path / "part", NET, cfg, ds, progress=False, stop_after_epochs=1)
+    from hybridexit.checkpoint import STATE_FILE
+
+    state = read_tensors(tmp_path / "part", STATE_FILE)
+    assert any(k.endswith(".exp_avg_sq") for k in state)  # AdamW's second moments are saved, not only SGD's
+    train(tmp_path / "part", NET, cfg, ds, progress=False, resume=True)
+    a, b = read_tensors(tmp_path / "full"), read_tensors(tmp_path / "part")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["train"]["optimizer"] == "adam"
+
+
+def test_unknown_optimizer_is_refused():
+    with pytest.raises(ConfigError, match="optimizer"):
+        tcfg(optimizer="lamb")
+
+
 def test_resume_refuses_a_different_config(tmp_path, ds):
     train(tmp_path / "ck", NET, tcfg(), ds, progress=False, stop_after_epochs=1)
     with pytest.raises(CheckpointError, match="differs"):

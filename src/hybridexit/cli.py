@@ -32,7 +32,7 @@ def cmd_train(a):
     ds = load_cifar(a.dataset, a.data_dir)
     a.classes = ds.num_classes
     tcfg = TrainConfig(epochs=a.epochs, exit_epochs=a.exit_epochs, mode=a.mode, exit_weights=tuple(a.exit_weights),
-                       batch_size=a.batch_size, lr=a.lr, exit_lr=a.exit_lr, weight_decay=a.weight_decay,
+                       batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, exit_lr=a.exit_lr, weight_decay=a.weight_decay,
                        label_smoothing=a.label_smoothing, init=a.init, teacher=a.teacher, kd_alpha=a.kd_alpha,
                        easy_weight=a.easy_weight, seed=a.seed, val_size=a.val_size, limit_train=a.limit_train,
                        compile=a.compile)
@@ -145,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cloud: fine-tune only the cloud half of --init on its frozen edge")
     t.add_argument("--exit-weights", type=float, nargs="*", default=[], help="lambdas: exits then final, sum 1")
     t.add_argument("--batch-size", type=int, default=128)
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
+                   help="sgd: Nesterov momentum (default); adam: AdamW, decoupled weight decay")
     t.add_argument("--lr", type=float, default=0.1)
     t.add_argument("--exit-lr", type=float, default=0.05)
     t.add_argument("--weight-decay", type=float, default=5e-4)

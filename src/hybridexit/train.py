@@ -38,6 +38,7 @@ from .hybrid import HybridNet
 from .resnet import HybridConfig
 
 MODES = ("joint", "separate", "cloud")
+OPTIMIZERS = ("sgd", "adam")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,7 @@ class TrainConfig:
     mode: str = "joint"
     exit_weights: tuple[float, ...] = ()  # one per exit then the final; default 0.6 shared by the exits
     batch_size: int = 128
+    optimizer: str = "sgd"  # sgd: Nesterov momentum, L2 decay; adam: AdamW (decoupled decay), often better for binary weights
     lr: float = 0.1
     exit_lr: float = 0.05
     momentum: float = 0.9
@@ -69,6 +71,8 @@ class TrainConfig:
         object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
         if self.mode not in MODES:
             raise ConfigError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.epochs < 0 or self.exit_epochs < 0 or self.batch_size < 1:
             raise ConfigError("epochs and exit_epochs must be >= 0 and batch_size >= 1")
         if self.exit_weights and (abs(sum(self.exit_weights) - 1) > 1e-6 or min(self.exit_weights) < 0):
@@ -291,9 +295,10 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     def make_opt(params, lr):
         decay = [p for p in params if p.dim() > 1]
         no_decay = [p for p in params if p.dim() <= 1]
-        return torch.optim.SGD([{"params": decay, "weight_decay": tcfg.weight_decay},
-                                {"params": no_decay, "weight_decay": 0.0}], lr=lr, momentum=tcfg.momentum,
-                               nesterov=True)
+        groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if tcfg.optimizer == "adam":
+            return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=True)
 
     cloud = model.cloud_modules() if tcfg.mode == "cloud" else None
     if tcfg.mode == "separate":
