@@ -15,9 +15,11 @@
 #   2g. same, 18 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-103ep (init: 2f; lr 0.009, wd 0)
 #   2h. same, 20 more epochs distilled from 1b       checkpoints/c10-r32-e20-b1-x20-123ep (init: 2g; lr 0.005, wd 0;
 #       stopped after 8 and after 12 epochs and resumed each time with --resume)
-#   2i. the cloud half only, 16 epochs, distilled     checkpoints/c10-r32-e20-b1-x20      (init: 2h; --mode cloud;
+#   2i. the cloud half only, 16 epochs, distilled     checkpoints/c10-r32-e20-b1-x20-139ep (init: 2h; --mode cloud;
 #       from 1b: stem, binary blocks and exit stay as 2h left them; lr 0.01, wd 1e-4; its first 7 epochs shared the
 #       two cores with benchmarks/cifar.py)
+#   2k. joint again, 18 epochs distilled from 1b,    checkpoints/c10-r32-e20-b1-x20      (init: 2i; AdamW lr 2e-5, wd 0;
+#       AdamW instead of SGD                          chosen on val over an SGD twin, lr 0.003, run side by side)
 #   3a. 16E+14C binary, exit at 16, joint, 2 epochs   checkpoints/c10-r32-e16-b1-x16-joint-2ep     (init: 1a)
 #   4a. same, separate: 2 epochs backbone + 1 exit    checkpoints/c10-r32-e16-b1-x16-separate-2ep  (init: 1a)
 #   3b. 16E+14C binary, exit at 16, joint, 20 epochs  checkpoints/c10-r32-e16-b1-x16-joint         (init: 1b)
@@ -29,7 +31,7 @@
 #   5c. CIFAR-100 FP32, 40 more epochs (lr 0.05)      checkpoints/c100-r32-fp32       (init: 5b; ran alone)
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
 # core when 1b ended), as did 3a and 4a, 3b and 4b, and 2c and 5b (5b with OMP_NUM_THREADS=1).
-# 2d to 2h ran alone with two threads.
+# 2d to 2h ran alone with two threads; 2k ran beside its SGD twin (rejected on val), each with OMP_NUM_THREADS=1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HX=".venv/bin/hybridexit"
@@ -68,8 +70,10 @@ run checkpoints/c10-r32-e20-b1-x20-103ep --edge-layers 20 --edge-bits 1 --exits 
     --init checkpoints/c10-r32-e20-b1-x20-85ep --teacher checkpoints/c10-r32-fp32 --epochs 18 --lr 0.009 --weight-decay 0
 run checkpoints/c10-r32-e20-b1-x20-123ep --edge-layers 20 --edge-bits 1 --exits 20 \
     --init checkpoints/c10-r32-e20-b1-x20-103ep --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.005 --weight-decay 0
-run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --mode cloud \
+run checkpoints/c10-r32-e20-b1-x20-139ep --edge-layers 20 --edge-bits 1 --exits 20 --mode cloud \
     --init checkpoints/c10-r32-e20-b1-x20-123ep --teacher checkpoints/c10-r32-fp32 --epochs 16 --lr 0.01 --weight-decay 1e-4
+run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-139ep \
+    --teacher checkpoints/c10-r32-fp32 --epochs 18 --optimizer adam --lr 2e-5 --weight-decay 0
 run checkpoints/c10-r32-e16-b1-x16-joint-2ep --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
     --epochs 2 --lr 0.05
 run checkpoints/c10-r32-e16-b1-x16-separate-2ep --edge-layers 16 --edge-bits 1 --exits 16 \
