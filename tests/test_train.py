@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hybridexit import CheckpointError, ConfigError, HybridConfig
-from hybridexit.checkpoint import load_model, read_tensors
+from hybridexit.checkpoint import STATE_FILE, load_model, read_tensors
 from hybridexit.data import load_cifar
 from hybridexit.train import TrainConfig, _per_sample_loss, train
 
@@ -51,8 +51,6 @@ def test_adam_resumes_with_its_moments(tmp_path, ds):
     cfg = tcfg(optimizer="adam", lr=1e-3, weight_decay=0.0)
     train(tmp_path / "full", NET, cfg, ds, progress=False)
     train(tmp_path / "part", NET, cfg, ds, progress=False, stop_after_epochs=1)
-    from hybridexit.checkpoint import STATE_FILE
-
     state = read_tensors(tmp_path / "part", STATE_FILE)
     assert any(k.endswith(".exp_avg_sq") for k in state)  # AdamW's second moments are saved, not only SGD's
     train(tmp_path / "part", NET, cfg, ds, progress=False, resume=True)

@@ -32,10 +32,10 @@ def cmd_train(a):
     ds = load_cifar(a.dataset, a.data_dir)
     a.classes = ds.num_classes
     tcfg = TrainConfig(epochs=a.epochs, exit_epochs=a.exit_epochs, mode=a.mode, exit_weights=tuple(a.exit_weights),
-                       batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, exit_lr=a.exit_lr, weight_decay=a.weight_decay,
-                       label_smoothing=a.label_smoothing, init=a.init, teacher=a.teacher, kd_alpha=a.kd_alpha,
-                       easy_weight=a.easy_weight, seed=a.seed, val_size=a.val_size, limit_train=a.limit_train,
-                       compile=a.compile)
+                       batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, exit_lr=a.exit_lr,
+                       weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, init=a.init, teacher=a.teacher,
+                       kd_alpha=a.kd_alpha, easy_weight=a.easy_weight, seed=a.seed, val_size=a.val_size,
+                       limit_train=a.limit_train, compile=a.compile)
     meta = train(a.out, _net_cfg(a), tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
     print(json.dumps({"checkpoint": a.out, "epochs_done": meta["epochs_done"], "val_acc": meta["val_acc"],
