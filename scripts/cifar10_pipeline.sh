@@ -32,6 +32,13 @@
 # On 2 CPU cores, steps 1b and 2b ran side by side (1b with OMP_NUM_THREADS=1; 2b's thread tuner took the second
 # core when 1b ended), as did 3a and 4a, 3b and 4b, and 2c and 5b (5b with OMP_NUM_THREADS=1).
 # 2d to 2h ran alone with two threads; 2k ran beside its SGD twin (rejected on val), each with OMP_NUM_THREADS=1.
+# Tried and rejected on validation (not in checkpoints/, never in a result; "val@62" = val accuracy with 62 % of
+# val at the edge, the operating point of the 60 %-exit target):
+#   2j. --mode cloud on 2i, 30 epochs, lr 0.005, wd 1e-4, KD          final classifier val 88.22 % vs 2i's 88.40 %
+#   2k'. 2k's SGD twin: SGD lr 0.003, wd 0, KD, 18 epochs on 2i       val@62 87.44 % vs 2k's 87.82 %
+#   2l. 2k continued: AdamW lr 2e-5, wd 0, KD, 20 epochs              val@62 87.50 % vs 2k's 87.82 %
+#   2m. --mode cloud on 2k, 8 epochs, SGD lr 0.002, wd 1e-4, KD,      val@62 87.62 % vs 2k's 87.82 %
+#       --easy-weight 0.3 under 2k's thresholds at 62 % of val        (final classifier val 88.14 % vs 88.52 %)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 HX=".venv/bin/hybridexit"
