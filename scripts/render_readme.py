@@ -80,7 +80,7 @@ def _against_targets(dataset: str, points: list[dict]) -> str:
             f"{mark(fp['accuracy'] >= t['fp32_min'])}); `{t['hybrid']}` at its calibrated threshold: "
             f"{judged(by_name[t['hybrid']])}.")
     for p in points:  # the same network at the exit target, when its calibration took the accuracy-floor branch
-        if p.get("point") == "exit target" and Path(p["checkpoint"]).name == t["hybrid"]:
+        if p["point"] == "exit target" and Path(p["checkpoint"]).name == t["hybrid"]:
             text += f" At the exit target (row `{p['name']}`): {judged(p)}."
     return text + "\n"
 
@@ -92,9 +92,8 @@ TABLE2 = {"cifar10": ("c10-r32-e16-b1-x16-joint", "c10-r32-e16-b1-x16-separate",
 
 def _table2(dataset: str, points: list[dict]) -> str:
     by_name = {p["name"]: p for p in points}
-    # each checkpoint's second row, evaluated at the paper's fixed threshold
-    fixed = {Path(p["checkpoint"]).name: p for p in points
-             if p["name"] != Path(p["checkpoint"]).name and p.get("point") != "exit target"}
+    # each checkpoint's row evaluated at the paper's fixed threshold
+    fixed = {Path(p["checkpoint"]).name: p for p in points if p["point"] == "paper threshold"}
     names = [n for n in TABLE2.get(dataset, ()) if n in by_name and n in fixed]
     if len(names) < 2:
         return ""
