@@ -117,12 +117,14 @@ def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accurac
 
 
 def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = True,
-                         device=None, progress: bool = False, fallback: tuple[str, float] | None = None) -> dict:
+                         device=None, progress: bool = False, fallback: tuple[str, float] | None = None,
+                         also: tuple[str, float] | None = None) -> dict:
     """Choose thresholds for a checkpoint on its validation split and (by default) write them into its config.
 
     ``fallback`` = (target, value) is used instead when a valid ``target`` cannot be met (an accuracy floor above
     every threshold's accuracy), on the same validation pass; the result names the target that was used. An
-    invalid target or value still raises.
+    invalid target or value still raises. ``also`` = (target, value) is chosen on the same validation pass and
+    returned, never written, under the result's key "also" (same keys as the result).
     """
     from . import checkpoint as ck
     from .data import get_split
@@ -148,12 +150,18 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
             raise
         target, value = fallback
         best = choose(points, target, value, stats.cloud_accuracy)
-    result = {"split": "val", "n": len(val), "target": target, "value": value,
-              "cloud_accuracy": stats.cloud_accuracy, **best.to_dict(report)}
+
+    def result_for(target, value, point):
+        return {"split": "val", "n": len(val), "target": target, "value": value,
+                "cloud_accuracy": stats.cloud_accuracy, **point.to_dict(report)}
+
+    result = result_for(target, value, best)
     if plot_path:
         plot(points, best, report, stats.cloud_accuracy, plot_path)
     if write:
         new_cfg = model.cfg.replace(thresholds=best.thresholds)
         meta = dict(meta, network=new_cfg.to_dict(), calibration=result)
         ck.write_checkpoint(path, {ck.CONFIG_FILE: meta}, {})
+    if also:
+        result["also"] = result_for(*also, choose(points, *also, stats.cloud_accuracy))
     return result
