@@ -38,7 +38,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=1)
 
 
-def exits_here(logits: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exit rule: a sample stops when the entropy of its exit's softmax is strictly below ``threshold``."""
-    h = entropy(logits)
+def exits_here(logits: torch.Tensor, threshold: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exit rule: a sample stops when the entropy of its exit's softmax(logits / temperature) is strictly
+    below ``threshold``. Returns (stop mask, entropies). Every copy of the rule calls this function."""
+    h = entropy(logits if temperature == 1.0 else logits.float() / temperature)
     return h < threshold, h
