@@ -11,7 +11,12 @@ validation images at the edge on CIFAR-10, whose target is 60 %; 54 % on CIFAR-1
 exit target still holds on the test split. The paper's fixed threshold (0.5 on CIFAR-10, 1.0 on CIFAR-100) is
 evaluated too, as a second row.
 
-    python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...]
+Rows whose checkpoint left checkpoints/ are dropped; the figures of the intermediate training stages removed in
+issue 19 are a record in results/history-<dataset>.json, not regenerated. Every row also records its figures on
+the first 200 test images ("slice"), which tests/test_results.py re-evaluates; --slice-only recomputes just
+those, at each row's thresholds, without calibrating (seconds per checkpoint).
+
+    python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...] [--slice-only]
 """
 
 from __future__ import annotations
@@ -32,27 +37,13 @@ from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
 DATASETS = {
     "cifar10": {"prefix": "c10", "paper_threshold": 0.5, "fallback": ("exit_fraction", 0.62), "paper": {
         "c10-r32-fp32": "FP32 ResNet-32: 92.5-93.5 % (published)",
-        "c10-r32-fp32-18ep": "(first stage of c10-r32-fp32)",
         "c10-r32-e20-b1-x20": "88.6 %, 59-65 % exits, 5.5x",
-        "c10-r32-e20-b1-x20-139ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-123ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-103ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-85ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-76ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-56ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-36ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-24ep": "(earlier stage of c10-r32-e20-b1-x20)",
-        "c10-r32-e20-b1-x20-8ep": "(first stage of c10-r32-e20-b1-x20)",
         "c10-r32-e16-b1-x16-joint": "joint: 89.16 %, 52.8 % exits",
         "c10-r32-e16-b1-x16-separate": "separate: 88.72 %, 24.1 % exits",
         "c10-r32-e16-b1-x16-separate-6exitep": "(the separate one, its exit trained 5 more epochs)",
-        "c10-r32-e16-b1-x16-joint-2ep": "(2-epoch run of the joint one)",
-        "c10-r32-e16-b1-x16-separate-2ep": "(2-epoch run of the separate one)",
     }},
     "cifar100": {"prefix": "c100", "paper_threshold": 1.0, "fallback": ("exit_fraction", 0.54), "paper": {
         "c100-r32-fp32": "FP32 ResNet-32: about 70 % (published)",
-        "c100-r32-fp32-25ep": "(earlier stage of c100-r32-fp32)",
-        "c100-r32-fp32-7ep": "(first stage of c100-r32-fp32)",
     }},
 }
 
@@ -76,6 +67,65 @@ def describe_training(meta: dict) -> str:
     return s + f", {meta['train_wall_s'] / 60:.0f} min CPU"
 
 
+# every row also records its figures on the first SLICE test images, which tests/test_results.py re-evaluates
+SLICE = 200
+
+
+def slice_figures(model, ds, thresholds) -> dict:
+    """The row's figures on the first SLICE test images (what `hybridexit evaluate --limit SLICE --json` prints)."""
+    s, _ = evaluate_checkpoint_summary(model, ds.test.limit(SLICE), ds.mean, ds.std, thresholds=thresholds)
+    return {"split": "test", "first": SLICE, **{k: s[k] for k in ("accuracy", "cloud_accuracy", "exit_fraction")}}
+
+
+def add_slices(points: dict, ds) -> None:
+    """Recompute only the slice figures of existing rows, at each row's own thresholds (no calibration)."""
+    models = {}
+    for pt in points.values():
+        if pt["checkpoint"] not in models:
+            models[pt["checkpoint"]] = load_model(pt["checkpoint"])[0]
+        pt["slice"] = slice_figures(models[pt["checkpoint"]], ds, pt["thresholds"])
+
+
+def benchmark(path: Path, ds, spec: dict, fp32_val, out: Path) -> list[tuple[str, str, dict, dict | None, dict]]:
+    """Calibrate one checkpoint on val (written into it) and evaluate it on test: (row name, point, summary, cal)."""
+    name = path.name
+    cal = None
+    if read_config(path)["network"]["exits"]:
+        fallback = spec["fallback"]
+        target = fallback if fp32_val is None else ("min_accuracy", fp32_val - 0.02)
+        cal = calibrate_checkpoint(path, ds, *target, plot_path=out.parent / f"{name}-calibration.png",
+                                   fallback=fallback, also=fallback)
+        at_target = cal.pop("also")  # the exit-target point, chosen on the same validation pass
+    model, meta = load_model(path)
+    summary, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std)
+    rows = [(name, "calibrated", summary, cal)]
+    if meta["network"]["exits"]:
+        paper_thr = [spec["paper_threshold"]] * len(meta["network"]["exits"])
+        s2, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=paper_thr)
+        rows.append((paper_row(spec, name), "paper threshold", s2, None))
+        if cal["target"] != spec["fallback"][0]:  # the floor was reachable: also report the exit-target point
+            s3, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=at_target["thresholds"])
+            rows.append((target_row(spec, name), "exit target", s3, at_target))
+    return [(rname, kind, s, c, slice_figures(model, ds, s["thresholds"])) for rname, kind, s, c in rows]
+
+
+def paper_row(spec: dict, name: str) -> str:  # the row evaluated at the paper's fixed threshold
+    return f"{name} @ paper threshold {spec['paper_threshold']}"
+
+
+def target_row(spec: dict, name: str) -> str:  # the row at the exit target, when the accuracy floor chose another point
+    return f"{name} @ exit target ({spec['fallback'][1]:.0%} of val at the edge)"
+
+
+def fp32_val_accuracy(root: str, spec: dict, ds):
+    fp_path = Path(root) / f"{spec['prefix']}-r32-fp32"
+    if not (fp_path / "config.json").exists():
+        return None
+    fp_model, fp_meta = load_model(fp_path)
+    d = fp_meta["data"]
+    return collect_exit_stats(fp_model, get_split(ds, "val", d["val_size"], d["split_seed"]), ds.mean, ds.std).cloud_accuracy
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--data-dir", default=None)
@@ -83,54 +133,33 @@ def main():
     p.add_argument("--checkpoints", nargs="*", default=None, help="default: every known checkpoint of the dataset")
     p.add_argument("--root", default="checkpoints")
     p.add_argument("--out", default=None, help="default: results/<dataset>.json")
+    p.add_argument("--slice-only", action="store_true",
+                   help=f"only recompute every row's figures on the first {SLICE} test images, at its thresholds")
     a = p.parse_args()
     spec = DATASETS[a.dataset]
     paper, default = spec["paper"], list(spec["paper"])
-
-    def paper_row(name: str) -> str:  # the row evaluated at the paper's fixed threshold
-        return f"{name} @ paper threshold {spec['paper_threshold']}"
-
-    def target_row(name: str) -> str:  # the row at the exit target, when the accuracy floor chose another point
-        return f"{name} @ exit target ({spec['fallback'][1]:.0%} of val at the edge)"
-
     ds = load_cifar(a.dataset, a.data_dir)
     out = Path(a.out or f"results/{a.dataset}.json")
     old = json.loads(out.read_text()) if out.exists() else {"points": []}
-    points = {pt["name"]: pt for pt in old["points"]}
-    fp32_val = None
-    fp_path = Path(a.root) / f"{spec['prefix']}-r32-fp32"
-    if (fp_path / "config.json").exists():
-        fp_model, fp_meta = load_model(fp_path)
-        d = fp_meta["data"]
-        fp32_val = collect_exit_stats(fp_model, get_split(ds, "val", d["val_size"], d["split_seed"]),
-                                      ds.mean, ds.std).cloud_accuracy
+    # rows whose checkpoint left checkpoints/ are dropped (their figures live in results/history-<dataset>.json)
+    points = {pt["name"]: pt for pt in old["points"] if (Path(pt["checkpoint"]) / "config.json").exists()}
+    if a.slice_only:
+        if old.get("data_checksum") != ds.checksum:
+            raise SystemExit(f"{ds.source} is another copy of {a.dataset} than {out} was measured on")
+        add_slices(points, ds)
+        out.write_text(json.dumps({**old, "points": list(points.values())}, indent=1) + "\n")
+        return
+    fp32_val = fp32_val_accuracy(a.root, spec, ds)
     for name in a.checkpoints or default:
         path = Path(a.root) / name
         if not (path / "config.json").exists():
             print(f"skip {name}: no checkpoint")
             continue
         t0 = time.time()
+        points.pop(target_row(spec, name), None)  # from an earlier run whose calibration may have taken the other branch
+        rows = benchmark(path, ds, spec, fp32_val, out)
         meta = read_config(path)
-        cal = None
-        if meta["network"]["exits"]:
-            plot = out.parent / f"{name}-calibration.png"
-            fallback = spec["fallback"]
-            target = fallback if fp32_val is None else ("min_accuracy", fp32_val - 0.02)
-            cal = calibrate_checkpoint(path, ds, *target, plot_path=plot, fallback=fallback, also=fallback)
-            at_target = cal.pop("also")  # the exit-target point, chosen on the same validation pass
-        model, meta = load_model(path)
-        summary, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std)
-        rows = [(name, "calibrated", summary, cal)]
-        points.pop(target_row(name), None)  # from an earlier run whose calibration may have taken the other branch
-        if meta["network"]["exits"]:
-            paper_thr = [spec["paper_threshold"]] * len(meta["network"]["exits"])
-            s2, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=paper_thr)
-            rows.append((paper_row(name), "paper threshold", s2, None))
-            if cal["target"] != spec["fallback"][0]:  # the floor was reachable: also report the exit-target point
-                s3, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std,
-                                                    thresholds=at_target["thresholds"])
-                rows.append((target_row(name), "exit target", s3, at_target))
-        for rname, kind, s, c in rows:
+        for rname, kind, s, c, sl in rows:
             points[rname] = {
                 "name": rname, "point": kind, "checkpoint": str(path), "training": describe_training(meta),
                 "network": meta["network"], "thresholds": s["thresholds"],
@@ -139,13 +168,19 @@ def main():
                 if rname == name else f"... --thresholds {' '.join(map(str, s['thresholds']))}",
                 **{k: s[k] for k in ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction",
                                      "expected_uj", "edge_uj", "cloud_uj", "fp32_uj", "reduction")},
+                "slice": sl,
             }
-        print(f"{name}: acc {summary['accuracy']:.4f} edge {summary['edge_fraction']:.3f} "
-              f"reduction {summary['reduction']:.2f}x ({time.time() - t0:.0f} s)")
-    order = [r for n in default for r in (n, paper_row(n), target_row(n))]
+        s = rows[0][2]
+        print(f"{name}: acc {s['accuracy']:.4f} edge {s['edge_fraction']:.3f} "
+              f"reduction {s['reduction']:.2f}x ({time.time() - t0:.0f} s)")
+    write_results(out, a.dataset, spec, ds, fp32_val, points, default)
+
+
+def write_results(out: Path, dataset: str, spec: dict, ds, fp32_val, points: dict, default: list[str]) -> None:
+    order = [r for n in default for r in (n, paper_row(spec, n), target_row(spec, n))]
     ordered = sorted(points.values(), key=lambda pt: order.index(pt["name"]) if pt["name"] in order else len(order))
-    pretty = a.dataset.upper().replace("CIFAR", "CIFAR-")
-    result = {"dataset": a.dataset, "split": "test", "data_checksum": ds.checksum,
+    pretty = dataset.upper().replace("CIFAR", "CIFAR-")
+    result = {"dataset": dataset, "split": "test", "data_checksum": ds.checksum,
               "fp32_val_accuracy": fp32_val, "points": ordered,
               "note": f"Accuracies are on the {len(ds.test):,} {pretty} test images; thresholds were chosen on a "
                       "5,000-image validation split held out of the training set: the lowest expected energy with validation "
@@ -157,7 +192,6 @@ def main():
                       "image, from the measured exit fractions; the paper's Table I constants."}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
-
 
 if __name__ == "__main__":
     main()
