@@ -1,15 +1,23 @@
 #!/usr/bin/env python3
-"""Regenerate the README sections between <!-- BEGIN name --> and <!-- END name --> markers.
+"""Render README.md and docs/results.md from results/*.json (and, for the per-layer table, the library itself).
 
-Every figure comes from results/*.json or from the library itself; nothing is typed by hand.
+Nothing here is a measured figure typed by hand: every number comes from a results file or from the energy model.
+Each section is one function that reads (at most) one results file and returns markdown, or None when that file
+does not exist yet (the section is then left out). To add a section, write such a function and list it in
+README_SECTIONS or RESULTS_SECTIONS.
+
+    python scripts/render_readme.py            # rewrite README.md and docs/results.md
+    python scripts/render_readme.py --check    # exit 1 if either differs from what the results give
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import re
 import sys
 from pathlib import Path
+
+from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -17,52 +25,106 @@ sys.path.insert(0, str(ROOT / "src"))
 from hybridexit.energy import energy_report, summary_table  # noqa: E402
 from hybridexit.resnet import HybridConfig  # noqa: E402
 
+README, RESULTS_DOC = "README.md", "docs/results.md"
 
-def _load(name):
+# The CIFAR-10 targets of issue 3 (after the paper's headline): the float baseline and the 20E+10C binary hybrid.
+# The checkpoint named "hybrid" is the one the README leads with and its usage section names.
+TARGETS = {"cifar10": {"fp32": "c10-r32-fp32", "hybrid": "c10-r32-e20-b1-x20", "fp32_min": 0.90,
+                       "exits_min": 0.60, "reduction_min": 5.5, "max_drop": 0.03}}
+MAIN = TARGETS["cifar10"]["hybrid"]
+
+# the paper's Table II: the same 16E+14C binary network (exit at 16) trained jointly and separately
+TABLE2 = {"cifar10": ("c10-r32-e16-b1-x16-joint", "c10-r32-e16-b1-x16-separate",
+                      "c10-r32-e16-b1-x16-separate-6exitep")}
+
+
+def load(name: str) -> dict | None:
     p = ROOT / "results" / name
     return json.loads(p.read_text()) if p.exists() else None
 
 
-def section_summary() -> str:
-    r = energy_report(HybridConfig(depth=32, num_classes=10, edge_layers=20, edge_bits=1, exits=(20,)))
-    d = r.to_dict([0.65])
-    return ("```\n" + summary_table(r) + "\n```\n\n"
-            f"With 65 % of images exiting at layer 20: edge {d['edge_uj']:.1f} uJ, cloud {d['cloud_uj']:.1f} uJ "
-            f"(paid by the 35 % that go on), expected {d['expected_uj']:.1f} uJ per image against "
-            f"{d['fp32_uj']:.1f} uJ for the FP32 network: {d['reduction']:.2f}x less computational energy "
-            f"(`hybridexit energy --edge-layers 20 --edge-bits 1 --exits 20 --exit-rate 0.65`).\n")
+def md_table(headers: list[str], rows: list[list], right: tuple[int, ...] = ()) -> str:
+    """A GitHub markdown table; cells are already formatted strings, columns in ``right`` right-aligned."""
+    align = ["right" if i in right else "left" for i in range(len(headers))]
+    return tabulate(rows, headers=headers, tablefmt="github", disable_numparse=True, colalign=align)
 
 
-def _pct(x):
+def pct(x) -> str:
     return "" if x is None else f"{100 * x:.2f}"
 
 
-def section_results(dataset: str) -> str:
-    data = _load(f"{dataset}.json")
+def thresholds(p: dict) -> str:
+    return ", ".join(f"{t:.3f}" for t in p["thresholds"]) or "-"
+
+
+def ckpt_name(p: dict) -> str:
+    return Path(p["checkpoint"]).name
+
+
+def pretty(dataset: str) -> str:
+    return dataset.upper().replace("CIFAR", "CIFAR-")
+
+
+def plot_link(name: str, prefix: str = "") -> str:
+    """A markdown link to a checkpoint's calibration plot in results/, or "" when there is none."""
+    png = f"results/{name}-calibration.png"
+    return f"[calibration plot]({prefix}{png})" if (ROOT / png).exists() else ""
+
+
+# ---------------------------------------------------------------- README.md
+
+
+def readme_head() -> str:
+    return """# hybridexit
+
+Conditionally deep hybrid networks across edge and cloud, after Long, Chakraborty and Roy (2020): a quantized
+ResNet prefix with early exits runs on the device, and only the inputs its exits cannot decide go on to the
+full-precision rest of the network in the cloud.
+
+```
+make demo    # sets up .venv and data/, then runs the shipped checkpoint as a local edge-cloud pair
+make test    # the test suite (CPU, a few minutes)
+```
+
+hybridexit trains such networks (binary or k-bit edge layers, joint or separate optimization of the exits), picks
+exit thresholds on a validation split held out of training, counts operations and energy per image from the real
+modules, and runs conditional inference for real: the cloud half is only ever called on the samples that did not
+exit, in process or as an edge client talking to a cloud server over HTTP.
+"""
+
+
+def _headline_row(label: str, p: dict) -> list[str]:
+    return [label, thresholds(p), pct(p["accuracy"]), pct(p["edge_fraction"]), f"{p['edge_uj']:.1f}",
+            f"{p['cloud_uj']:.1f}", f"{p['expected_uj']:.1f}", f"{p['reduction']:.2f}x", p.get("paper", "")]
+
+
+HEADLINE_HEADERS = ["test split", "threshold", "accuracy %", "exiting at the edge %", "edge uJ", "cloud uJ",
+                    "expected uJ/image", "vs FP32", "paper"]
+
+
+def readme_headline() -> str | None:
+    data = load("cifar10.json")
     if not data:
-        return (f"_No results yet: run `python benchmarks/cifar.py --dataset {dataset}` "
-                f"(writes results/{dataset}.json)._\n")
-    rows = ["| model | training | thresholds | test accuracy % | final classifier alone % | exits at edge % | "
-            "expected uJ/image | reduction | paper |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for p in data["points"]:
-        thr = ", ".join(f"{t:.3f}" for t in p["thresholds"]) or "-"
-        rows.append(f"| `{p['name']}` | {p.get('training', '')} | {thr} | {_pct(p['accuracy'])} | "
-                    f"{_pct(p.get('cloud_accuracy'))} | {_pct(p['edge_fraction'])} | {p['expected_uj']:.1f} | "
-                    f"{p['reduction']:.2f}x | {p.get('paper', '')} |")
-    return ("\n".join(rows) + "\n\n" + data.get("note", "") + "\n" + _against_targets(dataset, data["points"])
-            + _table2(dataset, data["points"]))
+        return None
+    t = TARGETS["cifar10"]
+    rows = [_headline_row(f"FP32 `{ckpt_name(p)}`" if p["name"] == t["fp32"] else
+                          f"`{p['name']}`" if p["point"] == "calibrated" else f"same, {p['name'].split(' @ ')[1]}", p)
+            for p in data["points"] if ckpt_name(p) in (t["fp32"], t["hybrid"])]
+    hybrid = next(p for p in data["points"] if p["name"] == t["hybrid"])
+    net = hybrid["network"]
+    bits = "binary" if net["edge_bits"] == 1 else f"{net['edge_bits']}-bit"
+    text = (f"## Result\n\nResNet-32 on CIFAR-10, {net['edge_layers']} {bits} convolutions at the edge with an exit at "
+            f"layer {net['exits'][0]} ({hybrid['n']:,} test images; thresholds chosen on validation only, "
+            f"{plot_link(t['hybrid'])}; energy is computational, per image, from the measured exit fractions):\n\n"
+            + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7)) + "\n\n" + against_targets(data["points"]))
+    c100 = readme_cifar100()
+    return text + ("\n" + c100 if c100 else "")
 
 
-# the CIFAR-10 targets of issue 3 (and the paper's headline): the float baseline and the 20E+10C binary hybrid
-TARGETS = {"cifar10": {"fp32": "c10-r32-fp32", "hybrid": "c10-r32-e20-b1-x20", "fp32_min": 0.90,
-                       "exits_min": 0.60, "reduction_min": 5.5, "max_drop": 0.03}}
-
-
-def _against_targets(dataset: str, points: list[dict]) -> str:
-    t = TARGETS.get(dataset)
+def against_targets(points: list[dict]) -> str:
+    t = TARGETS["cifar10"]
     by_name = {p["name"]: p for p in points}
-    if not t or t["fp32"] not in by_name or t["hybrid"] not in by_name:
+    if t["fp32"] not in by_name or t["hybrid"] not in by_name:
         return ""
     fp = by_name[t["fp32"]]
 
@@ -71,97 +133,259 @@ def _against_targets(dataset: str, points: list[dict]) -> str:
 
     def judged(hy):
         drop = fp["accuracy"] - hy["accuracy"]
-        return (f"exits {_pct(hy['edge_fraction'])} % (at least {100 * t['exits_min']:.0f} %: "
+        return (f"exits {pct(hy['edge_fraction'])} % (at least {100 * t['exits_min']:.0f} %: "
                 f"{mark(hy['edge_fraction'] >= t['exits_min'])}), {hy['reduction']:.2f}x less energy (at least "
                 f"{t['reduction_min']}x: {mark(hy['reduction'] >= t['reduction_min'])}), {100 * drop:.2f} points "
                 f"below FP32 (at most {100 * t['max_drop']:.0f}: {mark(drop <= t['max_drop'] + 1e-9)})")
 
-    text = (f"\nAgainst the targets: FP32 {_pct(fp['accuracy'])} % (at least {100 * t['fp32_min']:.0f} %: "
+    text = (f"Against the targets: FP32 {pct(fp['accuracy'])} % (at least {100 * t['fp32_min']:.0f} %: "
             f"{mark(fp['accuracy'] >= t['fp32_min'])}); `{t['hybrid']}` at its calibrated threshold: "
             f"{judged(by_name[t['hybrid']])}.")
     for p in points:  # the same network at the exit target, when its calibration took the accuracy-floor branch
-        if p["point"] == "exit target" and Path(p["checkpoint"]).name == t["hybrid"]:
-            text += f" At the exit target (row `{p['name']}`): {judged(p)}."
+        if p["point"] == "exit target" and ckpt_name(p) == t["hybrid"]:
+            text += f" At the exit target: {judged(p)}."
     return text + "\n"
 
 
-# the paper's Table II: the same 16E+14C binary network (exit at 16) trained jointly and separately
-TABLE2 = {"cifar10": ("c10-r32-e16-b1-x16-joint", "c10-r32-e16-b1-x16-separate",
-                      "c10-r32-e16-b1-x16-separate-6exitep")}
+def readme_cifar100() -> str | None:
+    data = load("cifar100.json")
+    if not data:
+        return None
+    mains = [p for p in data["points"] if p["point"] == "calibrated"]
+    hybrids = [p for p in mains if p["network"]["exits"]]
+    if hybrids:  # the best calibrated CIFAR-100 hybrid, in the headline's format
+        rows = [_headline_row(f"`{p['name']}`", p) for p in mains if not p["network"]["exits"]]
+        best = max(hybrids, key=lambda p: p["accuracy"])
+        rows.append(_headline_row(f"`{best['name']}`", best))
+        return "CIFAR-100:\n\n" + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7)) + "\n"
+    return "".join(f"CIFAR-100: FP32 baseline `{p['name']}` {pct(p['accuracy'])} % on the {p['n']:,} test images "
+                   f"({p['paper']}); no CIFAR-100 hybrid has been evaluated yet.\n" for p in mains)
 
 
-def _table2(dataset: str, points: list[dict]) -> str:
+def readme_usage() -> str:
+    data = load("cifar10.json") or {"points": []}
+    target = next((p for p in data["points"] if p["point"] == "exit target" and ckpt_name(p) == MAIN), None)
+    ev = f"hybridexit evaluate checkpoints/{MAIN} --data-dir data --split test --json"
+    evaluate = f"# the calibrated row above (real conditional inference on the test split)\n{ev}"
+    if target:  # the exit-target row's thresholds, as the benchmark chose them on validation
+        evaluate += f"\n# the exit-target row\n{ev} --thresholds " + " ".join(repr(t) for t in target["thresholds"])
+    return f"""## Use
+
+After `make demo` (or `make setup data`), from the repository root. `checkpoints/{MAIN}` is the network above,
+`checkpoints/c10-r32-fp32` its FP32 teacher. `data/` holds CIFAR in the official layout: `make data` writes it
+from an offline copy in `../shared/datasets` when there is one; without `--data-dir` the commands look in
+`$HYBRIDEXIT_DATA`, then `~/.cache/hybridexit`, where the official archive is downloaded with an MD5 check.
+
+```
+. .venv/bin/activate
+# the network: layers, bits, MACs and energy per layer
+hybridexit summary --checkpoint checkpoints/{MAIN}
+{evaluate}
+# thresholds for another target, chosen on the validation split; --dry-run leaves the shipped checkpoint as it is
+hybridexit calibrate checkpoints/{MAIN} --data-dir data --exit-fraction 0.62 --dry-run --plot calib.png
+# the cloud half as a server, the edge half as its client: it exits locally and sends only the rest
+export HYBRIDEXIT_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')
+hybridexit serve checkpoints/{MAIN} --port 8000 &
+until curl -sf http://127.0.0.1:8000/healthz >/dev/null; do sleep 1; done
+hybridexit edge checkpoints/{MAIN} --cloud http://127.0.0.1:8000 --data-dir data --limit 1000 \\
+    --codec int8 --compress --out edge.jsonl
+kill %1
+```
+
+Training writes a checkpoint folder: give it a new one (here under `runs/`, which git ignores), so the shipped
+checkpoints are never overwritten. The chain behind the shipped ones: `scripts/cifar10_pipeline.sh`.
+
+```
+# FP32 ResNet-32
+hybridexit train --data-dir data --out runs/fp32 --epochs 30
+# 20E+10C binary with its exit at 20, joint optimization, from the FP32 network and distilled from it
+hybridexit train --data-dir data --out runs/e20-b1 --edge-layers 20 --edge-bits 1 --exits 20 \\
+    --init checkpoints/c10-r32-fp32 --teacher checkpoints/c10-r32-fp32 --epochs 24
+# its thresholds, on validation, written into runs/e20-b1
+hybridexit calibrate runs/e20-b1 --data-dir data --max-drop 0.01
+```
+
+"20E + 10C" counts the 30 convolutions inside the 15 residual blocks of ResNet-32: 20 at the edge, 10 in the cloud;
+the float stem is always at the edge and the classifier always in the cloud, so a split point or an exit sits on a
+block boundary. Every command has `--help`.
+"""
+
+
+def readme_docs() -> str:
+    return """## More
+
+- [docs/results.md](docs/results.md): every evaluated threshold point, the paper's Table II (joint vs separate),
+  every intermediate training stage and its figures, the per-layer energy table, training speed, the edge-cloud
+  runtime measurements.
+- [docs/architecture.md](docs/architecture.md): which module owns what, and where the code departs from the paper.
+- [docs/wire-format.md](docs/wire-format.md): the edge-cloud protocol, `hybridexit serve` and `hybridexit edge`.
+- `scripts/cifar10_pipeline.sh`: the training chain behind the shipped checkpoints.
+
+README.md and docs/results.md are generated by `make readme` (`scripts/render_readme.py`) from `results/*.json`;
+`tests/test_readme.py` fails when they drift.
+"""
+
+
+# ---------------------------------------------------------------- docs/results.md
+
+
+def results_head() -> str:
+    return ("# Results\n\nGenerated by `make readme` (`scripts/render_readme.py`) from `results/*.json`: do not edit. "
+            "The headline is in the [README](../README.md).\n")
+
+
+RESULT_HEADERS = ["model", "training", "thresholds", "test accuracy %", "final classifier alone %", "exits at edge %",
+                  "expected uJ/image", "reduction", "paper"]
+
+
+def _result_row(p: dict) -> list[str]:
+    return [f"`{p['name']}`", p.get("training", ""), thresholds(p), pct(p["accuracy"]), pct(p.get("cloud_accuracy")),
+            pct(p["edge_fraction"]), f"{p['expected_uj']:.1f}", f"{p['reduction']:.2f}x", p.get("paper", "")]
+
+
+def results_dataset(dataset: str) -> str | None:
+    data = load(f"{dataset}.json")
+    if not data:
+        return None
+    table = md_table(RESULT_HEADERS, [_result_row(p) for p in data["points"]], right=(2, 3, 4, 5, 6, 7))
+    plots = [f"`{n}`: {plot_link(n, '../')}" for n in dict.fromkeys(ckpt_name(p) for p in data["points"])
+             if plot_link(n) and n not in TABLE2.get(dataset, ())]
+    text = (f"## {pretty(dataset)}: the shipped checkpoints\n\n{table}\n\n{data.get('note', '')}\n\n"
+            + (f"Calibration (validation accuracy and energy against the share decided at the edge; the dashed line is "
+               f"the chosen threshold): {', '.join(plots)}.\n" if plots else ""))
+    if dataset == "cifar10":
+        text += "\n" + against_targets(data["points"])
+    return text + table2(dataset, data["points"])
+
+
+def table2(dataset: str, points: list[dict]) -> str:
     by_name = {p["name"]: p for p in points}
-    # each checkpoint's row evaluated at the paper's fixed threshold
-    fixed = {Path(p["checkpoint"]).name: p for p in points if p["point"] == "paper threshold"}
+    fixed = {ckpt_name(p): p for p in points if p["point"] == "paper threshold"}  # each one's paper-threshold row
     names = [n for n in TABLE2.get(dataset, ()) if n in by_name and n in fixed]
     if len(names) < 2:
         return ""
-
-    def at(p):
-        return f"{_pct(p['accuracy'])} % with {_pct(p['edge_fraction'])} % exits"
-
+    rows = [[f"`{n}`", by_name[n]["training"], pct(fixed[n]["accuracy"]), pct(fixed[n]["edge_fraction"]),
+             thresholds(by_name[n]), pct(by_name[n]["accuracy"]), pct(by_name[n]["edge_fraction"]),
+             pct(by_name[n]["cloud_accuracy"]), plot_link(n, "../")] for n in names]
     thr = ", ".join(f"{t:g}" for t in fixed[names[0]]["thresholds"])
-    rows = [f"`{n}` ({by_name[n]['training']}): {at(fixed[n])} at the paper's threshold {thr}, {at(by_name[n])} at "
-            f"the calibrated one, final classifier alone {_pct(by_name[n]['cloud_accuracy'])} %" for n in names]
     # the paper's figures; a "(...)" entry only says how a point relates to another one of ours
     papers = "; ".join(p for p in (by_name[n]["paper"] for n in names) if p and not p.startswith("("))
-    return (f"\nTable II, 16E+14C binary with its exit at 16, joint vs separate optimization (paper: {papers}):\n\n"
-            + "".join(f"- {r}\n" for r in rows))
+    headers = ["model", "training", f"accuracy % at {thr}", f"exits % at {thr}", "calibrated threshold",
+               "accuracy % calibrated", "exits % calibrated", "final classifier alone %", "calibration"]
+    return (f"\n### Table II: 16E+14C binary, exit at 16, joint vs separate optimization\n\nPaper: {papers}. "
+            f"Each network at the paper's threshold {thr} and at its calibrated one (chosen on validation as above); "
+            "the calibration plot shows validation accuracy and energy against the share decided at the edge.\n\n"
+            + md_table(headers, rows, right=(2, 3, 4, 5, 6, 7)) + "\n")
 
 
-def section_train_speed() -> str:
-    data = _load("train_speed.json")
+def _step_key(stage: dict):
+    step = stage.get("pipeline_step") or "99"
+    digits = "".join(c for c in step if c.isdigit())
+    return int(digits or 99), step
+
+
+def results_history(dataset: str) -> str | None:
+    data = load(f"history-{dataset}.json")
     if not data:
-        return "_No measurement yet: run `python benchmarks/train_speed.py`._\n"
-    rows = ["| network | images/s | step ms | relative to FP32 |", "| --- | --- | --- | --- |"]
-    for r in data["runs"]:
-        rows.append(f"| {r['name']} | {r['images_per_s']:.0f} | {r['step_ms']:.0f} | {r['relative_step']:.2f}x |")
-    return "\n".join(rows) + f"\n\n{data.get('machine', '')}\n"
+        return None
+    rows = []
+    for s in sorted(data["stages"], key=_step_key):
+        val = " / ".join(pct(v) for v in s["val"]["accuracy_by_output"].values())
+        cal = s["val"]["calibration"]
+        for p in s["test"]:
+            own = p["name"] == s["name"]  # the stage's own row (its calibrated thresholds); then its other points
+            rows.append([(s.get("pipeline_step") or "") if own else "", f"`{p['name']}`", s["training"] if own else "",
+                         val if own else "", pct(cal["accuracy"]) if own and cal else "", thresholds(p),
+                         pct(p["accuracy"]), pct(p["cloud_accuracy"]), pct(p["edge_fraction"]), f"{p['reduction']:.2f}x"])
+    headers = ["step", "stage", "training", "val accuracy % (exits / final)", "val accuracy % at its thresholds",
+               "thresholds", "test accuracy %", "final classifier alone %", "exits at edge %", "reduction"]
+    return (f"## {pretty(dataset)}: intermediate training stages\n\n{data['note']} Steps as in "
+            f"`scripts/cifar10_pipeline.sh`.\n\n" + md_table(headers, rows, right=(3, 4, 5, 6, 7, 8, 9)) + "\n")
 
 
-def section_runtime() -> str:
-    d = _load("runtime.json")
+def results_energy() -> str:
+    cfg = HybridConfig(depth=32, num_classes=10, edge_layers=20, edge_bits=1, exits=(20,))
+    r = energy_report(cfg)
+    d = r.to_dict([0.65])
+    return ("## ResNet-32 20E+10C binary, per layer\n\n```\n" + summary_table(r) + "\n```\n\n"
+            f"With 65 % of images exiting at layer 20: edge {d['edge_uj']:.1f} uJ, cloud {d['cloud_uj']:.1f} uJ "
+            f"(paid by the 35 % that go on), expected {d['expected_uj']:.1f} uJ per image against "
+            f"{d['fp32_uj']:.1f} uJ for the FP32 network: {d['reduction']:.2f}x less computational energy "
+            "(`hybridexit energy --edge-layers 20 --edge-bits 1 --exits 20 --exit-rate 0.65`). "
+            "Energy constants: the paper's Table I.\n")
+
+
+def results_train_speed() -> str | None:
+    data = load("train_speed.json")
+    if not data:
+        return None
+    rows = [[r["name"], f"{r['images_per_s']:.0f}", f"{r['step_ms']:.0f}", f"{r['relative_step']:.2f}x"]
+            for r in data["runs"]]
+    return (f"## Training speed\n\nMeasured on: {data.get('machine', 'an unrecorded machine')} "
+            "(`python benchmarks/train_speed.py`).\n\n"
+            + md_table(["network", "images/s", "step ms", "relative to FP32"], rows, right=(1, 2, 3)) + "\n")
+
+
+def results_runtime() -> str | None:
+    d = load("runtime.json")
     if not d:
-        return "_No measurement yet: run `python benchmarks/runtime.py` (writes results/runtime.json)._\n"
-    ip = d["in_process"]
-    out = [f"`{d['model']}` over HTTP on loopback, {d['dataset']}, edge batch size {d['edge_batch_size']}; "
-           f"in process: accuracy {100 * ip['accuracy']:.2f} %, {100 * ip['edge_fraction']:.1f} % decided at the edge.",
-           "", "| codec | zstd | bytes per offloaded sample | vs raw image (3,072 B) | accuracy % | change (points) |"
-           " offloaded p50 / p95 ms |", "| --- | --- | --- | --- | --- | --- | --- |"]
-    for c in d["codecs"]:
-        out.append(f"| {c['codec']} | {'yes' if c['compressed'] else 'no'} | {c['payload_bytes_per_offloaded']:,.0f} | "
-                   f"{c['offloaded_vs_raw_image']:.2f}x | {100 * c['accuracy']:.2f} | {c['accuracy_change_points']:+.2f} | "
-                   f"{c['latency_ms_offloaded_p50']:.1f} / {c['latency_ms_offloaded_p95']:.1f} |")
-    out += ["", "| clients | inputs/s | edge-decided p50 / p95 ms | offloaded p50 / p95 ms | server batch sizes seen |"
-            " failed requests |", "| --- | --- | --- | --- | --- | --- |"]
-    for c in d["concurrency"]:
-        sizes = ", ".join(f"{k}: {v}" for k, v in c["server_batch_samples_seen"].items())
-        out.append(f"| {c['clients']} | {c['throughput_per_s']:.1f} | {c['latency_ms_edge_p50']:.1f} / "
-                   f"{c['latency_ms_edge_p95']:.1f} | {c['latency_ms_offloaded_p50']:.1f} / "
-                   f"{c['latency_ms_offloaded_p95']:.1f} | {sizes} | {c['failed_requests']} |")
+        return None
+    ip, m = d["in_process"], d.get("machine", {})
+    codecs = [[c["codec"], "yes" if c["compressed"] else "no", f"{c['payload_bytes_per_offloaded']:,.0f}",
+               f"{c['offloaded_vs_raw_image']:.2f}x", pct(c["accuracy"]), f"{c['accuracy_change_points']:+.2f}",
+               f"{c['latency_ms_offloaded_p50']:.1f} / {c['latency_ms_offloaded_p95']:.1f}"] for c in d["codecs"]]
+    conc = [[str(c["clients"]), f"{c['throughput_per_s']:.1f}",
+             f"{c['latency_ms_edge_p50']:.1f} / {c['latency_ms_edge_p95']:.1f}",
+             f"{c['latency_ms_offloaded_p50']:.1f} / {c['latency_ms_offloaded_p95']:.1f}",
+             ", ".join(f"{k}: {v}" for k, v in c["server_batch_samples_seen"].items()), str(c["failed_requests"])]
+            for c in d["concurrency"]]
     checks = ", ".join(f"{k}: {v}" for k, v in d.get("checks", {}).items())
-    out += ["", f"Checks: {checks}.", "",
-            "Edge and cloud share this 2-core machine, so latency and throughput describe this machine; bytes, "
-            "accuracy and batching carry over. At the 20E split the edge sends 32x16x16 features, more bytes than the "
-            "raw image even in int8: the saving is the samples that never leave the device and the edge energy, "
-            "not bandwidth (see docs/wire-format.md)."]
-    return "\n".join(out) + "\n"
+    raw = d.get("raw_image_bytes")
+    return (f"## Edge-cloud runtime\n\n`{d['model']}` ({d['checkpoint']}) over {d['server']['transport']}, "
+            f"{d['dataset']}, edge batch size {d['edge_batch_size']}; in process: accuracy {pct(ip['accuracy'])} %, "
+            f"{100 * ip['edge_fraction']:.1f} % decided at the edge (`python benchmarks/runtime.py`).\n\n"
+            + md_table(["codec", "zstd", "bytes per offloaded sample", f"vs raw image ({raw:,} B)", "accuracy %",
+                        "change (points)", "offloaded p50 / p95 ms"], codecs, right=(2, 3, 4, 5, 6)) + "\n\n"
+            + md_table(["clients", "inputs/s", "edge-decided p50 / p95 ms", "offloaded p50 / p95 ms",
+                        "server batch sizes seen", "failed requests"], conc, right=(0, 1, 2, 3, 5)) + "\n\n"
+            f"Checks: {checks}.\n\nMeasured with edge and cloud on one machine ({m.get('platform', '?')}, "
+            f"{m.get('cpus', '?')} CPUs, {m.get('device', '?')}, torch {m.get('torch', '?')}), so latency and "
+            "throughput describe that machine; bytes, accuracy and batching carry over. The edge sends features, "
+            "which at a deep split can be more bytes than the raw image: the saving is the samples that never leave "
+            "the device and the edge energy (see [wire-format.md](wire-format.md)).\n")
 
 
-SECTIONS = {"summary": section_summary, "cifar10": lambda: section_results("cifar10"),
-            "cifar100": lambda: section_results("cifar100"), "train_speed": section_train_speed,
-            "runtime": section_runtime}
+README_SECTIONS = [readme_head, readme_headline, readme_usage, readme_docs]
+RESULTS_SECTIONS = [results_head, lambda: results_dataset("cifar10"), lambda: results_history("cifar10"),
+                    lambda: results_dataset("cifar100"), lambda: results_history("cifar100"), results_energy,
+                    results_train_speed, results_runtime]
 
 
-def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    for name, fn in SECTIONS.items():
-        pat = re.compile(rf"(<!-- BEGIN {name} -->\n).*?(<!-- END {name} -->)", re.S)
-        if pat.search(text):
-            text = pat.sub(lambda m, fn=fn: m.group(1) + fn() + m.group(2), text)
-    readme.write_text(text)
+def render(sections) -> str:
+    return "\n".join(s for s in (fn() for fn in sections) if s)
+
+
+def rendered() -> dict[str, str]:
+    """What each generated file should hold: {path relative to the repository root: text}."""
+    return {README: render(README_SECTIONS), RESULTS_DOC: render(RESULTS_SECTIONS)}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is out of date")
+    a = p.parse_args(argv)
+    stale = []
+    for rel, text in rendered().items():
+        path = ROOT / rel
+        if path.exists() and path.read_text() == text:
+            continue
+        stale.append(rel)
+        if not a.check:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+    if a.check and stale:
+        print(f"out of date (run make readme): {', '.join(stale)}", file=sys.stderr)
+        return 1
     return 0
 
 
