@@ -23,3 +23,11 @@ class DatasetError(HybridExitError):
 
 class CheckpointError(HybridExitError):
     """A checkpoint is missing, incomplete, or does not fit the requested architecture."""
+
+
+class EngineError(HybridExitError):
+    """An inference engine cannot run this network here (unsupported layers, missing compiler or runtime)."""
+
+
+class SweepError(HybridExitError):
+    """A design-space sweep cannot go on as asked (a point failed, a worker died, a run cannot be adopted)."""

@@ -1,0 +1,47 @@
+"""Build and load the packed engine's C++ kernels (``csrc/``) on first use, cached per source and torch version.
+
+``torch.utils.cpp_extension.load`` compiles with the g++ and the torch already installed (no isolated build
+environment, so no second torch is pulled); the build directory is ``$HYBRIDEXIT_BUILD_DIR`` or
+``~/.cache/hybridexit/ext/<hash>``, where the hash covers the sources, the compile flags and the torch version.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from ..errors import EngineError
+
+CSRC = Path(__file__).parent / "csrc"
+CFLAGS = ["-O3", "-ffp-contract=off", "-std=c++17"]
+
+
+def _build_dir() -> Path:
+    h = hashlib.sha256(torch.__version__.encode() + " ".join(CFLAGS).encode())
+    for f in sorted(CSRC.iterdir()):
+        h.update(f.name.encode() + f.read_bytes())
+    root = os.environ.get("HYBRIDEXIT_BUILD_DIR") or Path.home() / ".cache" / "hybridexit" / "ext"
+    d = Path(root) / h.hexdigest()[:16]
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+@functools.cache
+def kernels():
+    """The compiled extension module (``sign_pack``, ``conv_int``, ``run_blocks``, ``best_isa``, ``isa_name``)."""
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        raise EngineError(f"the packed engine needs a C++ compiler to build its kernels once: {cxx!r} was not found "
+                          "(install g++, or use --engine torch)")
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name="hybridexit_bconv", sources=[str(CSRC / "bconv.cpp")], extra_cflags=CFLAGS,
+                    build_directory=str(_build_dir()), verbose=False)
+    except (RuntimeError, OSError, ImportError) as e:
+        raise EngineError(f"building the packed engine's kernels failed: {str(e).splitlines()[0]}") from None

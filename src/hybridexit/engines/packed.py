@@ -1,0 +1,178 @@
+"""The packed engine: the binary edge half with bit-packed XNOR-popcount convolutions (kernels in ``csrc/``).
+
+The float parts (input normalization if the network has it, the stem conv, the exit heads and the exit rule)
+run as the project's own torch modules, so they compute exactly what the torch engine computes; the binary
+residual blocks between them run in one native call per run of blocks. The engine is built from its export
+artifact (``state``): every binary conv's sign(W) stored at one bit per weight (``*.bits``, ``numpy.packbits``,
+little bit order, (O, C, 3, 3) order), its per-channel scale ``alpha = mean |W|`` and the folded BatchNorm
+that precedes it (``bn_a * x + bn_b``, computed as PyTorch's CPU BatchNorm does in eval mode).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import EngineError, InputShapeError
+from ..exits import exits_here
+from ..hybrid import CLOUD, EdgeNet, EdgeResult, HybridNet, resolve_thresholds
+from ..resnet import HybridConfig, block_specs
+from .native import kernels
+
+FORMAT = "hybridexit-packed-1"
+
+
+def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) with bn(x) = fma(x, a, b) in eval mode: float32, as PyTorch's CPU BatchNorm folds them
+    (a = rsqrt(var + eps) * weight, b = fma(-mean, a, bias); the product is exact in float64)."""
+    a = torch.rsqrt(bn.running_var.float() + bn.eps) * bn.weight.float()
+    b = (bn.bias.double() - bn.running_mean.double() * a.double()).float()
+    return a.contiguous(), b.contiguous()
+
+
+def pack_bits(w: torch.Tensor) -> torch.Tensor:
+    """sign(W) (with sign(0) = +1) at one bit per weight: uint8, little bit order, in W's element order."""
+    return torch.from_numpy(np.packbits((w >= 0).flatten().numpy(), bitorder="little"))
+
+
+def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
+    n = int(np.prod(shape))
+    return torch.from_numpy(np.unpackbits(bits.numpy(), count=n, bitorder="little").astype(bool)).reshape(shape)
+
+
+def kernel_weights(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight bit vectors in the kernels' layout from sign bits (O, C, 3, 3) (True = +1).
+
+    Returns ``wt`` int64 (kw, opad): word w of output channel o, receptive-field bit t * C + c = tap t = 3 ky + kx,
+    input channel c (kw = ceil(9 C / 64), opad = O rounded up to 8, zero-filled); ``wpop`` int32 (O, 9): the
+    number of +1 weights in each tap."""
+    o, c = signs.shape[:2]
+    kw, opad = (9 * c + 63) // 64, (o + 7) // 8 * 8
+    taps = signs.permute(0, 2, 3, 1).reshape(o, 9 * c)
+    bits = np.zeros((opad, kw * 64), dtype=np.uint8)
+    bits[:o, : 9 * c] = taps.numpy()
+    words = np.packbits(bits, axis=1, bitorder="little").view("<u8").view(np.int64)  # (opad, kw)
+    wt = torch.from_numpy(np.ascontiguousarray(words.T))
+    wpop = taps.reshape(o, 9, c).sum(2).to(torch.int32).contiguous()
+    return wt, wpop
+
+
+def _binary_convs(edge: EdgeNet):
+    for i, block in enumerate(edge.blocks):
+        for j, q in ((1, block.c1), (2, block.c2)):
+            yield f"blocks.{i}.c{j}", q
+
+
+def export_state(edge: EdgeNet) -> dict[str, torch.Tensor]:
+    """The packed artifact's tensors: float stem/exits (and normalization) as in the torch state dict, and per
+    binary conv its weight bits, scale and folded BatchNorm."""
+    if edge.cfg.edge_bits != 1:
+        raise EngineError(f"the packed engine runs binary (1-bit) edges; this edge has {edge.cfg.edge_bits}-bit layers "
+                          "(use --engine onnx or torch)")
+    state = {k: v.detach().float().clone() for k, v in edge.state_dict().items()
+             if not k.startswith("blocks.") and v.is_floating_point()}
+    for name, q in _binary_convs(edge):
+        w = q.conv.weight.detach().float()
+        state[f"{name}.bits"] = pack_bits(w)
+        state[f"{name}.alpha"] = w.abs().mean(dim=(1, 2, 3))
+        state[f"{name}.bn_a"], state[f"{name}.bn_b"] = fold_bn(q.bn)
+    return state
+
+
+class PackedEdge:
+    """Edge half on the packed engine: ``decide(x, thresholds)`` as ``EdgeNet.decide``."""
+
+    name = "packed"
+
+    def __init__(self, cfg: HybridConfig, state: dict[str, torch.Tensor], isa: int | None = None):
+        if cfg.edge_bits != 1:
+            raise EngineError(f"the packed engine runs binary (1-bit) edges, not {cfg.edge_bits}-bit ones")
+        self.cfg, self.state = cfg, state
+        self.kernels = kernels()
+        self.isa = self.kernels.best_isa() if isa is None else int(isa)
+        shell = HybridNet(cfg).split()[0].eval()  # the float modules, loaded below; its blocks are not used
+        float_keys = {k for k, v in shell.state_dict().items() if not k.startswith("blocks.") and v.is_floating_point()}
+        missing = sorted(float_keys - set(state))
+        if missing:
+            raise EngineError(f"packed artifact lacks {len(missing)} float tensors (e.g. {missing[0]})")
+        shell.load_state_dict({k: state[k] for k in float_keys}, strict=False)
+        self.shell = shell
+        self.blocks = [self._block_params(i, s) for i, s in enumerate(block_specs(cfg)[: cfg.edge_blocks])]
+
+    def _block_params(self, i, spec):
+        params = []
+        for j, cin in ((1, spec.in_ch), (2, spec.out_ch)):
+            p = f"blocks.{i}.c{j}"
+            wt, wpop = kernel_weights(unpack_bits(self.state[f"{p}.bits"], (spec.out_ch, cin, 3, 3)))
+            params += [self.state[f"{p}.bn_a"], self.state[f"{p}.bn_b"], wt, wpop, self.state[f"{p}.alpha"].contiguous()]
+        return params, [spec.in_ch, spec.out_ch, spec.stride]
+
+    @classmethod
+    def from_edge(cls, edge: EdgeNet, isa: int | None = None) -> "PackedEdge":
+        return cls(edge.cfg, export_state(edge), isa)
+
+    def save(self, path) -> None:
+        save_file({k: v.contiguous() for k, v in self.state.items()}, str(path),
+                  metadata={"format": FORMAT, "network": json.dumps(self.cfg.to_dict(), sort_keys=True)})
+
+    @classmethod
+    def load(cls, path, isa: int | None = None) -> "PackedEdge":
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != FORMAT:
+            raise EngineError(f"{path} is not a packed edge artifact ({FORMAT})")
+        return cls(HybridConfig.from_dict(json.loads(meta["network"])), load_file(str(path)), isa)
+
+    @property
+    def isa_name(self) -> str:
+        return self.kernels.isa_name(self.isa)
+
+    def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks [first, last) on channels-last float features (N, H, W, C)."""
+        params, meta = [], []
+        for p, m in self.blocks[first:last]:
+            params += p
+            meta += m
+        return self.kernels.run_blocks(h, params, meta, self.isa)
+
+    def prologue(self, x: torch.Tensor) -> torch.Tensor:
+        """The float start of the edge, the one place where input preprocessing happens: the network's own
+        normalization (raw uint8 images, or float in [0, 1]) and stem. Returns (N, H, W, C) float, contiguous."""
+        want = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputShapeError(f"expected images of shape (N, {want[0]}, {want[1]}, {want[2]}), got {got}")
+        h = self.shell.stem(self.shell.normalize(x))
+        return h.permute(0, 2, 3, 1).contiguous()
+
+    @torch.no_grad()
+    def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
+        """Algorithm 1 at the edge, as ``EdgeNet.decide``; features are a channels-last (N, C, H, W) view."""
+        thr = resolve_thresholds(self.cfg, thresholds)
+        temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
+        n, k = x.shape[0], len(self.cfg.exits)
+        preds = torch.full((n,), -1, dtype=torch.long)
+        decided = torch.full((n,), CLOUD, dtype=torch.long)
+        ents = torch.full((n, k), float("nan"))
+        idx = torch.arange(n)
+        h = self.prologue(x)
+        done = 0
+        for j, layer in enumerate(self.cfg.exits):
+            if idx.numel() == 0:
+                break
+            h, done = self.run_blocks(h, done, layer // 2), layer // 2
+            logits = self.shell.exits[str(layer)](h.permute(0, 3, 1, 2))
+            stop, e = exits_here(logits, thr[j], temps[j])
+            ents[idx, j] = e
+            preds[idx] = logits.argmax(1)
+            decided[idx[stop]] = j
+            h, idx = h[~stop].contiguous(), idx[~stop]
+        if idx.numel() and done < self.cfg.edge_blocks:
+            h = self.run_blocks(h, done, self.cfg.edge_blocks)
+        return EdgeResult(preds, decided, ents, h.permute(0, 3, 1, 2), idx)

@@ -1,0 +1,135 @@
+"""The packed engine: exact integer convolutions, fused blocks, and whole-edge decisions vs the torch engine."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hybridexit.engines.packed import PackedEdge, export_state, fold_bn, kernel_weights
+from hybridexit.errors import EngineError
+from hybridexit.hybrid import CLOUD, HybridNet
+from hybridexit.resnet import BasicBlock, HybridConfig
+
+kernels = pytest.importorskip("hybridexit.engines.native").kernels()
+ISAS = list(range(kernels.best_isa() + 1))
+
+
+def _nhwc(x):
+    return x.permute(0, 2, 3, 1).contiguous()
+
+
+def _randomize_bn(module, gen):
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.weight.data = torch.randn(c, generator=gen)  # negative scales too: sign() must follow them
+            m.bias.data = torch.randn(c, generator=gen) * 0.3
+            m.running_mean.data = torch.randn(c, generator=gen) * 0.3
+            m.running_var.data = torch.rand(c, generator=gen) + 0.5
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cin,cout,size,stride", [(16, 16, 8, 1), (3, 5, 7, 1), (17, 33, 9, 2), (64, 8, 4, 2),
+                                                   (70, 65, 5, 1), (32, 64, 6, 2), (1, 1, 1, 1), (5, 3, 2, 2)])
+def test_packed_conv_equals_torch_integer_sums(isa, cin, cout, size, stride):
+    g = torch.Generator().manual_seed(cin * 100 + cout + stride)
+    x = torch.randn(2, cin, size, size, generator=g)
+    a, b = torch.randn(cin, generator=g), torch.randn(cin, generator=g) * 0.5
+    w = torch.randn(cout, cin, 3, 3, generator=g)
+    w[0, 0, 1, 1] = 0.0  # sign(0) = +1
+    bits = torch.addcmul(b[:, None, None].double(), x.double(), a[:, None, None].double()) >= 0
+    signs = torch.where(bits, 1.0, -1.0).double()
+    # zero padding of the sign input, as in training: padded taps contribute 0, not -1 or +1
+    ref = F.conv2d(signs, torch.where(w >= 0, 1.0, -1.0).double(), stride=stride, padding=1)
+    packed = kernels.sign_pack(_nhwc(x), a, b, isa)
+    wt, wpop = kernel_weights(w >= 0)
+    got = kernels.conv_int(packed, wt, wpop, cin, stride, isa)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.permute(0, 3, 1, 2).double(), ref)
+
+
+def test_fold_bn_matches_torch_batchnorm_bit_for_bit():
+    g = torch.Generator().manual_seed(1)
+    bn = torch.nn.BatchNorm2d(19).eval()
+    _randomize_bn(bn, g)
+    x = torch.randn(3, 19, 5, 5, generator=g)
+    a, b = fold_bn(bn)
+    fma = (x.double() * a[:, None, None].double() + b[:, None, None].double()).float()  # one rounding
+    assert torch.equal(bn(x), fma)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (7, 11, 2), (33, 33, 1)])
+def test_fused_block_equals_torch_block_to_float_rounding(isa, cin, cout, stride):
+    g = torch.Generator().manual_seed(cin + cout)
+    block = BasicBlock(cin, cout, stride, bits=1).eval()
+    _randomize_bn(block, g)
+    for q in (block.c1, block.c2):
+        q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
+    x = torch.randn(2, cin, 9, 9, generator=g)
+    params = []
+    for q in (block.c1, block.c2):
+        w = q.conv.weight.detach()
+        wt, wpop = kernel_weights(w >= 0)
+        params += [*fold_bn(q.bn), wt, wpop, w.abs().mean(dim=(1, 2, 3)).contiguous()]
+    got = kernels.run_blocks(_nhwc(x), params, [cin, cout, stride], isa).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = block(x)
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _random_binary_net(depth=14, edge_layers=8, exits=(4, 8), seed=0):
+    torch.manual_seed(seed)
+    model = HybridNet(HybridConfig(depth=depth, edge_layers=edge_layers, edge_bits=1, exits=exits)).eval()
+    _randomize_bn(model, torch.Generator().manual_seed(seed))
+    for ex in model.exits.values():  # sharper exits so that a threshold splits the batch
+        ex.fc.weight.data *= 30
+    return model
+
+
+def _thresholds(edge, x):
+    """Per exit, midway between the two middle entropies of the samples that reach it (never on a sample's own
+    value, where float rounding would decide): a mix of every exit and the cloud."""
+    thr = []
+    for j in range(len(edge.cfg.exits)):
+        e = edge.decide(x, thr + [float("inf")] * (len(edge.cfg.exits) - j)).entropies[:, j]
+        e = e[~e.isnan()].sort().values
+        thr.append((e[len(e) // 2 - 1] + e[len(e) // 2]).item() / 2)
+    return thr
+
+
+@pytest.mark.parametrize("isa", [0, kernels.best_isa()])
+def test_whole_packed_edge_decides_as_torch_engine(isa):
+    model = _random_binary_net()
+    edge, _ = model.split()
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8)  # raw images
+    thr = _thresholds(edge, x)
+    ref = edge.decide(x, thr)
+    got = PackedEdge.from_edge(edge, isa=isa).decide(x, thr)
+    assert (ref.decided_at == 0).any() and (ref.decided_at == 1).any() and (ref.decided_at == CLOUD).any()
+    assert torch.equal(got.decided_at, ref.decided_at)
+    assert torch.equal(got.predictions, ref.predictions)
+    assert torch.equal(got.remaining, ref.remaining)
+    torch.testing.assert_close(got.entropies, ref.entropies, rtol=1e-4, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_artifact_round_trip_and_size(tmp_path):
+    model = _random_binary_net(depth=20, edge_layers=12, exits=(12,), seed=3)
+    edge, _ = model.split()
+    eng = PackedEdge.from_edge(edge)
+    eng.save(tmp_path / "edge.safetensors")
+    loaded = PackedEdge.load(tmp_path / "edge.safetensors")
+    x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8)
+    a, b = eng.decide(x, [0.5]), loaded.decide(x, [0.5])
+    assert torch.equal(a.decided_at, b.decided_at) and torch.equal(a.features, b.features)
+    binary_weights = sum(q.conv.weight.numel() for blk in edge.blocks for q in (blk.c1, blk.c2))
+    bits = sum(v.numel() for k, v in export_state(edge).items() if k.endswith(".bits"))
+    assert bits == sum((q.conv.weight.numel() + 7) // 8 for blk in edge.blocks for q in (blk.c1, blk.c2))
+    assert bits * 8 < binary_weights + 8 * 2 * len(edge.blocks)  # one bit per weight, at most a byte's rounding each
+
+
+def test_packed_engine_refuses_non_binary_edges():
+    edge, _ = HybridNet(HybridConfig(depth=14, edge_layers=4, edge_bits=4, exits=(4,))).split()
+    with pytest.raises(EngineError, match="binary"):
+        PackedEdge.from_edge(edge)
