@@ -47,17 +47,17 @@ def unpack_bits(bits: torch.Tensor, shape) -> torch.Tensor:
 def kernel_weights(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weight bit vectors in the kernels' layout from sign bits (O, C, 3, 3) (True = +1).
 
-    Returns ``wt`` int64 (kw, opad): word w of output channel o, receptive-field bit t * C + c = tap t = 3 ky + kx,
-    input channel c (kw = ceil(9 C / 64), opad = O rounded up to 8, zero-filled); ``wpop`` int32 (O, 9): the
-    number of +1 weights in each tap."""
+    Returns ``wt`` int64 (kw, opad): word w of output channel o, where column kx occupies words
+    [kx colw, (kx + 1) colw) (colw = ceil(3 C / 64)) and holds tap (ky, kx), channel c at bit ky C + c
+    (kw = 3 colw, opad = O rounded up to 8, zero-filled); ``wpop`` int32 (O, 9): the number of +1 weights of
+    each tap t = 3 ky + kx."""
     o, c = signs.shape[:2]
-    kw, opad = (9 * c + 63) // 64, (o + 7) // 8 * 8
-    taps = signs.permute(0, 2, 3, 1).reshape(o, 9 * c)
-    bits = np.zeros((opad, kw * 64), dtype=np.uint8)
-    bits[:o, : 9 * c] = taps.numpy()
-    words = np.packbits(bits, axis=1, bitorder="little").view("<u8").view(np.int64)  # (opad, kw)
+    colw, opad = (3 * c + 63) // 64, (o + 7) // 8 * 8
+    bits = np.zeros((opad, 3, colw * 64), dtype=np.uint8)
+    bits[:o, :, : 3 * c] = signs.permute(0, 3, 2, 1).reshape(o, 3, 3 * c).numpy()  # (o, kx, ky * C + c)
+    words = np.packbits(bits.reshape(opad, -1), axis=1, bitorder="little").view("<u8").view(np.int64)  # (opad, kw)
     wt = torch.from_numpy(np.ascontiguousarray(words.T))
-    wpop = taps.reshape(o, 9, c).sum(2).to(torch.int32).contiguous()
+    wpop = signs.permute(0, 2, 3, 1).reshape(o, 9, c).sum(2).to(torch.int32).contiguous()
     return wt, wpop
 
 

@@ -1,9 +1,10 @@
 // hybridexit packed binary engine: bit-packed XNOR-popcount 3x3 convolutions for the binary edge half.
 //
 // Activations are packed along channels, 64 per word, in a zero-bordered (h + 2, w + 2, cw) buffer per image.
-// For each output pixel the 3x3 receptive field is gathered into one tight bit vector (tap t at bits
-// [t * cin, (t + 1) * cin)); each output channel's sign(W) is a bit vector of the same layout, stored transposed
-// ([word][output channel]) so that one broadcast input word is xor-ed with 8 output channels at once.
+// For each output row, every input column's three taps (rows oy*s-1 .. oy*s+1) are packed tight into colw =
+// ceil(3 cin / 64) words; three consecutive columns are then an output pixel's receptive field, read in place.
+// Each output channel's sign(W) is a bit vector of the same layout (kx-major, then ky, then channel), stored
+// transposed ([word][output channel]) so that one broadcast input word is xor-ed with 8 output channels at once.
 // sum = n_valid - 2 * popcount(mismatches over valid taps) is the exact integer product of the +-1 values,
 // with the zero padding of training (padded taps contribute 0). Epilogues: the per-channel scale, the folded
 // BatchNorm + sign + pack of the next conv's input (conv 1 of a block), or scale + float residual add
@@ -33,7 +34,7 @@ struct ConvJob {
   int32_t* out_int;     // exact integer sums (ho, wo, cout), or null
   float* out_float;     // float output (ho, wo, cout), or null
   uint64_t* out_packed; // (ho + 2, wo + 2, cwo) or null
-  uint64_t* rf;         // scratch: kw words
+  uint64_t* rf;         // scratch: (w + 2) * kw / 3 words (one row of 3-tap columns)
   int32_t* pops;        // scratch: opad
   float* y;             // scratch: cout floats
 };
@@ -123,7 +124,7 @@ Layer layer_from(const torch::Tensor& wt, const torch::Tensor& wpop, const torch
   TORCH_CHECK(alpha.dtype() == torch::kFloat32 && alpha.is_contiguous() && alpha.numel() == wpop.size(0),
               "alpha: contiguous float32 (cout)");
   Layer l{wt, wpop, alpha, (int)cin, (int)wpop.size(0), (int)wt.size(0), (int)wt.size(1)};
-  TORCH_CHECK(l.kw == words(9 * l.cin) && l.opad % 8 == 0 && l.opad >= l.cout, "weight words do not fit cin/cout");
+  TORCH_CHECK(l.kw == 3 * words(3 * l.cin) && l.opad % 8 == 0 && l.opad >= l.cout, "weight words do not fit cin/cout");
   return l;
 }
 
@@ -167,7 +168,7 @@ torch::Tensor conv_int(torch::Tensor packed, torch::Tensor wt, torch::Tensor wpo
   const int ho = out_size(h, stride), wo = out_size(w, stride);
   auto out = torch::empty({n, ho, wo, l.cout}, torch::kInt32);
   const ConvFn fn = conv_fn(resolve_isa(isa));
-  std::vector<uint64_t> rf(l.kw);
+  std::vector<uint64_t> rf((size_t)(w + 2) * l.kw / 3);
   std::vector<int32_t> pops(l.opad);
   std::vector<float> y(l.cout);
   for (int i = 0; i < n; ++i) {
@@ -203,7 +204,7 @@ torch::Tensor run_blocks(torch::Tensor x, std::vector<torch::Tensor> p, std::vec
     hs.push_back(h); ws.push_back(w);
     maxp = std::max(maxp, (h + 2) * (w + 2) * words(cout));
     maxf = std::max(maxf, h * w * cout);
-    maxkw = std::max({maxkw, l1.back().kw, l2.back().kw});
+    maxkw = std::max({maxkw, (ws[b] + 2) * l1.back().kw / 3, (w + 2) * l2.back().kw / 3});
     maxo = std::max({maxo, l1.back().opad, l2.back().opad});
   }
   const int n = x.size(0), cl = meta[3 * nb - 2];
