@@ -12,6 +12,11 @@ from ..errors import ConfigError
 ENGINES = ("torch", "packed")
 
 
+def available_engines(cfg) -> list[str]:
+    """The engines that can run this network's edge here."""
+    return ["torch"] + (["packed"] if cfg.edge_bits == 1 else [])
+
+
 def get_engine(name: str, edge):
     """The edge half ``edge`` (an eval-mode ``EdgeNet``) on engine ``name``."""
     if name == "torch":

@@ -152,6 +152,11 @@ class PackedEdge:
         return h.permute(0, 2, 3, 1).contiguous()
 
     @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Features of every sample after all edge blocks (no exits), as ``EdgeNet.forward``."""
+        return self.run_blocks(self.prologue(x), 0, self.cfg.edge_blocks).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
     def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
         """Algorithm 1 at the edge, as ``EdgeNet.decide``; features are a channels-last (N, C, H, W) view."""
         thr = resolve_thresholds(self.cfg, thresholds)
