@@ -28,7 +28,8 @@ def tcfg(**kw):
 def test_checkpoint_rebuilds_with_no_flags(tmp_path, ds):
     meta = train(tmp_path / "ck", NET, tcfg(), ds, progress=False)
     model, meta2 = load_model(tmp_path / "ck")
-    assert model.cfg == NET and meta2["epochs_done"] == 2 and meta2["data"]["checksum"] == ds.checksum
+    assert model.cfg == NET.replace(mean=tuple(ds.mean), std=tuple(ds.std))  # preprocessing travels with the model
+    assert meta2["epochs_done"] == 2 and meta2["data"]["checksum"] == ds.checksum
     assert len(meta["val_acc"]) == 3
     log = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2]
@@ -216,7 +217,7 @@ def test_init_from_float_checkpoint(tmp_path, ds):
 
 
 def test_thread_tuner_keeps_the_faster_setting():
-    from hybridexit.train import ThreadTuner
+    from hybridexit.threads import ThreadTuner
 
     before = torch.get_num_threads()
     try:

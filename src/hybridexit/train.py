@@ -1,19 +1,24 @@
-"""Training: joint or separate optimization of a HybridNet, optional distillation, resumable checkpoints.
+"""Training: one loop, fed by one objective per mode; optional distillation; resumable checkpoints.
 
-Joint (paper Eq. 5): loss = sum_k lambda_k CE(exit_k) + lambda_final CE(final), lambdas sum to 1.
-Separate: the backbone (stem, blocks, final head) is trained alone for ``epochs``; then it is frozen and the
-exits are trained for ``exit_epochs`` on its features. Exits do not interact, so training them together on a
+A run is a list of phases. A phase says which parameters move (its own optimizer), which modules are in train mode
+(the others stay in eval: weights and BatchNorm statistics frozen), how a batch's outputs are computed, and which
+outputs (exits then final) it trains and logs. ``_train_epoch`` runs any phase; ``train`` walks the phases.
+
+Joint (paper Eq. 5), one phase: loss = sum_k lambda_k CE(exit_k) + lambda_final CE(final), lambdas sum to 1.
+Separate, two phases: the backbone (stem, blocks, final head) is trained alone for ``epochs``; then it is frozen and
+the exits are trained for ``exit_epochs`` on its features. Exits do not interact, so training them together on a
 frozen backbone is the same as training one at a time.
-Cloud: fine-tune the cloud half (its float blocks and the final classifier) of a trained hybrid (``init``) on
-a frozen edge: stem, quantized blocks and exits stay exactly as they are (weights and BatchNorm statistics), so the
-exits' decisions and calibrated thresholds remain valid, and each step runs the edge without gradients.
-With ``easy_weight`` < 1 the cloud concentrates on the samples it will actually see: a training sample that the
-frozen exits would already decide (entropy below the init checkpoint's calibrated thresholds, on the augmented
-image) has its loss weighted by ``easy_weight``, the others by 1 (after Han et al., "Learning to Weight Samples for
-Dynamic Early-exiting Networks", ECCV 2022, here with the weights fixed by the deployed exit rule).
+Cloud, one phase: fine-tune the cloud half (its float blocks and the final classifier) of a trained hybrid
+(``init``) on a frozen edge: stem, quantized blocks and exits stay exactly as they are (weights and BatchNorm
+statistics), so the exits' decisions and calibrated thresholds remain valid, and each step runs the edge without
+gradients. With ``easy_weight`` < 1 the cloud concentrates on the samples it will actually see: a training sample
+that the frozen exits would already decide (entropy below the init checkpoint's calibrated thresholds, on the
+augmented image) has its loss weighted by ``easy_weight``, the others by 1 (after Han et al., "Learning to Weight
+Samples for Dynamic Early-exiting Networks", ECCV 2022, here with the weights fixed by the deployed exit rule).
 
 The loop is plain PyTorch: uint8 tensors in memory, augmentation on whole batches, channels-last, SGD with
-momentum and a per-step cosine schedule (with linear warm-up). A checkpoint is written after every epoch.
+momentum (or AdamW) and a per-step cosine schedule (with linear warm-up) per phase. A checkpoint is written after
+every epoch, with the optimizer and RNG state needed to resume it exactly.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +37,14 @@ from torch import nn
 from tqdm import tqdm
 
 from . import checkpoint as ck
-from .data import Dataset, augment, batches, get_split, normalize
+from .data import Dataset, Split, augment, batches, get_split, image_ids
 from .errors import CheckpointError, ConfigError
+from .evaluate import evaluate_outputs
 from .exits import exits_here
 from .hybrid import HybridNet
+from .policy import read_policy
 from .resnet import HybridConfig
+from .threads import ThreadTuner
 
 MODES = ("joint", "separate", "cloud")
 OPTIMIZERS = ("sgd", "adam")
@@ -75,6 +84,9 @@ class TrainConfig:
             raise ConfigError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
         if self.epochs < 0 or self.exit_epochs < 0 or self.batch_size < 1:
             raise ConfigError("epochs and exit_epochs must be >= 0 and batch_size >= 1")
+        if self.total_epochs == 0:
+            raise ConfigError("nothing to train: give --epochs N (or, in separate mode, --exit-epochs N to train only "
+                              "the exits of --init)")
         if self.exit_weights and (abs(sum(self.exit_weights) - 1) > 1e-6 or min(self.exit_weights) < 0):
             raise ConfigError(f"exit_weights {list(self.exit_weights)} must be non-negative and sum to 1")
         if self.mode == "cloud" and not self.init:
@@ -103,44 +115,14 @@ class TrainConfig:
         d["exit_weights"] = list(self.exit_weights)
         return d
 
-
-class ThreadTuner:
-    """Re-picks the CPU thread count while training. On a shared machine, two OpenMP threads slow down several
-    times when another process takes one of the cores, while one thread degrades gracefully; every ``every``
-    steps the other setting is tried for ``probe`` steps and the faster one is kept. A probe that loses doubles
-    the interval (up to ``max_every``), since probing two threads on a contended machine is itself expensive;
-    a probe that wins resets it."""
-
-    def __init__(self, max_threads: int, every: int = 60, probe: int = 6, max_every: int = 240):
-        self.options = sorted({1, max_threads}, reverse=True)
-        self.current, self.probe = self.options[0], probe
-        self.base_every, self.every, self.max_every = every, every, max_every
-        self.times: list[float] = []
-        self.trial: int | None = None
-        self.trial_times: list[float] = []
-        torch.set_num_threads(self.current)
-
-    @staticmethod
-    def _median(xs):
-        return sorted(xs)[len(xs) // 2]
-
-    def record(self, seconds: float) -> None:
-        if len(self.options) == 1:
-            return
-        if self.trial is not None:
-            self.trial_times.append(seconds)
-            if len(self.trial_times) >= self.probe:
-                if self._median(self.trial_times[1:]) < 0.85 * self._median(self.times[-self.probe:]):
-                    self.current, self.every = self.trial, self.base_every
-                else:
-                    self.every = min(2 * self.every, self.max_every)
-                self.trial, self.trial_times, self.times = None, [], []
-                torch.set_num_threads(self.current)
-            return
-        self.times.append(seconds)
-        if len(self.times) >= self.every:
-            self.trial = next(o for o in self.options if o != self.current)
-            torch.set_num_threads(self.trial)
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Rebuild from ``to_dict()``, also one written by an older version: a field it lacks takes its default."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(known)}")
+        return cls(**d)
 
 
 def device_default() -> torch.device:
@@ -155,42 +137,26 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def _prep(images, ds: Dataset, device, channels_last: bool, train: bool, gen=None):
+    """Raw uint8 images (augmented when training) on the device: the network normalizes them itself."""
     if train:
         images = augment(images, gen)
-    x = normalize(images.to(device, non_blocking=True), ds.mean, ds.std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-@torch.no_grad()
-def evaluate_outputs(model: HybridNet, split, ds: Dataset, device=None, batch_size=500, channels_last=True):
-    """Accuracy of every output (exits then final) over a split, running the whole network (no exiting)."""
-    device = device or next(model.parameters()).device
-    model.eval()
-    correct, n = None, 0
-    for images, labels in batches(split, batch_size):
-        outs = model(_prep(images, ds, device, channels_last, False))
-        c = torch.stack([(o.argmax(1).cpu() == labels).sum() for o in outs])
-        correct = c if correct is None else correct + c
-        n += len(labels)
-    return [float(v) / max(n, 1) for v in correct]
+    return images.to(device, non_blocking=True)
 
 
 def _frozen_prefix(model: HybridNet, x, n_blocks: int):
-    """The stem and the first ``n_blocks`` blocks without gradients: (output, {exit key: features})."""
-    feats = {}
+    """The network's walk up to block ``n_blocks`` without gradients: (output, [features at each exit passed])."""
     with torch.no_grad():
-        h = model.stem(x)
-        for i, block in enumerate(model.blocks[:n_blocks]):
-            h = block(h)
-            if str(2 * (i + 1)) in model.exits:
-                feats[str(2 * (i + 1))] = h
-    return h, feats
+        return model.forward_intermediates(x, stop_block=n_blocks, exit_logits=False)
+
+
+def _exit_heads(model: HybridNet) -> list[nn.Module]:
+    return [model.exits[model.cfg.exit_key(j)] for j in range(len(model.cfg.exits))]
 
 
 def _frozen_exit_outputs(model: HybridNet, x):
     """Separate optimization, phase 2: backbone frozen (eval, no grad), exits trained on its features."""
-    _, feats = _frozen_prefix(model, x, max(model.cfg.exits) // 2)
-    return [head(feats[key]) for key, head in model.exits.items()]
+    _, feats = _frozen_prefix(model, x, model.cfg.exit_block(len(model.cfg.exits) - 1) + 1)
+    return [head(f) for head, f in zip(_exit_heads(model), feats)]
 
 
 def _frozen_edge_outputs(model: HybridNet, cloud: nn.Module, x, thresholds=()):
@@ -202,9 +168,89 @@ def _frozen_edge_outputs(model: HybridNet, cloud: nn.Module, x, thresholds=()):
     reach = None
     if thresholds:
         with torch.no_grad():
-            decided = [exits_here(head(feats[key]), t)[0] for (key, head), t in zip(model.exits.items(), thresholds)]
+            decided = [exits_here(head(f), t)[0] for head, f, t in zip(_exit_heads(model), feats, thresholds)]
         reach = ~torch.stack(decided).any(0)
     return [cloud(h)], reach
+
+
+# ---- objectives: one phase per stretch of the schedule ------------------------------------------------------------
+
+Outputs = Callable[[torch.Tensor], tuple[list[torch.Tensor], torch.Tensor | None]]
+
+
+@dataclass
+class Phase:
+    """What a stretch of ``epochs`` epochs trains, and how."""
+
+    name: str  # the log's "phase": joint, backbone, exits or cloud
+    epochs: int
+    lr: float  # base learning rate of its cosine schedule
+    params: list[nn.Parameter]  # what its optimizer moves
+    trained: list[int]  # the outputs it trains (0..K-1 exits, K final), in the order ``outputs`` returns them
+    loss_weights: list[float]  # one per trained output
+    outputs: Outputs  # x -> (logits of the trained outputs, mask of the samples that reach the cloud or None)
+    only_train: nn.Module | None = None  # None: the whole model in train mode; else only this, the rest in eval
+    counts_cloud: bool = False  # log the share of training samples that reach the cloud (``outputs`` gives the mask)
+
+    def set_modes(self, model: nn.Module) -> None:
+        model.train()
+        if self.only_train is not None:
+            model.eval()
+            self.only_train.train()
+
+
+def _joint_phases(model: HybridNet, fwd: nn.Module, tcfg: TrainConfig) -> list[Phase]:
+    """Every exit and the final classifier together, weighted by the lambdas."""
+    k = len(model.cfg.exits)
+    return [Phase("joint", tcfg.epochs, tcfg.lr, list(model.parameters()), list(range(k + 1)),
+                  tcfg.weights(k), lambda x: (fwd(x), None))]
+
+
+def _separate_phases(model: HybridNet, fwd: nn.Module, tcfg: TrainConfig) -> list[Phase]:
+    """The backbone alone (exits untouched), then the exits alone on the frozen backbone (eval mode, no grad)."""
+    k = len(model.cfg.exits)
+    backbone = Phase("backbone", tcfg.epochs, tcfg.lr, list(model.backbone_parameters()), [k], [1.0],
+                     lambda x: ([fwd(x)[-1]], None))
+    if not k:
+        return [backbone]
+    return [backbone, Phase("exits", tcfg.exit_epochs, tcfg.exit_lr, list(model.exits.parameters()), list(range(k)),
+                            [1.0] * k, lambda x: (_frozen_exit_outputs(model, x), None), only_train=model.exits)]
+
+
+def _cloud_phases(model: HybridNet, tcfg: TrainConfig, thresholds: tuple[float, ...]) -> list[Phase]:
+    """The cloud half (its blocks and final head) on the frozen edge (eval mode, no grad). With ``thresholds``,
+    the samples no exit decides under them keep weight 1, the others get ``easy_weight``."""
+    cloud = model.cloud_modules()
+    return [Phase("cloud", tcfg.epochs, tcfg.lr, list(cloud.parameters()), [len(model.cfg.exits)], [1.0],
+                  lambda x: _frozen_edge_outputs(model, cloud, x, thresholds), only_train=cloud,
+                  counts_cloud=bool(thresholds))]
+
+
+def _phases(model: HybridNet, fwd: nn.Module, tcfg: TrainConfig, thresholds: tuple[float, ...]) -> list[Phase]:
+    if tcfg.mode == "separate":
+        return _separate_phases(model, fwd, tcfg)
+    if tcfg.mode == "cloud":
+        return _cloud_phases(model, tcfg, thresholds)
+    return _joint_phases(model, fwd, tcfg)
+
+
+def _phase_at(phases: list[Phase], epoch: int) -> tuple[int, int]:
+    """(index of the phase that global ``epoch`` belongs to, the epoch within that phase)."""
+    for i, phase in enumerate(phases):
+        if epoch < phase.epochs:
+            return i, epoch
+        epoch -= phase.epochs
+    raise ConfigError(f"epoch {epoch} is past the schedule")
+
+
+def _make_optimizer(params: list[nn.Parameter], lr: float, tcfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on weights (dim > 1) only, not on biases and BatchNorm parameters."""
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if tcfg.optimizer == "adam":
+        return torch.optim.AdamW(groups, lr=lr)
+    return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=True)
 
 
 def _per_sample_loss(logits, y, t_logp, tcfg: TrainConfig):
@@ -221,12 +267,87 @@ def _cloud_thresholds(tcfg: TrainConfig, net_cfg) -> tuple[float, ...]:
     """The init checkpoint's calibrated exit thresholds, which decide the samples ``easy_weight`` applies to."""
     if tcfg.mode != "cloud" or tcfg.easy_weight == 1:
         return ()
-    t = tuple(ck.read_config(tcfg.init)["network"].get("thresholds") or ())
+    policy = read_policy(tcfg.init)
+    t = policy.thresholds if policy is not None else ()
     if len(t) != len(net_cfg.exits):
         raise ConfigError(f"easy_weight needs the exits' calibrated thresholds in --init {tcfg.init}: "
                           f"found {len(t)} for {len(net_cfg.exits)} exits (run hybridexit calibrate on it first)")
     return t
 
+
+# ---- the loop -----------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Loop:
+    """What every epoch of a run shares."""
+
+    model: HybridNet
+    tcfg: TrainConfig
+    ds: Dataset
+    device: torch.device
+    split: Split  # the training split (never the validation images)
+    steps_per_epoch: int
+    drop_last: bool  # torch.compile: one static batch shape, no recompiles
+    gen: torch.Generator  # shuffling and augmentation
+    teacher: nn.Module | None
+    tuner: ThreadTuner | None
+    progress: bool
+
+
+def _step(loop: _Loop, phase: Phase, opt, x, y):
+    """One optimizer step of ``phase`` on a batch: (the trained outputs' logits, cloud mask or None, loss)."""
+    tcfg = loop.tcfg
+    outs, reach = phase.outputs(x)
+    sample_w = None if reach is None else torch.where(reach, 1.0, tcfg.easy_weight)
+    t_logp = None
+    if loop.teacher is not None:  # every phase distills: the backbone, the cloud, and separate mode's exits
+        with torch.no_grad():
+            t_logp = F.log_softmax(loop.teacher(x)[-1] / tcfg.kd_temperature, 1)
+    per_sample = [_per_sample_loss(o, y, t_logp, tcfg) for o in outs]
+    if sample_w is None:
+        losses = [ls.mean() for ls in per_sample]
+    else:  # weighted mean: the loss scale (and so the learning rate) does not depend on easy_weight
+        losses = [(ls * sample_w).sum() / sample_w.sum().clamp_min(1e-12) for ls in per_sample]
+    loss = sum(wi * li for wi, li in zip(phase.loss_weights, losses))
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return outs, reach, loss
+
+
+def _train_epoch(loop: _Loop, phase: Phase, opt, phase_epoch: int, desc: str, num_outputs: int) -> dict:
+    """One pass over the training split. Returns the log fields: train accuracy of each output (None for the
+    outputs this phase does not train) and, when the cloud's samples are known, the share that reaches it."""
+    tcfg = loop.tcfg
+    phase.set_modes(loop.model)
+    sums, n_seen, n_reach = torch.zeros(num_outputs), 0, 0
+    bar = tqdm(batches(loop.split, tcfg.batch_size, shuffle=True, generator=loop.gen), total=loop.steps_per_epoch,
+               desc=desc, disable=not loop.progress, leave=False)
+    for step, (images, labels) in enumerate(bar):
+        if loop.drop_last and len(labels) < tcfg.batch_size:
+            break
+        t_step = time.perf_counter()
+        lr = _lr_at(phase_epoch * loop.steps_per_epoch + step, phase.epochs * loop.steps_per_epoch,
+                    int(tcfg.warmup_epochs * loop.steps_per_epoch), phase.lr)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x = _prep(images, loop.ds, loop.device, tcfg.channels_last, True, loop.gen)
+        y = labels.to(loop.device)
+        outs, reach, loss = _step(loop, phase, opt, x, y)
+        with torch.no_grad():
+            for o, j in zip(outs, phase.trained):
+                sums[j] += float((o.argmax(1) == y).sum())
+        if reach is not None:
+            n_reach += int(reach.sum())
+        n_seen += len(labels)
+        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", threads=torch.get_num_threads())
+        if loop.tuner is not None:
+            loop.tuner.record(time.perf_counter() - t_step)
+    rec = {"train_acc": [float(s) / max(n_seen, 1) if j in phase.trained else None for j, s in enumerate(sums)]}
+    return {**rec, "cloud_share": n_reach / max(n_seen, 1)} if phase.counts_cloud else rec
+
+
+# ---- checkpoint, optimizer state and resume -----------------------------------------------------------------------
 
 def _optimizer_state(opt) -> tuple[dict, dict]:
     sd = opt.state_dict()
@@ -240,6 +361,67 @@ def _restore_optimizer(opt, tensors: dict, meta: dict) -> None:
         i, k = key.split(".", 1)
         state.setdefault(int(i), {})[k] = v
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _write_checkpoint(out_dir: Path, model: HybridNet, opts: list, gen: torch.Generator, meta: dict,
+                      history: list[dict], wall: float, val_ids: torch.Tensor) -> None:
+    """Weights, config and the validation images' ids, plus what resuming needs: each phase's optimizer state
+    (``opt<i>``), both RNG states, the epoch count, the log so far."""
+    opt_files, opt_tensors = {}, {}
+    for j, o in enumerate(opts):
+        t, m = _optimizer_state(o)
+        opt_files[f"opt{j}"] = m
+        opt_tensors.update({f"opt{j}/{k}": v for k, v in t.items()})
+    opt_tensors["rng/generator"] = gen.get_state()
+    opt_tensors["rng/torch"] = torch.get_rng_state()
+    state_json = {"epoch": meta["epochs_done"], "history": history, "wall_s": wall, **opt_files}
+    log = "".join(json.dumps(r) + "\n" for r in history).encode()
+    ck.write_checkpoint(out_dir, {ck.CONFIG_FILE: dict(meta, format=ck.FORMAT), ck.STATE_JSON: state_json, ck.LOG_FILE: log},
+                        {ck.MODEL_FILE: model.state_dict(), ck.STATE_FILE: opt_tensors, ck.VAL_FILE: {"val_ids": val_ids}})
+
+
+def _saved_run(out_dir: Path, resume: bool, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset) -> dict | None:
+    """The config of the run to resume in ``out_dir`` (None: start afresh), refusing one that differs."""
+    if not (resume and (out_dir / ck.STATE_JSON).exists()):
+        if (out_dir / ck.CONFIG_FILE).exists() and not resume:
+            raise CheckpointError(f"{out_dir} already holds a checkpoint: pass --resume to continue it or choose another --out")
+        return None
+    meta = ck.read_config(out_dir)
+    try:
+        same_train = TrainConfig.from_dict(meta["train"]).to_dict() == tcfg.to_dict()
+    except ConfigError as e:
+        raise CheckpointError(f"cannot resume {out_dir}: {e}") from None
+    if ck.network_config(meta) != net_cfg or not same_train:
+        raise CheckpointError(f"cannot resume {out_dir}: its network/training config differs from the one requested")
+    if meta["data"]["checksum"] != ds.checksum:
+        raise CheckpointError(f"cannot resume {out_dir}: it was trained on different data (checksum differs)")
+    return meta
+
+
+def _restore_run(out_dir: Path, model: HybridNet, opts: list, gen: torch.Generator) -> tuple[int, list[dict], float]:
+    """Load weights, optimizer and RNG states from ``out_dir``; (epochs done, log so far, wall seconds so far)."""
+    ck.load_state_strict(model, ck.read_tensors(out_dir), str(out_dir))
+    st = json.loads((out_dir / ck.STATE_JSON).read_text())
+    tensors = ck.read_tensors(out_dir, ck.STATE_FILE)
+    for j, opt in enumerate(opts):
+        if f"opt{j}" in st:
+            _restore_optimizer(opt, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt{j}/")},
+                               st[f"opt{j}"])
+    gen.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return st["epoch"], st["history"], st["wall_s"]
+
+
+def _train_val(out_dir: Path, ds: Dataset, tcfg: TrainConfig, resume: bool):
+    """(train split, validation split, validation image ids). A run records its validation images by content;
+    a resumed run finds them again by that record (so a copy of the data in another order gives the same split)."""
+    train_split = get_split(ds, "train", tcfg.val_size, tcfg.split_seed)
+    val = get_split(ds, "val", tcfg.val_size, tcfg.split_seed)
+    ids = image_ids(val.images)
+    recorded = ck.read_val_ids(out_dir) if resume and (out_dir / ck.VAL_FILE).exists() else None
+    if recorded is not None and not torch.equal(recorded, ids):  # another copy of the data: find them by content
+        ids, train_split, val = recorded, get_split(ds, "train", val_ids=recorded), get_split(ds, "val", val_ids=recorded)
+    return train_split.limit(tcfg.limit_train), val, ids
 
 
 def build_model(net_cfg: HybridConfig, tcfg: TrainConfig) -> HybridNet:
@@ -257,6 +439,14 @@ def build_model(net_cfg: HybridConfig, tcfg: TrainConfig) -> HybridNet:
     return model
 
 
+def _load_teacher(tcfg: TrainConfig, device) -> HybridNet | None:
+    if not tcfg.teacher:
+        return None
+    teacher, _ = ck.load_model(tcfg.teacher)
+    teacher = teacher.to(device).eval()
+    return teacher.to(memory_format=torch.channels_last) if tcfg.channels_last else teacher
+
+
 def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume: bool = False,
           device=None, progress: bool = True, stop_after_epochs: int | None = None) -> dict:
     """Train and checkpoint into ``out_dir`` after every epoch. Returns the final checkpoint's config dict.
@@ -268,161 +458,48 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     device = torch.device(device) if device else device_default()
     if tcfg.mode == "separate" and tcfg.exit_epochs and not net_cfg.exits:
         raise ConfigError("separate optimization with exit_epochs > 0 needs at least one exit")
-    weights = tcfg.weights(len(net_cfg.exits))
-    train_split = get_split(ds, "train", tcfg.val_size, tcfg.split_seed).limit(tcfg.limit_train)
-    val_split = get_split(ds, "val", tcfg.val_size, tcfg.split_seed)
-    data_meta = {"name": ds.name, "checksum": ds.checksum, "mean": list(ds.mean), "std": list(ds.std),
-                 "classes": ds.classes, "val_size": tcfg.val_size, "split_seed": tcfg.split_seed}
+    tcfg.weights(len(net_cfg.exits))  # refuse a wrong number of lambdas before any work
+    net_cfg = net_cfg.replace(mean=tuple(ds.mean), std=tuple(ds.std))  # preprocessing travels with the model
+    train_split, val_split, val_ids = _train_val(out_dir, ds, tcfg, resume)
+    data_meta = {"name": ds.name, "checksum": ds.checksum, "content_checksum": ds.content, "mean": list(ds.mean),
+                 "std": list(ds.std), "classes": ds.classes, "val_size": tcfg.val_size, "split_seed": tcfg.split_seed}
 
     torch.manual_seed(tcfg.seed)
     model = build_model(net_cfg, tcfg).to(device)
     if tcfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = None
-    if tcfg.teacher:
-        teacher, _ = ck.load_model(tcfg.teacher)
-        teacher = teacher.to(device).eval()
-        if tcfg.channels_last:
-            teacher = teacher.to(memory_format=torch.channels_last)
-
     drop_last = tcfg.compile and len(train_split) >= tcfg.batch_size  # one static batch shape: no recompiles
-    steps_per_epoch = (len(train_split) // tcfg.batch_size if drop_last
-                       else math.ceil(len(train_split) / tcfg.batch_size))
-    fwd = torch.compile(model) if tcfg.compile else model
-    gen = torch.Generator().manual_seed(tcfg.seed)
-    start_epoch, history, wall = 0, [], 0.0
+    loop = _Loop(model, tcfg, ds, device, train_split,
+                 len(train_split) // tcfg.batch_size if drop_last else math.ceil(len(train_split) / tcfg.batch_size),
+                 drop_last, torch.Generator().manual_seed(tcfg.seed), _load_teacher(tcfg, device),
+                 ThreadTuner(torch.get_num_threads()) if device.type == "cpu" else None, progress)
 
-    def make_opt(params, lr):
-        decay = [p for p in params if p.dim() > 1]
-        no_decay = [p for p in params if p.dim() <= 1]
-        groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if tcfg.optimizer == "adam":
-            return torch.optim.AdamW(groups, lr=lr)
-        return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=True)
+    saved = _saved_run(out_dir, resume, net_cfg, tcfg, ds)
+    # easy_weight's exit thresholds: on resume, those the run began with
+    thresholds = tuple(saved.get("easy_thresholds", ())) if saved else ()
+    thresholds = thresholds or _cloud_thresholds(tcfg, net_cfg)
+    phases = _phases(model, torch.compile(model) if tcfg.compile else model, tcfg, thresholds)
+    opts = [_make_optimizer(p.params, p.lr, tcfg) for p in phases]
+    start_epoch, history, wall = _restore_run(out_dir, model, opts, loop.gen) if saved else (0, [], 0.0)
 
-    cloud = model.cloud_modules() if tcfg.mode == "cloud" else None
-    if tcfg.mode == "separate":
-        phase1_params = list(model.backbone_parameters())
-    else:
-        phase1_params = list((cloud if cloud is not None else model).parameters())
-    opt1 = make_opt(phase1_params, tcfg.lr)
-    opt2 = make_opt(list(model.exits.parameters()), tcfg.exit_lr) if tcfg.mode == "separate" and net_cfg.exits else None
-
-    cloud_thresholds = ()  # easy_weight's exit thresholds: on resume, those the run began with
-    if resume and (out_dir / ck.STATE_JSON).exists():
-        meta = ck.read_config(out_dir)
-        if (HybridConfig.from_dict(meta["network"]).replace(thresholds=()) != net_cfg.replace(thresholds=())
-                or TrainConfig(**meta["train"]).to_dict() != tcfg.to_dict()):
-            raise CheckpointError(f"cannot resume {out_dir}: its network/training config differs from the one requested")
-        if meta["data"]["checksum"] != ds.checksum:
-            raise CheckpointError(f"cannot resume {out_dir}: it was trained on different data (checksum differs)")
-        ck.load_state_strict(model, ck.read_tensors(out_dir), str(out_dir))
-        st = json.loads((out_dir / ck.STATE_JSON).read_text())
-        tensors = ck.read_tensors(out_dir, ck.STATE_FILE)
-        for j, opt in enumerate((opt1, opt2)):
-            if opt is not None and f"opt{j}" in st:
-                _restore_optimizer(opt, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt{j}/")},
-                                   st[f"opt{j}"])
-        gen.set_state(tensors["rng/generator"])
-        torch.set_rng_state(tensors["rng/torch"])
-        start_epoch, history, wall = st["epoch"], st["history"], st["wall_s"]
-        cloud_thresholds = tuple(meta.get("easy_thresholds", ()))
-    elif out_dir.exists() and (out_dir / ck.CONFIG_FILE).exists() and not resume:
-        raise CheckpointError(f"{out_dir} already holds a checkpoint: pass --resume to continue it or choose another --out")
-    cloud_thresholds = cloud_thresholds or _cloud_thresholds(tcfg, net_cfg)
-
-    tuner = ThreadTuner(torch.get_num_threads()) if device.type == "cpu" else None
     end_epoch = tcfg.total_epochs if stop_after_epochs is None else min(tcfg.total_epochs, start_epoch + stop_after_epochs)
     meta = None
     for epoch in range(start_epoch, end_epoch):
         t0 = time.time()
-        separate_exits = tcfg.mode == "separate" and epoch >= tcfg.epochs
-        opt = opt2 if separate_exits else opt1
-        phase_epoch = epoch - tcfg.epochs if separate_exits else epoch
-        phase_total = (tcfg.exit_epochs if separate_exits else tcfg.epochs) * steps_per_epoch
-        base_lr = tcfg.exit_lr if separate_exits else tcfg.lr
-        model.train()
-        if separate_exits:
-            model.eval()
-            model.exits.train()
-        elif cloud is not None:
-            model.eval()
-            cloud.train()
-        sums, n_seen, n_reach = torch.zeros(len(net_cfg.exits) + 1), 0, 0
-        # the outputs trained in this phase, in the order the step returns them (the others log no train accuracy)
-        k = len(net_cfg.exits)
-        sel = list(range(k)) if separate_exits else list(range(k + 1)) if tcfg.mode == "joint" else [k]
-        bar = tqdm(batches(train_split, tcfg.batch_size, shuffle=True, generator=gen), total=steps_per_epoch,
-                   desc=f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if separate_exits else ''}",
-                   disable=not progress, leave=False)
-        for step, (images, labels) in enumerate(bar):
-            if drop_last and len(labels) < tcfg.batch_size:
-                break
-            t_step = time.perf_counter()
-            gstep = phase_epoch * steps_per_epoch + step
-            lr = _lr_at(gstep, phase_total, int(tcfg.warmup_epochs * steps_per_epoch), base_lr)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            x = _prep(images, ds, device, tcfg.channels_last, True, gen)
-            y = labels.to(device)
-            sample_w = None
-            if separate_exits:
-                outs, w = _frozen_exit_outputs(model, x), [1.0] * len(net_cfg.exits)
-            elif cloud is not None:
-                (outs, reach), w = _frozen_edge_outputs(model, cloud, x, cloud_thresholds), [1.0]
-                if reach is not None:
-                    n_reach += int(reach.sum())
-                    sample_w = torch.where(reach, 1.0, tcfg.easy_weight)
-            elif tcfg.mode == "separate":
-                outs, w = [fwd(x)[-1]], [1.0]
-            else:
-                outs, w = fwd(x), weights
-            t_logp = None
-            if teacher is not None:  # every phase distills: the backbone, the cloud, and separate mode's exits
-                with torch.no_grad():
-                    t_logp = F.log_softmax(teacher(x)[-1] / tcfg.kd_temperature, 1)
-            per_sample = [_per_sample_loss(o, y, t_logp, tcfg) for o in outs]
-            if sample_w is None:
-                losses = [ls.mean() for ls in per_sample]
-            else:  # weighted mean: the loss scale (and so the learning rate) does not depend on easy_weight
-                losses = [(ls * sample_w).sum() / sample_w.sum().clamp_min(1e-12) for ls in per_sample]
-            loss = sum(wi * li for wi, li in zip(w, losses))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            with torch.no_grad():
-                for o, j in zip(outs, sel):
-                    sums[j] += float((o.argmax(1) == y).sum())
-            n_seen += len(labels)
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", threads=torch.get_num_threads())
-            if tuner is not None:
-                tuner.record(time.perf_counter() - t_step)
-        val_acc = evaluate_outputs(model, val_split, ds, device, channels_last=tcfg.channels_last)
+        i, phase_epoch = _phase_at(phases, epoch)
+        desc = f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if phases[i].name == 'exits' else ''}"
+        fields = _train_epoch(loop, phases[i], opts[i], phase_epoch, desc, len(net_cfg.exits) + 1)
+        val_acc = evaluate_outputs(model, val_split, device=device)
         wall += time.time() - t0
-        phase = "exits" if separate_exits else {"separate": "backbone"}.get(tcfg.mode, tcfg.mode)
-        rec = {"epoch": epoch + 1, "phase": phase,
-               "train_acc": [float(s) / max(n_seen, 1) if j in sel else None for j, s in enumerate(sums)],
-               "val_acc": val_acc,
-               **({"cloud_share": n_reach / max(n_seen, 1)} if cloud_thresholds else {}),
+        rec = {"epoch": epoch + 1, "phase": phases[i].name, "train_acc": fields["train_acc"], "val_acc": val_acc,
+               **({"cloud_share": fields["cloud_share"]} if "cloud_share" in fields else {}),
                "epoch_s": round(time.time() - t0, 1), "wall_s": round(wall, 1)}
         history.append(rec)
         meta = {"network": net_cfg.to_dict(), "train": tcfg.to_dict(), "data": data_meta,
                 "epochs_done": epoch + 1, "val_acc": val_acc, "train_wall_s": round(wall, 1),
                 "device": str(device), "torch": torch.__version__,
-                **({"easy_thresholds": list(cloud_thresholds)} if cloud_thresholds else {})}
-        opt_files, opt_tensors = {}, {}
-        for j, o in enumerate((opt1, opt2)):
-            if o is not None:
-                t, m = _optimizer_state(o)
-                opt_files[f"opt{j}"] = m
-                opt_tensors.update({f"opt{j}/{k}": v for k, v in t.items()})
-        opt_tensors["rng/generator"] = gen.get_state()
-        opt_tensors["rng/torch"] = torch.get_rng_state()
-        state_json = {"epoch": epoch + 1, "history": history, "wall_s": wall, **opt_files}
-        log = "".join(json.dumps(r) + "\n" for r in history).encode()
-        meta_full = dict(meta, format=ck.FORMAT)
-        ck.write_checkpoint(out_dir, {ck.CONFIG_FILE: meta_full, ck.STATE_JSON: state_json, ck.LOG_FILE: log},
-                            {ck.MODEL_FILE: model.state_dict(), ck.STATE_FILE: opt_tensors})
+                **({"easy_thresholds": list(thresholds)} if thresholds else {})}
+        _write_checkpoint(out_dir, model, opts, loop.gen, meta, history, wall, val_ids)
         if progress:
             tqdm.write(json.dumps(rec))
     return meta if meta is not None else ck.read_config(out_dir)
