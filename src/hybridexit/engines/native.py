@@ -11,6 +11,7 @@ import functools
 import hashlib
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -38,6 +39,11 @@ def kernels():
     if shutil.which(cxx) is None:
         raise EngineError(f"the packed engine needs a C++ compiler to build its kernels once: {cxx!r} was not found "
                           "(install g++, or use --engine torch)")
+    if shutil.which("ninja") is None:  # the PyPI ninja (packed extra) sits beside this interpreter
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+        if shutil.which("ninja") is None:
+            raise EngineError("the packed engine builds its kernels with ninja: pip install 'hybridexit[packed]' "
+                              "(or use --engine torch)")
     from torch.utils.cpp_extension import load
 
     try:

@@ -1,0 +1,95 @@
+"""The onnx engine: the edge half as an ONNX graph (``onnx_export.edge_model``) on ONNX Runtime, one thread by
+default. The graph computes every exit's logits and the features for the whole batch; the exit rule itself
+(``exits.exits_here``, temperatures included) runs here on its logits, exactly as the torch engine applies it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import EngineError, InputShapeError
+from ..exits import exits_here
+from ..hybrid import CLOUD, EdgeResult, resolve_thresholds
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise EngineError("the onnx engine needs onnxruntime: pip install 'hybridexit[onnx]'") from None
+    return onnxruntime
+
+
+def session(model_bytes: bytes, threads: int = 1):
+    ort = _ort()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+class OnnxEdge:
+    """Edge half on ONNX Runtime: ``decide(x, thresholds, temperatures=None)`` as ``EdgeNet.decide``."""
+
+    name = "onnx"
+
+    def __init__(self, cfg, model_bytes: bytes, threads: int = 1):
+        self.cfg, self.model_bytes = cfg, model_bytes
+        self.session = session(model_bytes, threads)
+        self.isa_name = "onnxruntime " + _ort().__version__
+
+    @classmethod
+    def from_edge(cls, edge, threads: int = 1) -> "OnnxEdge":
+        from .onnx_export import edge_model
+
+        return cls(edge.cfg, edge_model(edge).SerializeToString(), threads)
+
+    def save(self, path) -> None:
+        with open(path, "wb") as f:
+            f.write(self.model_bytes)
+
+    def run(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every graph output for raw uint8 images (the one place where input is prepared)."""
+        want = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want or x.dtype != torch.uint8:
+            got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+            raise InputShapeError(f"the onnx engine takes raw uint8 images (N, {want[0]}, {want[1]}, {want[2]}), got {got}")
+        names = [o.name for o in self.session.get_outputs()]
+        outs = self.session.run(names, {"images": x.contiguous().numpy()})
+        return {n: torch.from_numpy(o) for n, o in zip(names, outs)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run(x)["features"]
+
+    def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
+        thr = resolve_thresholds(self.cfg, thresholds)
+        temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
+        out = self.run(x)
+        n, k = x.shape[0], len(thr)
+        preds = torch.full((n,), -1, dtype=torch.long)
+        decided = torch.full((n,), CLOUD, dtype=torch.long)
+        ents = torch.full((n, k), float("nan"))
+        idx = torch.arange(n)
+        for j in range(k):
+            if idx.numel() == 0:
+                break
+            logits = out[f"logits_{j}"][idx]
+            stop, e = exits_here(logits, thr[j], temps[j])
+            ents[idx, j] = e
+            preds[idx] = logits.argmax(1)
+            decided[idx[stop]] = j
+            idx = idx[~stop]
+        return EdgeResult(preds, decided, ents, out["features"][idx], idx)
+
+
+class OnnxCloud:
+    """The cloud half as float ONNX (``onnx_export.cloud_model``): ``cloud(features) -> logits``."""
+
+    def __init__(self, cloud, threads: int = 1):
+        from .onnx_export import cloud_model
+
+        self.model_bytes = cloud_model(cloud).SerializeToString()
+        self.session = session(self.model_bytes, threads)
+
+    def __call__(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(["logits"], {"features": features.float().contiguous().numpy()})[0])
