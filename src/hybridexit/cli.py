@@ -130,6 +130,34 @@ def cmd_calibrate(a):
     print(json.dumps(res) if a.json else "\n".join(f"{k:<16}{v}" for k, v in res.items()))
 
 
+def cmd_sweep(a):
+    from .sweep import run_sweep
+
+    summary = run_sweep(a.spec, workers=a.workers, ray_address=a.ray, epochs=a.epochs, device=a.device,
+                        data_dir=a.data_dir, only=a.only, dry_run=a.dry_run, runs=a.runs, results=a.results,
+                        threads=a.threads, stop_after_epochs=a.stop_after_epochs, progress=not a.json)
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"sweep {summary['sweep']}: runs in {summary['runs']}, rows in {summary['results']}")
+        for e in summary["points"]:
+            print(f"  {e['name']:<28}{e['state']:<10}{e['detail']}")
+    if a.report and not a.dry_run:
+        cmd_report(a)
+    if summary["failed"]:
+        from .errors import SweepError
+
+        raise SweepError(f"{len(summary['failed'])} point(s) failed: "
+                         + "; ".join(f"{e['name']}: {e['detail']}" for e in summary["failed"]))
+
+
+def cmd_report(a):
+    from .report import write_report
+
+    for path in write_report(results_dir=a.results_dir, docs=a.docs):
+        print(path)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridexit", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -199,6 +227,33 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--dry-run", action="store_true", help="do not write the thresholds into the checkpoint")
     c.add_argument("--json", action="store_true")
     c.set_defaults(func=cmd_calibrate)
+
+    w = sub.add_parser("sweep", help="design-space exploration: train, calibrate and evaluate every point of a sweep file")
+    w.add_argument("spec", help="sweep file, e.g. sweeps/paper-cifar10.toml")
+    w.add_argument("--workers", type=int, default=1, help="points trained at once here, CPU threads divided between them")
+    w.add_argument("--threads", type=int, default=None, help="CPU threads per point (default: cores / workers; Ray: 1)")
+    w.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run the points as Ray tasks: auto, ray://HOST:PORT, or local (start a Ray runtime here)")
+    w.add_argument("--epochs", type=int, default=None,
+                   help="override the recipe's epochs (a long schedule gets its own run folder and results file)")
+    w.add_argument("--device", default=None, help="torch device (default: cuda when present)")
+    w.add_argument("--data-dir", default=None, help="folder with the CIFAR archive or its extracted folder")
+    w.add_argument("--only", nargs="+", default=None, metavar="POINT", help="only these points (names or globs)")
+    w.add_argument("--runs", default=None, help="parent folder of the sweep's run folder (default: runs/sweeps)")
+    w.add_argument("--results", default=None, help="results store (default: results/sweep-<dataset>.json)")
+    w.add_argument("--stop-after-epochs", type=int, default=None,
+                   help="time box: every point stops after this many more epochs; the same command resumes")
+    w.add_argument("--dry-run", action="store_true", help="list the points and their state; train nothing")
+    w.add_argument("--report", action="store_true", help="then regenerate the figures and tables (hybridexit report)")
+    w.add_argument("--results-dir", default="results", help=argparse.SUPPRESS)
+    w.add_argument("--docs", default="docs/sweep.md", help=argparse.SUPPRESS)
+    w.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    w.set_defaults(func=cmd_sweep)
+
+    r = sub.add_parser("report", help="figures and tables of the sweeps (Fig. 4, Fig. 5, Tables II-IV) from the result rows")
+    r.add_argument("--results-dir", default="results", help="folder with sweep-cifar10.json, sweep-cifar100.json")
+    r.add_argument("--docs", default="docs/sweep.md", help="markdown file whose generated section is rewritten")
+    r.set_defaults(func=cmd_report)
 
     try:
         from .runtime.commands import add_parsers

@@ -1,0 +1,199 @@
+"""The design-space sweep on the repo's tiny sweep file (sweeps/tiny.toml) and synthetic CIFAR-format data:
+end to end, interrupted and resumed, adoption of an outside run, and the Ray path on a real local Ray runtime."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+
+from hybridexit import ConfigError
+from hybridexit.cli import main
+from hybridexit.errors import SweepError
+from hybridexit.sweep import load_sweep, read_rows, run_sweep
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "sweeps" / "tiny.toml"
+
+
+@pytest.fixture(autouse=True)
+def at_repo_root(monkeypatch):
+    monkeypatch.chdir(REPO)  # a sweep file's paths are relative to the project root
+
+
+def sweep(tmp_path, data, spec=TINY, **kw):
+    kw.setdefault("progress", False)
+    return run_sweep(spec, data_dir=data, runs=tmp_path / "runs", results=tmp_path / "store.json", **kw)
+
+
+def states(summary):
+    return {e["name"]: e["state"] for e in summary["points"]}
+
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+def log_epochs(ckpt: Path) -> list[dict]:
+    return [json.loads(line) for line in (ckpt / "log.jsonl").read_text().splitlines()]
+
+
+def test_tiny_sweep_end_to_end_then_rerun_does_nothing(tmp_path, tiny_cifar):
+    from hybridexit.checkpoint import load_model
+    from hybridexit.data import load_cifar
+    from hybridexit.evaluate import evaluate_checkpoint_summary
+
+    s = sweep(tmp_path, tiny_cifar, workers=2)
+    assert set(states(s).values()) == {"done"} and not s["failed"]
+    rows = read_rows(tmp_path / "store.json")
+    keys = [(r["name"], r["point"]) for r in rows]
+    assert len(keys) == len(set(keys)) == 4 * 3 + 1  # four points with exits (3 rows each), one without (1 row)
+    by = {k: r for k, r in zip(keys, rows)}
+    cal, pap, off = (by[("e4-b2-x2_4-joint-k3", k)] for k in ("calibrated", "paper threshold", "without exit"))
+    assert pap["thresholds"] == [0.5, 0.5] and len(cal["exit_fraction"]) == 2 and cal["calibration"]["split"] == "val"
+    assert off["exit_fraction"] == [] and off["accuracy"] == cal["cloud_accuracy"] and off["edge_uj"] < cal["edge_uj"]
+    assert off["without_exit"] == "exits off"
+    assert by[("e4-b1-x4-separate-k3", "without exit")]["without_exit"] == "trained without exits"
+    for r in rows:
+        assert r["epochs"] == (3 if r["mode"] == "separate" and r["exits"] else 2) and r["recipe"] == "recipes/sweep-tiny.toml"
+        assert r["device"] == "cpu" and r["train_minutes"] >= 0 and r["dataset"] == "cifar10"
+    # the calibrated row is what evaluating the checkpoint at its written exit policy gives
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    model, meta = load_model(cal["checkpoint"])
+    assert list(meta["policy"].thresholds) == cal["thresholds"]
+    again, _ = evaluate_checkpoint_summary(model, ds.test, meta["policy"].thresholds)
+    assert again["accuracy"] == cal["accuracy"] and again["exit_fraction"] == cal["exit_fraction"]
+    assert (tmp_path / "runs/tiny/e4-b2-x2_4-joint-k3/train.log").read_text().count("epoch") >= 2
+
+    before, store = files_of(tmp_path / "runs"), (tmp_path / "store.json").read_bytes()
+    s2 = sweep(tmp_path, tiny_cifar, workers=2)
+    assert set(states(s2).values()) == {"done"}
+    assert files_of(tmp_path / "runs") == before and (tmp_path / "store.json").read_bytes() == store
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, tiny_cifar):
+    only = ["e2-b1-x2-joint-k3", "e4-b1-x4-separate-k3"]
+    # time-boxed run: every point stops after one epoch, exactly what a kill after that epoch leaves on disk
+    s1 = sweep(tmp_path, tiny_cifar, only=only, stop_after_epochs=1)
+    assert states(s1) == {"e2-b1-x2-joint-k3": "partial", "e4-b1-x4-separate-k3": "partial"}
+    assert read_rows(tmp_path / "store.json") == []
+    run = tmp_path / "runs" / "tiny"
+    first_sep = log_epochs(run / "e4-b1-x4-separate-k3/checkpoint")
+    first_e2 = log_epochs(run / "e2-b1-x2-joint-k3/checkpoint")
+    assert [r["epoch"] for r in first_sep] == [1] and [r["epoch"] for r in first_e2] == [1]
+
+    s2 = sweep(tmp_path, tiny_cifar, only=only[:1])  # finish one point
+    assert states(s2) == {"e2-b1-x2-joint-k3": "done"}
+    done_files, done_rows = files_of(run / "e2-b1-x2-joint-k3"), read_rows(tmp_path / "store.json")
+    assert log_epochs(run / "e2-b1-x2-joint-k3/checkpoint")[0] == first_e2[0]  # resumed, epoch 1 not redone
+
+    assert sweep(tmp_path, tiny_cifar, only=only, dry_run=True)["points"][1]["detail"] == "1/3 epochs"
+    s3 = sweep(tmp_path, tiny_cifar, only=only)
+    assert states(s3) == {"e2-b1-x2-joint-k3": "done", "e4-b1-x4-separate-k3": "done"}
+    assert s3["points"][0]["detail"] == "rows in the store"  # skipped, not rerun
+    assert files_of(run / "e2-b1-x2-joint-k3") == done_files
+    rows = read_rows(tmp_path / "store.json")
+    assert [r for r in rows if r["name"] == "e2-b1-x2-joint-k3"] == done_rows
+    sep = log_epochs(run / "e4-b1-x4-separate-k3/checkpoint")
+    assert [r["epoch"] for r in sep] == [1, 2, 3] and sep[0] == first_sep[0] and sep[-1]["phase"] == "exits"
+    assert "training epochs 2..3" in (run / "e4-b1-x4-separate-k3/train.log").read_text()
+
+
+def _spec_with(tmp_path, extra: str) -> Path:
+    p = tmp_path / "spec.toml"
+    p.write_text(TINY.read_text().replace('name = "tiny"', 'name = "tiny2"') + extra)
+    return p
+
+
+def test_adopts_a_finished_outside_run_and_reads_the_reference(tmp_path, tiny_cifar):
+    from hybridexit.data import load_cifar
+    from hybridexit.resnet import HybridConfig
+    from hybridexit.sweep import Point
+    from hybridexit.train import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    spec = load_sweep(TINY)
+    point = Point(4, 1, (4,))
+    train(tmp_path / "outside", spec.net_config(point), spec.train_config(point), ds, progress=False)
+    fp32 = HybridConfig(depth=8, mean=ds.mean, std=ds.std)
+    train(tmp_path / "fp32", fp32, spec.train_config(Point(0, 32, ())), ds, progress=False)
+    outside = files_of(tmp_path / "outside")
+    p = _spec_with(tmp_path, f'\n[adopt]\n"e4-b1-x4-joint-k3" = "{tmp_path / "outside"}"\n')
+    text = p.read_text().replace('value = 0.05', 'below_reference = 0.05').replace(
+        'target = "max_drop"', 'target = "min_accuracy"\nfallback = ["exit_fraction", 0.5]')
+    p.write_text(text.replace("separate_exit_epochs", f'reference = "{tmp_path / "fp32"}"\nseparate_exit_epochs'))
+    assert states(sweep(tmp_path, tiny_cifar, spec=p, dry_run=True, only=["e4-b1-x4-joint-k3"])) == {
+        "e4-b1-x4-joint-k3": "adopt"}
+    s = sweep(tmp_path, tiny_cifar, spec=p, only=["e4-b1-x4-joint-k3"])
+    assert states(s) == {"e4-b1-x4-joint-k3": "done"}
+    rows = {(r["name"], r["point"]): r for r in read_rows(tmp_path / "store.json")}
+    ref, cal = rows[("fp32", "reference")], rows[("e4-b1-x4-joint-k3", "calibrated")]
+    assert cal["adopted_from"] == str(tmp_path / "outside") and 0 <= ref["val_accuracy"] <= 1
+    assert cal["calibration"]["target"] in ("min_accuracy", "exit_fraction")
+    if cal["calibration"]["target"] == "min_accuracy":
+        assert cal["calibration"]["value"] == pytest.approx(ref["val_accuracy"] - 0.05)
+    assert files_of(tmp_path / "outside") == outside  # the source is only read
+    assert log_epochs(tmp_path / "runs/tiny2/e4-b1-x4-joint-k3/checkpoint") == log_epochs(tmp_path / "outside")
+
+
+def test_adoption_refuses_another_recipe_and_waits_for_an_unfinished_run(tmp_path, tiny_cifar):
+    from hybridexit.data import load_cifar
+    from hybridexit.sweep import Point
+    from hybridexit.train import train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    spec, point = load_sweep(TINY), Point(4, 1, (4,))
+    train(tmp_path / "part", spec.net_config(point), spec.train_config(point), ds, progress=False, stop_after_epochs=1)
+    p = _spec_with(tmp_path, f'\n[adopt]\n"e4-b1-x4-joint-k3" = "{tmp_path / "part"}"\n')
+    s = sweep(tmp_path, tiny_cifar, spec=p, only=["e4-b1-x4-joint-k3"])
+    assert states(s) == {"e4-b1-x4-joint-k3": "waiting"} and "1/2 epochs" in s["points"][0]["detail"]
+    assert not (tmp_path / "runs/tiny2/e4-b1-x4-joint-k3").exists()
+    other = spec.train_config(point).__class__(**dict(spec.train_config(point).to_dict(), lr=0.01))
+    train(tmp_path / "other", spec.net_config(point), other, ds, progress=False)
+    p.write_text(p.read_text().replace(str(tmp_path / "part"), str(tmp_path / "other")))
+    with pytest.raises(SweepError, match="cannot adopt .*training config differs .*lr"):
+        sweep(tmp_path, tiny_cifar, spec=p, only=["e4-b1-x4-joint-k3"])
+
+
+def test_bad_sweep_files_are_refused_with_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.toml"
+    for text, msg in ((TINY.read_text() + "\nworkers = 3\n", "unknown keys"),
+                      (TINY.read_text().replace('exits = [[2, 4]]', 'exits = [[2, 6]]'), "exit at layer 6"),
+                      (TINY.read_text().replace("value = 0.05", "below_reference = 0.02").replace("max_drop", "min_accuracy"),
+                       "needs target .* and reference")):
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=msg):
+            load_sweep(bad)
+    with pytest.raises(ConfigError, match="matches no point"):
+        run_sweep(TINY, only=["e99-*"], dry_run=True, runs=tmp_path, results=tmp_path / "s.json")
+    assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err
+
+
+def test_epochs_override_gets_its_own_run_folder_and_store(tmp_path):
+    s = run_sweep(TINY, epochs=5, dry_run=True, runs=tmp_path)
+    assert s["runs"] == str(tmp_path / "tiny-ep5") and s["results"] == "results/sweep-cifar10-ep5.json"
+    assert {e["detail"] for e in s["points"] if "separate" not in e["name"]} == {"5 epochs to train"}
+
+
+def test_ray_runs_the_tiny_sweep_on_a_local_runtime(tmp_path, tiny_cifar):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        s = sweep(tmp_path, tiny_cifar, ray_address="local", only=["e2-b1-x2-joint-k3", "e4-b1-noexit-joint-k3"])
+    finally:
+        ray.shutdown()
+    assert states(s) == {"e2-b1-x2-joint-k3": "done", "e4-b1-noexit-joint-k3": "done"}
+    rows = read_rows(tmp_path / "store.json")
+    assert sorted((r["name"], r["point"]) for r in rows) == [
+        ("e2-b1-x2-joint-k3", "calibrated"), ("e2-b1-x2-joint-k3", "paper threshold"),
+        ("e2-b1-x2-joint-k3", "without exit"), ("e4-b1-noexit-joint-k3", "without exit")]
+    assert (tmp_path / "runs/tiny/e2-b1-x2-joint-k3/train.log").stat().st_size > 0
