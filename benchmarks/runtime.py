@@ -35,14 +35,15 @@ import torch
 from hybridexit.checkpoint import fingerprint, load_model
 from hybridexit.data import get_split, load_cifar
 from hybridexit.energy import energy_report
-from hybridexit.evaluate import evaluate_conditional, summarize
+from hybridexit.evaluate import evaluate_conditional
+from hybridexit.records import summarize
 from hybridexit.runtime.client import RAW_IMAGE_BYTES, EdgeOptions, EdgeRunner, EdgeStats, edge_summary
 from hybridexit.runtime.process import ServerProcess
 
 CODECS = [("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True), ("int8", False), ("int8", True)]
 
 
-def run_clients(model, mean, std, fp, url, token, images, labels, clients: int, codec="fp32", compress=False):
+def run_clients(model, policy, fp, url, token, images, labels, clients: int, codec="fp32", compress=False):
     """``clients`` edge clients in threads, client k on the k-th contiguous slice; records in input order."""
     n = len(labels)
     bounds = [round(k * n / clients) for k in range(clients + 1)]
@@ -54,7 +55,7 @@ def run_clients(model, mean, std, fp, url, token, images, labels, clients: int, 
     def client(k):
         try:
             opts = EdgeOptions(url, token=token, codec=codec, compress=compress, batch_size=1)
-            runner = EdgeRunner(model, mean, std, fp, opts)
+            runner = EdgeRunner(model, policy, fp, opts)
             with runner.cloud:
                 runner.check_cloud()
                 barrier.wait()
@@ -106,15 +107,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     model, meta = load_model(a.checkpoint)
     d = meta["data"]
-    mean, std = d["mean"], d["std"]
+    policy = meta["policy"]
     fp = fingerprint(a.checkpoint)
     ds = load_cifar(d.get("name", "cifar10"), a.data_dir)
     split = get_split(ds, "test").limit(a.limit)
     report = energy_report(model.cfg)
 
     t_all = time.perf_counter()
-    ref = evaluate_conditional(model, split, mean, std)
-    ref_summary = summarize(ref, report)
+    decisions = evaluate_conditional(model, split, policy.thresholds, policy.temperatures or None)
+    ref_summary = summarize(decisions, report, policy.thresholds)
+    ref = [r.to_json() for r in decisions]
     print(f"in-process: accuracy {ref_summary['accuracy']:.4f}, edge fraction {ref_summary['edge_fraction']:.3f}",
           flush=True)
 
@@ -137,9 +139,9 @@ def main(argv=None) -> int:
     with ServerProcess(a.checkpoint, server_args, env={"HYBRIDEXIT_TOKEN": token}) as srv:
         def one(clients, codec, compress):
             t0 = time.perf_counter()
-            recs, stats = run_clients(model, mean, std, fp, srv.url, token, split.images, split.labels, clients,
+            recs, stats = run_clients(model, policy, fp, srv.url, token, split.images, split.labels, clients,
                                       codec, compress)
-            s = edge_summary(recs, report, stats)
+            s = edge_summary(recs, report, policy.thresholds, stats)
             print(f"{clients} client(s) {codec}{'+zstd' if compress else ''}: accuracy {s['accuracy']:.4f}, "
                   f"{s['payload_bytes_per_offloaded'] or 0:.0f} B/offloaded, {s['throughput_per_s']:.1f}/s "
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)

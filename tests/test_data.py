@@ -22,7 +22,7 @@ def test_loads_extracted_folder(tiny_cifar):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
-    assert any("differ from the official" in str(x.message) for x in w)  # our copy is not the official file
+    assert any("not the official cifar10 content" in str(x.message) for x in w)  # not the official content
     assert ds.train.images.shape == (200, 3, 32, 32) and ds.train.images.dtype == torch.uint8
     assert ds.test.images.shape == (40, 3, 32, 32) and ds.classes[3] == "class3"
     assert len(ds.checksum) == 64
@@ -87,6 +87,39 @@ def test_validation_split_is_deterministic_and_disjoint(tiny_cifar):
     tags_tr, tags_va = set(tr.images[:, 0, 0, 0].tolist()), set(va.images[:, 0, 0, 0].tolist())
     assert tags_tr.isdisjoint(tags_va) and len(tags_tr | tags_va) == 200
     assert get_split(ds, "test") is ds.test
+
+
+def test_validation_split_found_by_content_in_a_reordered_copy(tiny_cifar):
+    from hybridexit.data import Split, image_ids
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    val = get_split(ds, "val", 50, 0)
+    ids = image_ids(val.images)
+    perm = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(3))
+    ds.train = Split(ds.train.images[perm], ds.train.labels[perm], "train")  # another copy, another order
+    val2, tr2 = get_split(ds, "val", val_ids=ids), get_split(ds, "train", val_ids=ids)
+    assert sorted(image_ids(val2.images).tolist()) == sorted(ids.tolist()) and len(tr2) == 150
+    assert set(image_ids(tr2.images).tolist()).isdisjoint(ids.tolist())
+    pos = image_ids(ds.train.images).tolist().index(int(ids[0]))
+    ds.train.images[pos] ^= 1  # one validation image is not in this copy
+    with pytest.raises(DatasetError, match="not in this copy"):
+        get_split(ds, "val", val_ids=ids)
+
+
+def test_official_content_recognised_in_any_order(tiny_cifar):
+    from hybridexit.data import Split, content_checksum
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    perm = torch.randperm(len(ds.test))
+    assert content_checksum(ds.train, Split(ds.test.images[perm], ds.test.labels[perm])) == ds.content
+    assert ds.content != content_checksum(ds.train, Split(ds.test.images, ds.test.labels.roll(1)))
+    with pytest.warns(UserWarning, match="not the official cifar10 content") as rec:
+        load_cifar("cifar10", tiny_cifar, download_ok=False)
+    assert len(rec) == 1
 
 
 def test_augment_crops_and_flips_whole_batch():

@@ -47,3 +47,24 @@ def test_summary_table_lists_every_conv():
     r = energy_report(HybridConfig(depth=20, edge_layers=6, edge_bits=2, exits=(6,)))
     text = summary_table(r)
     assert text.count(".conv") == 18 and "exit:0" in text and "cloud" in text
+
+
+def test_energy_comes_from_structure_not_module_names():
+    """Renaming the stem and the block list (same modules, other attribute names) changes no energy figure."""
+    from hybridexit.hybrid import HybridNet
+
+    class Renamed(HybridNet):
+        stem = property(lambda self: self._modules["first_conv" if "first_conv" in self._modules else "stem"])
+        blocks = property(lambda self: self._modules["tower" if "tower" in self._modules else "blocks"])
+
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self.first_conv = self._modules.pop("stem")
+            self.tower = self._modules.pop("blocks")
+
+    cfg = HybridConfig(depth=32, edge_layers=16, edge_bits=2, exits=(10, 16))
+    a, b = energy_report(HybridNet(cfg)), energy_report(Renamed(cfg))
+    assert {r.name.split(".")[0] for r in b.layers} >= {"first_conv", "tower"}  # the names really differ
+    for key in ("fp32_uj", "edge_uj", "cloud_uj", "expected_uj", "edge_macs_by_bits", "cloud_macs", "exit_path_uj"):
+        assert a.to_dict([0.3, 0.2])[key] == b.to_dict([0.3, 0.2])[key], key
+    assert [(r.placement, r.bits, r.macs) for r in a.layers] == [(r.placement, r.bits, r.macs) for r in b.layers]

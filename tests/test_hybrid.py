@@ -120,8 +120,34 @@ def test_wrong_input_shape_is_a_clear_error():
         edge.decide(torch.randn(3, 32, 32), [0.5, 0.5])
 
 
-def test_config_roundtrip():
-    cfg = small(thresholds=(0.3, 0.5))
+def test_config_roundtrip_and_migration_of_old_configs():
+    cfg = small(mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     assert HybridConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ConfigError, match="unknown"):
         HybridConfig.from_dict({**cfg.to_dict(), "bogus": 1})
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("mean", "std")}
+    old["thresholds"] = [0.3, 0.5]  # written before the exit policy moved out of the network config
+    assert HybridConfig.from_dict(old, {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3]}) == cfg
+
+
+def test_raw_uint8_images_are_the_interface():
+    mean, std = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
+    m = trained_like(small(mean=mean, std=std))
+    x = torch.randint(0, 256, (5, 3, 32, 32), dtype=torch.uint8)
+    want = (x.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+    assert torch.allclose(m.normalize(x), want, atol=1e-6)
+    assert torch.equal(m(x)[-1], m(x.float() / 255)[-1])  # float images in [0, 1] are the same input
+    edge, cloud = m.split()
+    assert torch.equal(cloud(edge(x)), m(x)[-1])
+
+
+def test_one_walk_serves_training_prefix_and_exits():
+    m = trained_like(small())
+    x = torch.randn(6, 3, 32, 32)
+    outs = m(x)
+    h, logits = m.forward_intermediates(x)
+    assert len(logits) == 2 and all(torch.equal(a, b) for a, b in zip(logits, outs[:2]))
+    h4, feats = m.forward_intermediates(x, stop_block=m.cfg.exit_block(1) + 1, exit_logits=False)
+    assert len(feats) == 2 and torch.equal(feats[1], h4)
+    assert torch.equal(m.exits[m.cfg.exit_key(1)](feats[1]), outs[1])
+    assert [m.cfg.exit_after_block(b) for b in range(4)] == [None, 0, None, 1]  # exits at layers 4 and 8

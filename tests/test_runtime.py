@@ -19,8 +19,9 @@ import zstandard
 from hybridexit.checkpoint import fingerprint, load_model, save_model
 from hybridexit.cli import main
 from hybridexit.data import Split
-from hybridexit.evaluate import evaluate_conditional, prepare_images
+from hybridexit.evaluate import evaluate_conditional
 from hybridexit.hybrid import HybridNet
+from hybridexit.policy import ExitPolicy, read_policy, write_policy
 from hybridexit.resnet import HybridConfig
 from hybridexit.runtime import wire
 from hybridexit.runtime.client import (
@@ -62,7 +63,7 @@ def ckpt(tmp_path_factory, images):
     """ResNet-8, 4 binary edge layers, exits at layers 2 and 4; thresholds set so that about a third of the
     inputs stop at each exit and a third go to the cloud."""
     torch.manual_seed(0)
-    cfg = HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(2, 4))
+    cfg = HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(2, 4), mean=MEAN, std=STD)
     model = HybridNet(cfg)
     with torch.no_grad():
         model.train()
@@ -71,23 +72,23 @@ def ckpt(tmp_path_factory, images):
         for lin in [h.fc for h in model.exits.values()] + [model.head.fc]:
             lin.weight.normal_(0, 1.0)  # spread the entropies and logits (no near-ties)
         model.eval()
-        outs = model(prepare_images(images.images, MEAN, STD, "cpu"))
+        outs = model(images.images)
     from hybridexit.exits import entropy
 
     e0, e1 = entropy(outs[0]), entropy(outs[1])
     t0 = float(e0.quantile(0.33))
     t1 = float(e1[e0 >= t0].quantile(0.5))
-    model.cfg = cfg.replace(thresholds=(t0, t1))
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
     save_model(path, model, {"data": {"name": "cifar10", "mean": list(MEAN), "std": list(STD),
                                       "classes": [f"class{i}" for i in range(10)]}})
+    write_policy(path, ExitPolicy((t0, t1)))
     return path
 
 
 @pytest.fixture(scope="module")
 def reference(ckpt, images):
     model, _ = load_model(ckpt)
-    return evaluate_conditional(model, images, MEAN, STD, batch_size=500)
+    return [d.to_json() for d in evaluate_conditional(model, images, read_policy(ckpt).thresholds, batch_size=500)]
 
 
 class ThreadServer:
@@ -123,7 +124,7 @@ def features(ckpt, images, n=2):
     model, _ = load_model(ckpt)
     edge, cloud = model.split()
     with torch.no_grad():
-        f = edge(prepare_images(images.images[:n], MEAN, STD, "cpu"))
+        f = edge(images.images[:n])
         return f, cloud(f)
 
 
@@ -215,6 +216,7 @@ def test_wire_refuses_malformed_frames(name):
     body, err = _bad_frames()[name]
     with pytest.raises(err) as e:
         wire.decode(body, "0123456789abcdef", (None, 4, 3, 3))
+    assert type(e.value) is err and e.value.code == err.code  # the exact error and the code the server answers
     assert str(e.value)  # says what was wrong
 
 
@@ -230,10 +232,9 @@ def test_wire_checks_fingerprint_shape_and_size():
         wire.encode(torch.zeros(1, 2), "0123456789abcdef", "bf16")
 
 
-def test_fingerprint_ignores_thresholds(ckpt, tmp_path):
+def test_fingerprint_ignores_exit_policy(ckpt, tmp_path):
     model, meta = load_model(ckpt)
-    model.cfg = model.cfg.replace(thresholds=(0.1, 0.2))
-    save_model(tmp_path / "a", model, meta)
+    save_model(tmp_path / "a", model, dict(meta, policy=ExitPolicy((0.1, 0.2))))
     assert fingerprint(tmp_path / "a") == fingerprint(ckpt)
     with torch.no_grad():
         model.head.fc.bias.add_(1.0)
@@ -318,7 +319,7 @@ def test_dynamic_batching_groups_concurrent_requests(ckpt, images):
         model, _ = load_model(ckpt)
         edge, cloud = model.split()
         with torch.no_grad():
-            f = edge(prepare_images(images.images[:12], MEAN, STD, "cpu"))
+            f = edge(images.images[:12])
             want = cloud(f)
         fp = fingerprint(ckpt)
         barrier = threading.Barrier(12)
@@ -423,7 +424,7 @@ def test_eight_concurrent_clients_complete_without_errors(server, ckpt, images, 
     def client(k):
         try:
             opts = EdgeOptions(server.url, token=TOKEN, batch_size=2)
-            runner = EdgeRunner(model, MEAN, STD, fp, opts)
+            runner = EdgeRunner(model, read_policy(ckpt), fp, opts)
             with runner.cloud:
                 runner.check_cloud()
                 sl = slice(k * per, (k + 1) * per)
@@ -447,7 +448,7 @@ def test_killing_the_server_mid_run_leaves_one_record_per_input(ckpt, images, tm
     model, _ = load_model(ckpt)
     edge, _ = model.split()
     with torch.no_grad():
-        edge_preds = edge.decide(prepare_images(images.images, MEAN, STD, "cpu")).predictions.tolist()
+        edge_preds = edge.decide(images.images, read_policy(ckpt).thresholds).predictions.tolist()
     out = tmp_path / "r.jsonl"
     kill_after = 15
     with ServerProcess(ckpt, ["--threads", "1"], env={"HYBRIDEXIT_TOKEN": TOKEN}) as srv:
@@ -484,11 +485,11 @@ def test_edge_error_policy_stops_mid_run(ckpt, images):
     dead = bind_socket("127.0.0.1", 0)
     url = url_of(dead)
     dead.close()  # nothing listens there any more: connection refused
-    runner = EdgeRunner(model, MEAN, STD, fingerprint(ckpt),
+    runner = EdgeRunner(model, read_policy(ckpt), fingerprint(ckpt),
                         EdgeOptions(url, retries=2, retry_backoff_ms=1, on_cloud_failure="error"))
     with pytest.raises(CloudUnavailable, match="3 attempts.*on-cloud-failure fallback"):
         runner.run(images.images, images.labels)
-    runner = EdgeRunner(model, MEAN, STD, fingerprint(ckpt), EdgeOptions(url, retries=0, cooldown_s=60))
+    runner = EdgeRunner(model, read_policy(ckpt), fingerprint(ckpt), EdgeOptions(url, retries=0, cooldown_s=60))
     recs = runner.run(images.images, images.labels)
     assert len(recs) == N_IMAGES and {r["decided_at"] for r in recs} <= {"exit:0", "exit:1", "fallback"}
 
@@ -542,21 +543,22 @@ def test_cli_serve_refuses_unsafe_bind_and_bad_checkpoints(ckpt, tmp_path, capsy
     assert main(["serve", str(ckpt), "--host", "0.0.0.0", "--port", "0"]) == 2
     assert "without a token" in capsys.readouterr().err
     assert main(["serve", str(tmp_path / "missing"), "--port", "0"]) == 2
-    assert "config.json is missing" in capsys.readouterr().err
+    assert "not a checkpoint" in capsys.readouterr().err
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((ckpt / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"\0" * 100)
     assert main(["serve", str(broken), "--port", "0"]) == 2
     assert "model.safetensors" in capsys.readouterr().err
-    assert main(["serve", str(ckpt), "--port", "0", "--token", "short"]) == 2
+    (tmp_path / "short").write_text("short\n")
+    assert main(["serve", str(ckpt), "--port", "0", "--token-file", str(tmp_path / "short")]) == 2
     assert "at least 8" in capsys.readouterr().err
 
 
 def test_server_process_reports_why_it_did_not_start(tmp_path):
     from hybridexit.runtime.process import ServerStartError
 
-    with pytest.raises(ServerStartError, match="config.json is missing"):
+    with pytest.raises(ServerStartError, match="not a checkpoint"):
         ServerProcess(tmp_path / "missing", timeout_s=60)
 
 
@@ -564,11 +566,11 @@ def test_percentiles_and_summary_shape():
     from hybridexit.energy import energy_report
     from hybridexit.runtime.client import edge_summary, format_summary
 
-    cfg = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4), thresholds=(1.0, 1.0))
+    cfg = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
     recs = [{"index": i, "label": 0, "prediction": 0 if i % 2 else 1,
              "decided_at": ["exit:0", "cloud", "fallback", "exit:1"][i % 4], "entropies": [],
              "latency_ms": float(i), "payload_bytes": 100 if i % 4 in (1, 2) else 0} for i in range(20)]
-    s = edge_summary(recs, energy_report(cfg))
+    s = edge_summary(recs, energy_report(cfg), (1.0, 1.0))
     assert s["accuracy"] == 0.5 and s["fallback_fraction"] == 0.25
     assert s["payload_bytes_per_offloaded"] == 100 and s["payload_bytes_per_input"] == 50
     assert s["latency_ms_p50"] == 9.5 and math.isclose(s["latency_ms_p95"], 18.05)

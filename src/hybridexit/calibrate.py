@@ -51,16 +51,17 @@ def candidates(ent: torch.Tensor, grid: int | None = None) -> list[float]:
     return [0.0, *mids, float(u[-1]) + 1e-6 if len(u) else 1.0]
 
 
-def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24) -> list[Point]:
+def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24, temperatures=None) -> list[Point]:
     """Every candidate threshold setting with its validation accuracy, exit fractions and expected energy."""
-    k = stats.entropies.shape[1]
+    ents = stats.entropies_at(temperatures)
+    k = ents.shape[1]
     if k == 0:
         raise ConfigError("this network has no exits: there is nothing to calibrate")
-    per_exit = [candidates(stats.entropies[:, j], None if k == 1 else grid) for j in range(k)]
+    per_exit = [candidates(ents[:, j], None if k == 1 else grid) for j in range(k)]
     n = len(stats.labels)
     points = []
     for thr in itertools.product(*per_exit):
-        preds, decided = stats.simulate(thr)
+        preds, decided = stats.simulate(thr, entropies=ents)
         fr = [float((decided == j).sum()) / n for j in range(k)]
         points.append(Point(tuple(float(t) for t in thr), stats.accuracy(preds), fr, report.expected_uj(fr)))
     return points
@@ -116,10 +117,25 @@ def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accurac
     plt.close(fig)
 
 
-def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = True,
+def validation_split(path, ds):
+    """The checkpoint's own validation split (never the test split), found by content in this copy of the data."""
+    from .checkpoint import read_val_ids
+    from .data import get_split
+    from .errors import CheckpointError
+
+    ids = read_val_ids(path)
+    if ids is None:
+        raise CheckpointError(f"{path} has no record of its validation images (val_split.safetensors): it cannot "
+                              f"be calibrated or evaluated on 'val' without risking images it trained on")
+    return get_split(ds, "val", val_ids=ids)
+
+
+def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = False,
                          device=None, progress: bool = False, fallback: tuple[str, float] | None = None,
                          also: tuple[str, float] | None = None) -> dict:
-    """Choose thresholds for a checkpoint on its validation split and (by default) write them into its config.
+    """Choose thresholds for a checkpoint on its validation split; with ``write`` make them its exit policy
+    (``exit_policy.json``; the previous policy is kept in its history). The result says what changed:
+    ``previous_thresholds`` (None if the checkpoint had no policy) and ``written``.
 
     ``fallback`` = (target, value) is used instead when a valid ``target`` cannot be met (an accuracy floor above
     every threshold's accuracy), on the same validation pass; the result names the target that was used. An
@@ -127,22 +143,19 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     returned, never written, under the result's key "also" (same keys as the result).
     """
     from . import checkpoint as ck
-    from .data import get_split
     from .energy import energy_report
     from .evaluate import collect_exit_stats
+    from .policy import ExitPolicy, write_policy
 
     model, meta = ck.load_model(path)
     if device:
         model = model.to(device)
-    data = meta.get("data", {})
-    if data.get("checksum") and data["checksum"] != ds.checksum:
-        import warnings
-
-        warnings.warn(f"{path} was trained on data with another checksum than {ds.source}", stacklevel=2)
-    val = get_split(ds, "val", data.get("val_size", 5000), data.get("split_seed", 0))
-    stats = collect_exit_stats(model, val, ds.mean, ds.std, device=device, progress=progress)
+    val = validation_split(path, ds)
+    stats = collect_exit_stats(model, val, device=device, progress=progress)
     report = energy_report(model.cfg)
-    points = sweep(stats, report)
+    old = meta.get("policy")
+    temps = old.temperatures if old is not None else ()
+    points = sweep(stats, report, temperatures=temps or None)
     try:
         best = choose(points, target, value, stats.cloud_accuracy)
     except TargetUnreachableError:
@@ -156,12 +169,14 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
                 "cloud_accuracy": stats.cloud_accuracy, **point.to_dict(report)}
 
     result = result_for(target, value, best)
+    result["previous_thresholds"] = list(old.thresholds) if old is not None else None
+    result["written"] = bool(write)
     if plot_path:
         plot(points, best, report, stats.cloud_accuracy, plot_path)
     if write:
-        new_cfg = model.cfg.replace(thresholds=best.thresholds)
-        meta = dict(meta, network=new_cfg.to_dict(), calibration=result)
-        ck.write_checkpoint(path, {ck.CONFIG_FILE: meta}, {})
+        chosen = {"method": "target", "split": "val", "n": len(val), "target": target, "value": value,
+                  "data_checksum": ds.content, "val_images": len(val)}
+        write_policy(path, ExitPolicy(best.thresholds, temps, chosen, None))
     if also:
         result["also"] = result_for(*also, choose(points, *also, stats.cloud_accuracy))
     return result

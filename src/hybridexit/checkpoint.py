@@ -20,8 +20,9 @@ from .errors import CheckpointError
 from .resnet import HybridConfig
 
 FORMAT = 1
-MODEL_FILE, CONFIG_FILE, STATE_FILE, STATE_JSON, LOG_FILE = (
-    "model.safetensors", "config.json", "train_state.safetensors", "train_state.json", "log.jsonl")
+MODEL_FILE, CONFIG_FILE, STATE_FILE, STATE_JSON, LOG_FILE, VAL_FILE = (
+    "model.safetensors", "config.json", "train_state.safetensors", "train_state.json", "log.jsonl",
+    "val_split.safetensors")
 
 
 def _recover(path: Path) -> None:
@@ -65,7 +66,7 @@ def read_config(path) -> dict:
         cfg = json.loads(cfg_file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from None
-    if cfg.get("format") != FORMAT or "network" not in cfg:
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT or not isinstance(cfg.get("network"), dict):
         raise CheckpointError(f"{cfg_file}: not a hybridexit checkpoint config (format {FORMAT} expected)")
     return cfg
 
@@ -78,6 +79,12 @@ def read_tensors(path, name=MODEL_FILE) -> dict[str, torch.Tensor]:
         return load_file(str(f))
     except Exception as e:  # safetensors raises its own SafetensorError (not exported)
         raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
+
+
+def read_val_ids(path):
+    """The checkpoint's record of its validation images by content (``data.image_ids``), or None if it has none."""
+    f = Path(path) / VAL_FILE
+    return read_tensors(path, VAL_FILE)["val_ids"] if f.is_file() else None
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing=()) -> None:
@@ -99,30 +106,43 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     module.load_state_dict(state, strict=False)
 
 
+def network_config(meta: dict) -> HybridConfig:
+    """The network of a checkpoint config (older configs migrate: thresholds dropped, mean/std from the data)."""
+    return HybridConfig.from_dict(meta["network"], meta.get("data"))
+
+
 def load_model(path, cfg_override: HybridConfig | None = None):
-    """Rebuild the HybridNet of a checkpoint (in eval mode). Returns (model, full config dict)."""
+    """Rebuild the HybridNet of a checkpoint (in eval mode). Returns (model, full config dict); the config's
+    ``policy`` is the checkpoint's exit policy (``policy.ExitPolicy``) or None when it was never calibrated."""
     from .hybrid import HybridNet
+    from .policy import read_policy
 
     meta = read_config(path)
-    cfg = cfg_override or HybridConfig.from_dict(meta["network"])
+    cfg = cfg_override or network_config(meta)
     model = HybridNet(cfg)
     load_state_strict(model, read_tensors(path), f"checkpoint {path}")
+    meta = dict(meta, policy=read_policy(path))
     return model.eval(), meta
 
 
 def save_model(path, model, meta: dict) -> None:
-    meta = dict(meta, format=FORMAT, network=model.cfg.to_dict())
-    write_checkpoint(path, {CONFIG_FILE: meta}, {MODEL_FILE: model.state_dict()})
+    """Write a model with ``meta`` (as ``load_model`` returns it: its exit policy, if any, is written too)."""
+    from .policy import write_policy
+
+    policy = meta.get("policy")
+    meta = {k: v for k, v in meta.items() if k != "policy"}
+    write_checkpoint(path, {CONFIG_FILE: dict(meta, format=FORMAT, network=model.cfg.to_dict())},
+                     {MODEL_FILE: model.state_dict()})
+    if policy is not None:
+        write_policy(path, policy)
 
 
 def fingerprint(path) -> str:
-    """Hash of a checkpoint's network config and weights: edge and cloud must share it.
-
-    The exit thresholds are left out: they only steer the edge, so recalibrating does not change the model."""
+    """Hash of a checkpoint's network config and weights: edge and cloud must share it. The exit policy is not
+    part of it (it lives in its own file): recalibrating does not change the model."""
     import hashlib
 
-    meta = read_config(path)
-    net = {k: v for k, v in meta["network"].items() if k != "thresholds"}
+    net = network_config(read_config(path)).to_dict()
     h = hashlib.sha256(json.dumps(net, sort_keys=True).encode())
     h.update((Path(path) / MODEL_FILE).read_bytes())
     return h.hexdigest()[:16]

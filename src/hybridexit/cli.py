@@ -6,16 +6,38 @@ import argparse
 import json
 import sys
 
+from .cli_types import (
+    Parser,
+    checkpoint_dir,
+    existing_dir,
+    existing_file,
+    fraction,
+    non_negative_float,
+    non_negative_int,
+    output_dir,
+    output_file,
+    positive_float,
+    positive_int,
+    threshold,
+)
 from .errors import HybridExitError
+
+DATA_DIR_HELP = ("folder holding the official CIFAR archive or its extracted folder (default: $HYBRIDEXIT_DATA, "
+                 "then the user cache, where a missing dataset is downloaded)")
+DEVICE_HELP = "torch device: cpu, cuda, cuda:1 ... (default: cuda when present)"
+JSON_HELP = "print one JSON object (full precision) instead of the table"
 
 
 def _net_args(p: argparse.ArgumentParser, classes_default=10):
-    p.add_argument("--depth", type=int, default=32, help="ResNet depth 6n+2 (20, 32, 44, 56, 110)")
-    p.add_argument("--classes", type=int, default=classes_default, help="number of classes")
-    p.add_argument("--edge-layers", type=int, default=0, help="residual-block convs at the edge (even: 10, 16, 20, 24)")
-    p.add_argument("--edge-bits", type=int, default=32, help="edge precision: 1, 2, 4, 8 or 32 (float)")
-    p.add_argument("--exits", type=int, nargs="*", default=[], help="exit positions (layers, each <= edge layers)")
-    p.add_argument("--exit-pool", choices=["k3", "global"], default="k3", help="exit pooling (authors' code: k3)")
+    p.add_argument("--depth", type=positive_int, default=32, help="ResNet depth 6n+2 (20, 32, 44, 56, 110)")
+    p.add_argument("--classes", type=positive_int, default=classes_default, help="number of classes")
+    p.add_argument("--edge-layers", type=non_negative_int, default=0,
+                   help="residual-block convs at the edge (even: 10, 16, 20, 24; 0: all in the cloud)")
+    p.add_argument("--edge-bits", type=positive_int, default=32, help="edge precision: 1, 2, 4, 8 or 32 (float)")
+    p.add_argument("--exits", type=positive_int, nargs="*", default=[],
+                   help="exit positions (layers, each <= edge layers)")
+    p.add_argument("--exit-pool", choices=["k3", "global"], default="k3",
+                   help="pooling before an exit's classifier: k3 (3x3 average pool) or global (global average pool)")
 
 
 def _net_cfg(a):
@@ -25,18 +47,38 @@ def _net_cfg(a):
                         exits=tuple(a.exits), exit_pool=a.exit_pool)
 
 
-def cmd_train(a):
-    from .data import load_cifar
-    from .train import TrainConfig, train
+def _train_config(a):
+    """The recipe file's options (if ``--recipe``), overridden by the options given on the command line; what
+    neither sets keeps the library default (every training option's argparse default is None)."""
+    from .recipes import load_recipe, recipe_fields
+    from .train import TrainConfig
 
+    kw = load_recipe(a.recipe) if a.recipe else {}
+    kw.update({k: getattr(a, k) for k in recipe_fields() if getattr(a, k, None) is not None})
+    if "exit_weights" in kw:
+        kw["exit_weights"] = tuple(kw["exit_weights"])
+    return TrainConfig(**kw)
+
+
+def _train_option(t: argparse.ArgumentParser, flag: str, help: str, **kw) -> None:
+    """A ``TrainConfig`` field as an option: no default of its own (None: the recipe's or the library's applies);
+    ``--help`` shows the library default, read from ``TrainConfig``."""
+    from .recipes import recipe_fields
+
+    default = recipe_fields()[flag[2:].replace("-", "_")].default
+    shown = " ".join(map(str, default)) if isinstance(default, tuple) else default
+    t.add_argument(flag, default=None, help=f"{help} (default: {shown})" if default not in ((), None) else help, **kw)
+
+
+def cmd_train(a):
+    from .data import DATASETS, load_cifar
+    from .train import train
+
+    a.classes = DATASETS[a.dataset]["num_classes"]
+    net = _net_cfg(a)  # the network and the recipe are checked before any data is read
+    tcfg = _train_config(a)
     ds = load_cifar(a.dataset, a.data_dir)
-    a.classes = ds.num_classes
-    tcfg = TrainConfig(epochs=a.epochs, exit_epochs=a.exit_epochs, mode=a.mode, exit_weights=tuple(a.exit_weights),
-                       batch_size=a.batch_size, optimizer=a.optimizer, lr=a.lr, exit_lr=a.exit_lr,
-                       weight_decay=a.weight_decay, label_smoothing=a.label_smoothing, init=a.init, teacher=a.teacher,
-                       kd_alpha=a.kd_alpha, easy_weight=a.easy_weight, seed=a.seed, val_size=a.val_size,
-                       limit_train=a.limit_train, compile=a.compile)
-    meta = train(a.out, _net_cfg(a), tcfg, ds, resume=a.resume, device=a.device,
+    meta = train(a.out, net, tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
     print(json.dumps({"checkpoint": a.out, "epochs_done": meta["epochs_done"], "val_acc": meta["val_acc"],
                       "train_wall_s": meta["train_wall_s"]}))
@@ -50,10 +92,10 @@ def _energy_table(a):
 
 def _energy_args(p):
     g = p.add_argument_group("energy table (pJ per operation; defaults: the paper's Table I)")
-    g.add_argument("--mac32-pj", type=float, default=4.6)
-    g.add_argument("--add32-pj", type=float, default=0.9)
-    g.add_argument("--mac1-pj", type=float, default=0.2, help="binary MAC; a k-bit MAC costs k times this")
-    g.add_argument("--mem-pj-per-bit", type=float, default=2.5)
+    g.add_argument("--mac32-pj", type=non_negative_float, default=4.6, help="32-bit float multiply-accumulate")
+    g.add_argument("--add32-pj", type=non_negative_float, default=0.9, help="32-bit float addition")
+    g.add_argument("--mac1-pj", type=non_negative_float, default=0.2, help="binary MAC; a k-bit MAC costs k times this")
+    g.add_argument("--mem-pj-per-bit", type=non_negative_float, default=2.5, help="memory access, per bit")
 
 
 def _cfg_or_ckpt(a):
@@ -63,6 +105,25 @@ def _cfg_or_ckpt(a):
         model, _ = load_model(a.checkpoint)
         return model
     return _net_cfg(a)
+
+
+def human(key: str, v) -> str:
+    """A summary value as people read it: fractions as percentages, other numbers rounded, units where known
+    (``--json`` keeps full precision)."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(human(key, x) for x in v) + "]"
+    if isinstance(v, float) and ("fraction" in key or "accuracy" in key or "rate" in key):
+        return f"{100 * v:.2f} %"
+    if isinstance(v, float):
+        unit = " uJ" if key.endswith("_uj") else " x" if key == "reduction" else ""
+        return f"{v:.4g}{unit}" if key == "thresholds" else f"{v:.2f}{unit}"
+    return str(v)
+
+
+def format_table(d: dict) -> str:
+    return "\n".join(f"{k:<18}{human(k, v)}" for k, v in d.items())
 
 
 def cmd_summary(a):
@@ -82,7 +143,7 @@ def cmd_energy(a):
     if a.json:
         print(json.dumps(d))
         return
-    print(f"{report.config.name}, exit rates {rates}")
+    print(f"{report.config.name}, exit rates {human('exit_rate', rates)}")
     for key in ("fp32_uj", "edge_uj", "cloud_uj", "expected_uj"):
         print(f"  {key:<12}{d[key]:10.2f} uJ per image (compute)")
     print(f"  {'reduction':<12}{d['reduction']:10.2f} x")
@@ -96,26 +157,46 @@ def _load_data_for(meta, a):
     return load_cifar(meta.get("data", {}).get("name", "cifar10"), a.data_dir)
 
 
+def _split_for(a, ds):
+    """test, or the checkpoint's own val/train split found by content (``calibrate.validation_split``)."""
+    from .calibrate import validation_split
+    from .checkpoint import read_val_ids
+    from .data import get_split
+
+    if a.split == "test":
+        return ds.test
+    val = validation_split(a.checkpoint, ds)  # refuses when the checkpoint has no record of its split
+    return val if a.split == "val" else get_split(ds, "train", val_ids=read_val_ids(a.checkpoint))
+
+
 def cmd_evaluate(a):
     from .checkpoint import load_model
-    from .data import get_split
     from .evaluate import evaluate_checkpoint_summary
+    from .hybrid import resolve_thresholds
 
     model, meta = load_model(a.checkpoint)
+    policy = meta["policy"]
+    thresholds = a.thresholds if a.thresholds is not None else (policy.thresholds if policy else None)
+    temperatures = policy.temperatures or None if policy else None
+    resolve_thresholds(model.cfg, thresholds)  # none or a wrong count: refused before the data is read
     ds = _load_data_for(meta, a)
-    d = meta.get("data", {})
-    split = get_split(ds, a.split, d.get("val_size", 5000), d.get("split_seed", 0)).limit(a.limit)
-    summary, recs = evaluate_checkpoint_summary(model, split, ds.mean, ds.std, a.thresholds, a.batch_size,
-                                                progress=not a.json)
-    summary = {"checkpoint": a.checkpoint, "split": a.split, **summary}
+    split = _split_for(a, ds).limit(a.limit)
+    summary, recs = evaluate_checkpoint_summary(model, split, thresholds, temperatures, a.batch_size,
+                                                progress=not a.json, engine=a.engine)
+    summary = {"checkpoint": a.checkpoint, "split": a.split, "engine": a.engine, **summary}
     if a.out:
         with open(a.out, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in recs)
+            f.writelines(json.dumps(r.to_json(ds.classes)) + "\n" for r in recs)
     if a.json:
         print(json.dumps(summary))
     else:
-        for k, v in summary.items():
-            print(f"{k:<18}{v}")
+        print(format_table(summary))
+
+
+def cmd_export(a):
+    from .engines.export import export_checkpoint
+
+    print(json.dumps(export_checkpoint(a.checkpoint, a.format, a.out)))
 
 
 def cmd_calibrate(a):
@@ -126,8 +207,18 @@ def cmd_calibrate(a):
     ds = _load_data_for(meta, a)
     target, value = next((t, v) for t, v in (("max_drop", a.max_drop), ("exit_fraction", a.exit_fraction),
                                              ("min_accuracy", a.min_accuracy)) if v is not None)
-    res = calibrate_checkpoint(a.checkpoint, ds, target, value, a.plot, write=not a.dry_run, progress=not a.json)
-    print(json.dumps(res) if a.json else "\n".join(f"{k:<16}{v}" for k, v in res.items()))
+    res = calibrate_checkpoint(a.checkpoint, ds, target, value, a.plot, write=a.write, progress=not a.json)
+    if a.json:
+        print(json.dumps(res))
+        return
+    fmt = lambda ts: "none" if ts is None else "[" + ", ".join(f"{t:.4g}" for t in ts) + "]"  # noqa: E731
+    print(f"thresholds {fmt(res['previous_thresholds'])} -> {fmt(res['thresholds'])}  "
+          f"(chosen on {res['split']}, {res['n']} images, target {res['target']} = {res['value']})")
+    print(f"on {res['split']}: accuracy {100 * res['accuracy']:.2f} %, {100 * res['edge_fraction']:.2f} % decided at "
+          f"the edge, {res['reduction']:.2f}x less energy than FP32 (final classifier alone: "
+          f"{100 * res['cloud_accuracy']:.2f} %)")
+    print(f"written to {a.checkpoint}/exit_policy.json (the previous policy is kept in its history)" if res["written"]
+          else "dry run: nothing written (pass --write to make these the checkpoint's exit policy)")
 
 
 def cmd_sweep(a):
@@ -159,73 +250,99 @@ def cmd_report(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybridexit", description=__doc__)
-    sub = p.add_subparsers(dest="cmd", required=True)
+    from . import __version__
+
+    p = Parser(prog="hybridexit", description="Conditionally deep hybrid networks across edge and cloud: train, "
+               "evaluate and calibrate them, and serve the cloud half to edge devices.")
+    p.add_argument("--version", action="version", version=f"hybridexit {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a float or hybrid network (joint or separate optimization, or the cloud half alone)")
     _net_args(t)
-    t.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"])
-    t.add_argument("--data-dir", default=None, help="folder with the official archive or its extracted folder")
-    t.add_argument("--out", required=True, help="checkpoint directory")
-    t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--exit-epochs", type=int, default=0, help="separate mode: epochs for exits on the frozen backbone")
-    t.add_argument("--mode", choices=["joint", "separate", "cloud"], default="joint",
-                   help="cloud: fine-tune only the cloud half of --init on its frozen edge")
-    t.add_argument("--exit-weights", type=float, nargs="*", default=[], help="lambdas: exits then final, sum 1")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd",
-                   help="sgd: Nesterov momentum (default); adam: AdamW, decoupled weight decay")
-    t.add_argument("--lr", type=float, default=0.1)
-    t.add_argument("--exit-lr", type=float, default=0.05)
-    t.add_argument("--weight-decay", type=float, default=5e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.0)
-    t.add_argument("--init", default=None, help="initialize from a checkpoint (e.g. the float baseline)")
-    t.add_argument("--teacher", default=None, help="distill from this checkpoint's final output")
-    t.add_argument("--kd-alpha", type=float, default=0.5)
-    t.add_argument("--easy-weight", type=float, default=1.0,
-                   help="cloud mode: loss weight of training samples the frozen exits already decide under --init's "
-                        "calibrated thresholds (1: all alike; lower focuses the cloud on the samples it will see)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--val-size", type=int, default=5000)
-    t.add_argument("--limit-train", type=int, default=None)
-    t.add_argument("--compile", action="store_true", help="torch.compile the training step (faster binary steps)")
-    t.add_argument("--resume", action="store_true")
-    t.add_argument("--stop-after-epochs", type=int, default=None)
-    t.add_argument("--device", default=None)
+    t.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"], help="dataset to train on")
+    t.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
+    t.add_argument("--out", type=output_dir, required=True, help="checkpoint folder to write")
+    t.add_argument("--recipe", type=existing_file, default=None,
+                   help="training recipe, a TOML file of training options (recipes/*.toml); options given here override it")
+    opt = lambda flag, help, **kw: _train_option(t, flag, help, **kw)  # noqa: E731
+    opt("--epochs", "training epochs (separate mode: of the backbone)", type=non_negative_int)
+    opt("--exit-epochs", "separate mode: epochs for exits on the frozen backbone", type=non_negative_int)
+    opt("--mode", "cloud: fine-tune only the cloud half of --init on its frozen edge", choices=["joint", "separate", "cloud"])
+    opt("--exit-weights", "loss weights, one per exit then the final classifier, summing to 1 (default: 0.6 shared by "
+        "the exits, 0.4 final)", type=non_negative_float, nargs="*")
+    opt("--batch-size", "training batch size", type=positive_int)
+    opt("--optimizer", "sgd: Nesterov momentum; adam: AdamW, decoupled weight decay", choices=["sgd", "adam"])
+    opt("--lr", "peak learning rate", type=positive_float)
+    opt("--exit-lr", "separate mode: learning rate of the exits", type=positive_float)
+    opt("--momentum", "SGD momentum", type=fraction)
+    opt("--weight-decay", "weight decay", type=non_negative_float)
+    opt("--warmup-epochs", "linear learning-rate warm-up, in epochs, before the cosine decay", type=non_negative_float)
+    opt("--label-smoothing", "label smoothing, 0 to 1", type=fraction)
+    opt("--init", "initialize from a checkpoint (e.g. the float baseline)", type=checkpoint_dir)
+    opt("--teacher", "distill from this checkpoint's final output", type=checkpoint_dir)
+    opt("--kd-alpha", "weight of the distillation loss (with --teacher)", type=fraction)
+    opt("--kd-temperature", "distillation temperature (with --teacher)", type=positive_float)
+    opt("--easy-weight", "cloud mode: loss weight of the samples the frozen exits already decide (1: all alike)",
+        type=fraction)
+    opt("--seed", "random seed", type=non_negative_int)
+    opt("--val-size", "training images held out for validation and calibration", type=non_negative_int)
+    opt("--split-seed", "seed of the validation hold-out", type=non_negative_int)
+    opt("--limit-train", "train on the first N training images only", type=positive_int)
+    opt("--channels-last", "channels-last memory format", action=argparse.BooleanOptionalAction)
+    opt("--compile", "torch.compile the training step (faster binary steps)", action=argparse.BooleanOptionalAction)
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
+    t.add_argument("--stop-after-epochs", type=positive_int, default=None,
+                   help="stop after N epochs (finish later with --resume)")
+    t.add_argument("--device", default=None, help=DEVICE_HELP)
     t.set_defaults(func=cmd_train)
 
     for name, fn, hlp in (("summary", cmd_summary, "per-layer table: placement, bits, params, MACs, energy"),
                           ("energy", cmd_energy, "energy per image: FP32, edge, cloud, expected, reduction")):
         e = sub.add_parser(name, help=hlp)
         _net_args(e)
-        e.add_argument("--checkpoint", default=None, help="take the network from a checkpoint instead of flags")
+        e.add_argument("--checkpoint", type=checkpoint_dir, default=None,
+                       help="take the network from a checkpoint instead of flags")
         _energy_args(e)
         if name == "energy":
-            e.add_argument("--exit-rate", type=float, nargs="*", default=None, help="fraction exiting at each exit")
-            e.add_argument("--json", action="store_true")
+            e.add_argument("--exit-rate", type=fraction, nargs="*", default=None,
+                           help="fraction exiting at each exit (default: 0 for each)")
+            e.add_argument("--json", action="store_true", help=JSON_HELP)
         e.set_defaults(func=fn)
 
     v = sub.add_parser("evaluate", help="real conditional inference on a split, with energy from measured exits")
-    v.add_argument("checkpoint")
-    v.add_argument("--data-dir", default=None)
-    v.add_argument("--split", default="test", choices=["test", "val", "train"])
-    v.add_argument("--thresholds", type=float, nargs="*", default=None, help="override the checkpoint's thresholds")
-    v.add_argument("--limit", type=int, default=None, help="the first N images of the split")
-    v.add_argument("--batch-size", type=int, default=500)
-    v.add_argument("--out", default=None, help="write one JSON record per image (JSONL)")
-    v.add_argument("--json", action="store_true")
+    v.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")
+    v.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
+    v.add_argument("--split", default="test", choices=["test", "val", "train"],
+                   help="val and train: the checkpoint's own hold-out and training images")
+    v.add_argument("--thresholds", type=threshold, nargs="*", default=None,
+                   help="exit thresholds, one per exit (default: the checkpoint's exit policy)")
+    v.add_argument("--limit", type=positive_int, default=None, help="the first N images of the split")
+    v.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass")
+    v.add_argument("--out", type=output_file, default=None, help="write one JSON record per image (JSONL)")
+    v.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
+                   help="engine of the edge half (onnx, packed: CPU); the cloud half runs in torch")
+    v.add_argument("--json", action="store_true", help=JSON_HELP)
     v.set_defaults(func=cmd_evaluate)
 
+    x = sub.add_parser("export", help="write the edge half (and for onnx the cloud half) for a device runtime")
+    x.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")
+    x.add_argument("--format", required=True, choices=["onnx", "packed"],
+                   help="onnx: edge.onnx + cloud.onnx (ONNX Runtime); packed: edge.packed.safetensors (1-bit weights)")
+    x.add_argument("--out", required=True, help="output folder (created)")
+    x.set_defaults(func=cmd_export)
+
     c = sub.add_parser("calibrate", help="choose exit thresholds on the validation split for a target")
-    c.add_argument("checkpoint")
-    c.add_argument("--data-dir", default=None)
+    c.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")
+    c.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
     g = c.add_mutually_exclusive_group(required=True)
-    g.add_argument("--max-drop", type=float, help="most exits within this accuracy drop (fraction, e.g. 0.01)")
-    g.add_argument("--exit-fraction", type=float, help="this fraction of samples decided at the edge")
-    g.add_argument("--min-accuracy", type=float, help="lowest energy with at least this accuracy (fraction)")
-    c.add_argument("--plot", default=None, help="PNG of accuracy and energy against the edge fraction")
-    c.add_argument("--dry-run", action="store_true", help="do not write the thresholds into the checkpoint")
-    c.add_argument("--json", action="store_true")
+    g.add_argument("--max-drop", type=fraction, help="most exits within this accuracy drop (fraction, e.g. 0.01)")
+    g.add_argument("--exit-fraction", type=fraction, help="this fraction of samples decided at the edge")
+    g.add_argument("--min-accuracy", type=fraction, help="lowest energy with at least this accuracy (fraction)")
+    c.add_argument("--plot", type=output_file, default=None, help="PNG of accuracy and energy against the edge fraction")
+    w = c.add_mutually_exclusive_group()
+    w.add_argument("--write", action="store_true", help="make the chosen thresholds the checkpoint's exit policy")
+    w.add_argument("--dry-run", action="store_true", help="only print what would change (the default)")
+    c.add_argument("--json", action="store_true", help=JSON_HELP)
     c.set_defaults(func=cmd_calibrate)
 
     w = sub.add_parser("sweep", help="design-space exploration: train, calibrate and evaluate every point of a sweep file")
@@ -277,8 +394,18 @@ def guarded(fn, prog: str = "hybridexit") -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> str:
+    return f"hybridexit: warning: {message}\n"
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    import warnings
+
+    warnings.formatwarning = _one_line_warning  # the CLI prints; library warnings become one line, no source
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a bad argument (one line already printed), --help or --version
+        return e.code if isinstance(e.code, int) else 2
     return guarded(lambda: args.func(args))
 
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from .errors import DatasetError
 
-# Official archives (https://www.cs.toronto.edu/~kriz/cifar.html) and their MD5s, per archive and per member.
+# Official archives (https://www.cs.toronto.edu/~kriz/cifar.html), their MD5s (checked on download) and content checksums.
 DATASETS = {
     "cifar10": {
         "archive": "cifar-10-python.tar.gz",
@@ -34,12 +34,9 @@ DATASETS = {
         "test": ["test_batch"],
         "label_key": "labels",
         "meta": ("batches.meta", "label_names"),
-        "member_md5": {
-            "data_batch_1": "c99cafc152244af753f735de768cd75f", "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
-            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751", "data_batch_4": "634d18415352ddfa80567beed471001a",
-            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb", "test_batch": "40351d587109b95175f43aff81a1287e",
-        },
         "num_classes": 10,
+        # content_checksum(train, test) of the official archive's decoded images and labels (any image order)
+        "content_sha256": "6896d3bfe0fef2407fcae6a1ec4b3b4d6357d704b44d53a0584fad11cd527af7",
         "mean": (0.4914, 0.4822, 0.4465),
         "std": (0.2470, 0.2435, 0.2616),
     },
@@ -52,8 +49,8 @@ DATASETS = {
         "test": ["test"],
         "label_key": "fine_labels",
         "meta": ("meta", "fine_label_names"),
-        "member_md5": {"train": "16019d7e3df5f24257cddd939b257f8d", "test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
         "num_classes": 100,
+        "content_sha256": "1bbae24071b157759a704170f8f69c9f5bd52b7f799fd9fa8fd3468d30a6e476",
         "mean": (0.5071, 0.4865, 0.4409),
         "std": (0.2673, 0.2564, 0.2762),
     },
@@ -100,9 +97,6 @@ class Split:
     def __len__(self):
         return len(self.labels)
 
-    def take(self, idx) -> "Split":
-        return Split(self.images[idx], self.labels[idx], self.name)
-
     def limit(self, n: int | None) -> "Split":
         return self if n is None else Split(self.images[:n], self.labels[:n], self.name)
 
@@ -115,8 +109,9 @@ class Dataset:
     classes: list[str]
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    checksum: str  # sha256 of all pixels and labels, train then test
+    checksum: str  # sha256 of all pixels and labels, train then test (depends on the image order)
     source: str
+    content: str = ""  # order-independent checksum of the decoded images and labels (``content_checksum``)
 
     @property
     def num_classes(self) -> int:
@@ -203,6 +198,12 @@ def load_cifar(name: str, data_dir=None, download_ok: bool = True) -> Dataset:
         raise DatasetError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} or an image folder")
     spec = DATASETS[name]
     root = resolve_data_dir(data_dir)
+    if root.exists() and not root.is_dir():
+        raise DatasetError(f"data folder {root} is a file: give the folder that holds {spec['archive']} or "
+                           f"{spec['folder']}/")
+    if not root.exists() and root != default_cache_dir():  # only the cache is created (a typo is not)
+        raise DatasetError(f"data folder {root} does not exist: create it, or leave --data-dir and HYBRIDEXIT_DATA "
+                           f"unset to use the cache {default_cache_dir()}")
     folder, archive = root / spec["folder"], root / spec["archive"]
     names = spec["train"] + spec["test"] + [spec["meta"][0]]
     if folder.is_dir():
@@ -214,12 +215,6 @@ def load_cifar(name: str, data_dir=None, download_ok: bool = True) -> Dataset:
                                    f"holding {spec['archive']} or its extracted {spec['folder']}/, or set HYBRIDEXIT_DATA")
             download(name, root)
         members, source = _members_from_archive(archive, spec["folder"], names), str(archive)
-        if _md5(archive.read_bytes()) != spec["md5"]:
-            warnings.warn(f"{archive} differs from the official archive (MD5 mismatch); using it anyway", stacklevel=2)
-    differs = [n for n in names if n in spec["member_md5"] and _md5(members[n]) != spec["member_md5"][n]]
-    if differs:
-        warnings.warn(f"{source}: {', '.join(differs)} differ from the official files (MD5); using them anyway",
-                      stacklevel=2)
     parts = {}
     for split in ("train", "test"):
         xs, ys = zip(*(_decode(safe_load_pickle(members[n], f"{source}/{n}"), spec["label_key"], f"{source}/{n}")
@@ -227,8 +222,32 @@ def load_cifar(name: str, data_dir=None, download_ok: bool = True) -> Dataset:
         parts[split] = Split(torch.from_numpy(np.concatenate(xs)), torch.from_numpy(np.concatenate(ys)), split)
     meta = safe_load_pickle(members[spec["meta"][0]], f"{source}/{spec['meta'][0]}")
     classes = [str(c) for c in meta.get(spec["meta"][1], [])] or [str(i) for i in range(spec["num_classes"])]
+    content = content_checksum(parts["train"], parts["test"])
+    if content != spec["content_sha256"]:  # copies in another order or format are fine: pixels and labels decide
+        warnings.warn(f"{source}: the images or labels are not the official {name} content (checksum of the decoded "
+                      f"images differs); using them anyway", DataWarning, stacklevel=2)
     return Dataset(name, parts["train"], parts["test"], classes, spec["mean"], spec["std"],
-                   checksum(parts["train"], parts["test"]), source)
+                   checksum(parts["train"], parts["test"]), source, content)
+
+
+class DataWarning(UserWarning):
+    """A dataset that loads but is not the official content."""
+
+
+def image_ids(images: torch.Tensor) -> torch.Tensor:
+    """A 64-bit content hash of each image (uint8 pixels), as int64: finds the same image in any copy, any order."""
+    arr = images.contiguous().numpy().reshape(len(images), -1)
+    ids = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True) for row in arr]
+    return torch.tensor(ids, dtype=torch.int64)
+
+
+def content_checksum(*splits: Split) -> str:
+    """Order-independent checksum of splits: sha256 over each split's sorted (image hash, label) pairs."""
+    h = hashlib.sha256()
+    for s in splits:
+        pairs = np.stack([image_ids(s.images).numpy(), s.labels.numpy().astype(np.int64)], 1)
+        h.update(pairs[np.lexsort((pairs[:, 1], pairs[:, 0]))].astype("<i8").tobytes())
+    return h.hexdigest()
 
 
 def checksum(*splits: Split) -> str:
@@ -254,7 +273,7 @@ def load_image_files(paths: list[Path], size: int = 32) -> torch.Tensor:
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.BILINEAR)
                 out[i] = np.asarray(im).transpose(2, 0, 1)
-        except OSError as e:
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises on bad files
             raise DatasetError(f"{p}: not a readable image ({e})") from None
     return torch.from_numpy(out)
 
@@ -285,9 +304,37 @@ def train_val_split(train: Split, val_size: int = 5000, seed: int = 0) -> tuple[
         Split(train.images[perm[:val_size]], train.labels[perm[:val_size]], "val")
 
 
-def get_split(ds: Dataset, split: str, val_size: int = 5000, seed: int = 0) -> Split:
+def find_images(pool: Split, ids: torch.Tensor, what: str) -> torch.Tensor:
+    """Indices in ``pool`` of the images whose content hashes are ``ids`` (each pool image used once)."""
+    where: dict[int, list[int]] = {}
+    for i, v in enumerate(image_ids(pool.images).tolist()):
+        where.setdefault(v, []).append(i)
+    idx, missing = [], 0
+    for v in ids.tolist():
+        cands = where.get(v)
+        if cands:
+            idx.append(cands.pop())
+        else:
+            missing += 1
+    if missing:
+        raise DatasetError(f"{missing} of the {len(ids)} {what} images are not in this copy of the data: use the "
+                           f"copy the checkpoint was trained on (its data checksum is in its config.json)")
+    return torch.tensor(idx, dtype=torch.long)
+
+
+def get_split(ds: Dataset, split: str, val_size: int = 5000, seed: int = 0, val_ids: torch.Tensor | None = None) -> Split:
+    """A split of the dataset. ``val_ids`` (a checkpoint's record of its validation images by content) finds
+    the validation split by content, so it is the same in any copy of the data in any order; without it the
+    split is derived from ``seed`` and image positions (new training runs, which then record it)."""
     if split == "test":
         return ds.test
+    if val_ids is not None and split in ("val", "train"):
+        vi = find_images(ds.train, val_ids, "validation")
+        if split == "val":
+            return Split(ds.train.images[vi], ds.train.labels[vi], "val")
+        keep = torch.ones(len(ds.train), dtype=torch.bool)
+        keep[vi] = False
+        return Split(ds.train.images[keep], ds.train.labels[keep], "train")
     tr, va = train_val_split(ds.train, val_size, seed)
     if split == "val":
         return va

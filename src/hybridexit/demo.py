@@ -16,12 +16,13 @@ import torch
 
 from .cli import guarded
 from .energy import energy_report, summary_table
-from .hybrid import HybridNet, conditional_inference, decided_label
+from .hybrid import HybridNet, conditional_inference
+from .records import decisions_from
 from .resnet import HybridConfig
 
 
 def offline_demo() -> None:
-    cfg = HybridConfig(depth=32, num_classes=10, edge_layers=20, edge_bits=1, exits=(20,), thresholds=(0.5,))
+    cfg = HybridConfig(depth=32, num_classes=10, edge_layers=20, edge_bits=1, exits=(20,))
     report = energy_report(cfg)
     print(f"== {cfg.name}: per-layer summary ==")
     print(summary_table(report))
@@ -33,12 +34,12 @@ def offline_demo() -> None:
     edge, cloud = model.split()
     calls = []
     cloud.register_forward_pre_hook(lambda m, inp: calls.append(inp[0].shape[0]))
-    x = torch.randn(16, 3, 32, 32)
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8)
     res = edge.decide(x, [0.5])
     thr = float(res.entropies[:, 0].median())
     dec = conditional_inference(edge, cloud, x, [thr])
     print(f"\n== conditional inference on a batch of 16 (untrained weights, threshold = median entropy {thr:.3f}) ==")
-    print("decided at:", [decided_label(int(v)) for v in dec.decided_at])
+    print("decided at:", [d.decided_at for d in decisions_from(dec, torch.full((16,), -1), 0)])
     print(f"cloud half called {len(calls)} time(s) on {sum(calls)} of 16 samples")
 
 

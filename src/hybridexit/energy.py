@@ -56,6 +56,7 @@ class LayerCount:
     weight_bits: int
     act_read_bits: int
     act_write_bits: int
+    block: int | None = None  # index of the residual block the layer belongs to (None: stem, exits, head)
 
     def compute_pj(self, t: EnergyTable) -> float:
         return self.macs * t.mac_pj(self.bits) + self.adds * t.add32_pj
@@ -64,15 +65,16 @@ class LayerCount:
         return (self.weight_bits + self.act_read_bits + self.act_write_bits) * t.mem_pj_per_bit
 
 
-def _placement(name: str, cfg: HybridConfig) -> str:
-    parts = name.split(".")
-    if parts[0] == "stem":
-        return "edge"
-    if parts[0] == "blocks":
-        return "edge" if int(parts[1]) < cfg.edge_blocks else "cloud"
-    if parts[0] == "exits":
-        return f"exit:{cfg.exits.index(int(parts[1]))}"
-    return "cloud"
+def _structure(model: nn.Module) -> dict[str, tuple[str, int | None]]:
+    """Module name -> (placement, block index), from the modules themselves: a module's ``placement`` attribute
+    (set by ``HybridNet`` from where it sits: edge, cloud, exit:k) or its nearest ancestor's, and the index of
+    the block in ``model.blocks`` that holds it. Names are only keys here: renaming a module changes nothing."""
+    block_of = {id(b): i for i, b in enumerate(model.blocks)}
+    out: dict[str, tuple[str, int | None]] = {}
+    for name, m in model.named_modules():
+        parent = out.get(name.rsplit(".", 1)[0] if "." in name else "", ("cloud", None))
+        out[name] = (getattr(m, "placement", parent[0]), block_of.get(id(m), parent[1]))
+    return out
 
 
 def count_layers(model: nn.Module) -> list[LayerCount]:
@@ -80,27 +82,29 @@ def count_layers(model: nn.Module) -> list[LayerCount]:
     cfg: HybridConfig = model.cfg
     rows: list[LayerCount] = []
     hooks = []
+    where = _structure(model)
 
     def hook(name, mod):
         def fn(m, inp, out):
             x = inp[0]
-            place = _placement(name, cfg)
+            place, block = where[name]
             bits = int(getattr(m, "bits", 32))
             if isinstance(m, nn.Conv2d):
                 k = (m.in_channels // m.groups) * m.kernel_size[0] * m.kernel_size[1]
                 macs = out.numel() * k
                 adds = out.numel() if m.bias is not None else 0
                 rows.append(LayerCount(name, "conv", place, bits, m.weight.numel(), macs, adds,
-                                       m.weight.numel() * bits, x.numel() * bits, out.numel() * 32))
+                                       m.weight.numel() * bits, x.numel() * bits, out.numel() * 32, block))
             elif isinstance(m, nn.Linear):
                 rows.append(LayerCount(name, "linear", place, 32, sum(p.numel() for p in m.parameters()),
                                        out.numel() * m.in_features, out.numel() if m.bias is not None else 0,
-                                       m.weight.numel() * 32, x.numel() * 32, out.numel() * 32))
+                                       m.weight.numel() * 32, x.numel() * 32, out.numel() * 32, block))
             elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
-                rows.append(LayerCount(name, "pool", place, 32, 0, 0, x.numel(), 0, x.numel() * 32, out.numel() * 32))
+                rows.append(LayerCount(name, "pool", place, 32, 0, 0, x.numel(), 0, x.numel() * 32, out.numel() * 32,
+                                       block))
             elif isinstance(m, BasicBlock):
                 rows.append(LayerCount(name + ".add", "add", place, 32, 0, 0, out.numel(), 0,
-                                       2 * out.numel() * 32, out.numel() * 32))
+                                       2 * out.numel() * 32, out.numel() * 32, block))
         return fn
 
     for name, m in model.named_modules():
@@ -185,15 +189,13 @@ def _sum_uj(rows, table, pred, memory=False) -> float:
 
 
 def _edge_path(rows, cfg: HybridConfig, k: int):
-    """Rows paid by a sample that stops at exit k: stem, blocks up to the exit, exits 0..k."""
-    last_block = cfg.exits[k] // 2 - 1
+    """Rows paid by a sample that stops at exit k: the edge up to the exit's block (stem included), exits 0..k."""
+    last_block = cfg.exit_block(k)
 
     def pred(r):
         if r.placement.startswith("exit:"):
             return int(r.placement[5:]) <= k
-        if r.name == "stem":
-            return True
-        return r.name.startswith("blocks.") and int(r.name.split(".")[1]) <= last_block
+        return r.placement == "edge" and (r.block is None or r.block <= last_block)
     return pred
 
 
@@ -205,7 +207,7 @@ def energy_report(model_or_cfg, table: EnergyTable | None = None) -> EnergyRepor
     model = model_or_cfg if isinstance(model_or_cfg, nn.Module) else HybridNet(model_or_cfg)
     cfg = model.cfg
     rows = count_layers(model)
-    fp_cfg = cfg.replace(edge_layers=0, edge_bits=32, exits=(), thresholds=())
+    fp_cfg = cfg.replace(edge_layers=0, edge_bits=32, exits=())
     fp_rows = count_layers(HybridNet(fp_cfg))
     on_edge = lambda r: r.placement != "cloud"  # noqa: E731
     on_cloud = lambda r: r.placement == "cloud"  # noqa: E731

@@ -38,8 +38,13 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=1)
 
 
+def exit_rule(entropies: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The exit rule on entropies: a sample stops when its exit's entropy is strictly below ``threshold``."""
+    return entropies < threshold
+
+
 def exits_here(logits: torch.Tensor, threshold: float, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The exit rule: a sample stops when the entropy of its exit's softmax(logits / temperature) is strictly
-    below ``threshold``. Returns (stop mask, entropies). Every copy of the rule calls this function."""
+    """The exit rule on an exit's logits: entropy of softmax(logits / temperature), then ``exit_rule``.
+    Returns (stop mask, entropies). Every place that decides an exit calls this or ``exit_rule``."""
     h = entropy(logits if temperature == 1.0 else logits.float() / temperature)
-    return h < threshold, h
+    return exit_rule(h, threshold), h

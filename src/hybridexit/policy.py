@@ -112,7 +112,7 @@ def write_policy(ckpt, policy: ExitPolicy) -> ExitPolicy | None:
     """Make ``policy`` the checkpoint's current one; the previous one (if any) goes to the history. Returns it."""
     previous = read_policy(ckpt)
     history = policy_history(ckpt)
-    if previous is not None:
+    if previous is not None and previous != policy:  # (a migrated policy written as it is has no history)
         history.append(previous.to_dict())
     body = {"format": FORMAT, "current": policy.to_dict(), "history": history}
     f = _file(ckpt)

@@ -13,8 +13,7 @@ CIFAR ResNet (subsample + zero channel padding) and are added in float.
 from __future__ import annotations
 
 import dataclasses
-import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +39,14 @@ class HybridConfig:
     width: int = 16
     in_channels: int = 3
     image_size: int = 32
-    thresholds: tuple[float, ...] = field(default=())
+    # preprocessing travels with the model: images in [0, 1] are standardized per channel by the network itself
+    mean: tuple[float, ...] = (0.0, 0.0, 0.0)
+    std: tuple[float, ...] = (1.0, 1.0, 1.0)
 
     def __post_init__(self):
         object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
-        object.__setattr__(self, "thresholds", tuple(float(t) for t in self.thresholds))
+        object.__setattr__(self, "mean", tuple(float(v) for v in self.mean))
+        object.__setattr__(self, "std", tuple(float(v) for v in self.std))
         if self.depth not in DEPTHS and (self.depth - 2) % 6 != 0 or self.depth < 8:
             raise ConfigError(f"depth {self.depth} is not a CIFAR ResNet depth 6n+2 (e.g. {', '.join(map(str, DEPTHS))})")
         total = self.conv_layers
@@ -64,8 +66,9 @@ class HybridConfig:
                 raise ConfigError(
                     f"exit at layer {e} is not allowed: exits sit at the edge on a block boundary, an even layer "
                     f"from 2 to edge_layers={self.edge_layers}")
-        if self.thresholds and len(self.thresholds) != len(self.exits):
-            raise ConfigError(f"{len(self.thresholds)} thresholds given for {len(self.exits)} exits: give one per exit")
+        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels or min(self.std) <= 0:
+            raise ConfigError(f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
+                              f"({self.in_channels}), std > 0")
 
     @property
     def blocks_per_stage(self) -> int:
@@ -91,19 +94,38 @@ class HybridConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["exits"] = list(self.exits)
-        d["thresholds"] = list(self.thresholds)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HybridConfig":
+    def from_dict(cls, d: dict, data: dict | None = None) -> "HybridConfig":
+        """Rebuild from ``to_dict()``. Configs written before the exit policy and preprocessing moved: their
+        ``thresholds`` are dropped here (``policy.read_policy`` reads them), and their mean/std come from ``data``
+        (the checkpoint's dataset record)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"a network config is a JSON object, got {type(d).__name__}")
+        d = {k: v for k, v in d.items() if k != "thresholds"}
+        if "mean" not in d and data and "mean" in data:
+            d["mean"], d["std"] = data["mean"], data["std"]
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:
             raise ConfigError(f"unknown network config keys {sorted(unknown)}; known: {sorted(known)}")
         return cls(**d)
 
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
+    # The one place where paper layer counts meet block indices and exit keys (block b ends at layer 2(b+1)).
+    def exit_block(self, j: int) -> int:
+        """Index of the block after which exit ``j`` (0-based, in order) sits."""
+        return self.exits[j] // 2 - 1
+
+    def exit_key(self, j: int) -> str:
+        """Name of exit ``j``'s head in the network (``exits.<layer>`` in state dicts)."""
+        return str(self.exits[j])
+
+    def exit_after_block(self, b: int) -> int | None:
+        """The exit (0-based) that sits after block ``b``, or None."""
+        layer = 2 * (b + 1)
+        return self.exits.index(layer) if layer in self.exits else None
 
 
 class BasicBlock(nn.Module):
@@ -138,6 +160,7 @@ class BlockSpec:
 
     @property
     def end_layer(self) -> int:
+        """The paper's layer count at the end of this block (block b ends at layer 2(b+1))."""
         return 2 * (self.index + 1)
 
 
@@ -159,6 +182,22 @@ def edge_feature_shape(cfg: HybridConfig) -> tuple[int, int, int]:
         return (cfg.width, cfg.image_size, cfg.image_size)
     s = block_specs(cfg)[cfg.edge_blocks - 1]
     return (s.out_ch, s.out_size, s.out_size)
+
+
+class Normalize(nn.Module):
+    """The network's first module: uint8 images (0-255) or float images in [0, 1] -> standardized float.
+
+    Exactly the arithmetic training always used (``(x / 255 - mean) / std``), output channels-last, so raw images
+    are the interface of every entry point (training, evaluation, the edge runtime)."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x):
+        x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
 
 
 def make_stem(cfg: HybridConfig) -> nn.Conv2d:

@@ -21,9 +21,10 @@ from __future__ import annotations
 import contextlib
 import math
 import socket
-import sys
+import ssl
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,7 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DatasetError, HybridExitError
-from ..hybrid import FALLBACK, Decisions
+from ..hybrid import FALLBACK, Decisions, resolve_thresholds
 from . import wire
 
 RAW_IMAGE_BYTES = 3 * 32 * 32  # a CIFAR image as uint8: what sending the input itself would cost
@@ -51,6 +52,10 @@ class CloudError(HybridExitError):
         e.__dict__.update(self.__dict__)
         e.args = (f"{prefix}{self}{suffix}",)
         return e
+
+
+class CloudDownWarning(UserWarning):
+    """The cloud could not be reached; the edge goes on under the fallback policy."""
 
 
 class CloudUnavailable(CloudError):
@@ -79,6 +84,8 @@ class EdgeOptions:
     on_cloud_failure: str = "fallback"
     thresholds: tuple[float, ...] | None = None
     device: str | None = None
+    ca: str | None = None  # CA certificate (PEM) that signed an https server's certificate; None: the system's
+    engine: str = "torch"  # the edge half's engine (hybridexit.engines): torch, onnx or packed
 
     def __post_init__(self):
         wire.check_codec(self.codec)
@@ -90,6 +97,8 @@ class EdgeOptions:
             raise ConfigError("retries, retry_backoff_ms and cooldown_s must be >= 0 and timeout_s > 0")
         if not self.cloud_url.startswith(("http://", "https://")):
             raise ConfigError(f"cloud URL {self.cloud_url!r} must start with http:// or https://")
+        if self.ca is not None:
+            tls_context(self.ca)  # a file that is not a CA certificate is refused now, not at the first request
 
 
 @dataclass
@@ -112,17 +121,36 @@ def _error_text(r) -> tuple[str, str]:
         return f"http_{r.status_code}", r.text[:200]
 
 
+def tls_context(ca: str | None = None) -> ssl.SSLContext:
+    """Verification of https servers: the system's CA certificates, or only ``ca`` (a PEM file) when given."""
+    try:
+        return ssl.create_default_context(cafile=ca)
+    except (ssl.SSLError, OSError) as e:
+        raise ConfigError(f"cannot use CA certificate {ca} ({e}): a PEM file expected") from None
+
+
+def _root(e: BaseException) -> BaseException:
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    return e
+
+
+def _is_certificate_error(e: BaseException) -> bool:
+    return isinstance(_root(e), ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
+
+
 class CloudClient:
     """HTTP client of the cloud server: wire frames, bearer token, bounded retries, cool-down after failure."""
 
     def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0, retries: int = 2,
-                 retry_backoff_ms: float = 100.0, cooldown_s: float = 5.0):
+                 retry_backoff_ms: float = 100.0, cooldown_s: float = 5.0, ca: str | None = None):
         import httpx
 
         self.url = url.rstrip("/")
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         # TCP_NODELAY: request headers and body are separate writes; Nagle + delayed ACK would stall the body
-        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                                        verify=tls_context(ca))
         self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s),
                                   transport=transport)
         self._httpx = httpx
@@ -153,6 +181,9 @@ class CloudClient:
             try:
                 r = self._http.request(method, path, **kw)
             except self._httpx.TransportError as e:
+                if _is_certificate_error(e):  # retrying cannot fix a certificate: stop, whatever the policy
+                    raise CloudRejected(f"TLS: cannot verify the certificate of {self.url} ({_root(e)}); pass --ca "
+                                        f"with the CA that signed it", 0, "tls_verify_failed", attempt + 1) from None
                 last = f"{type(e).__name__}: {e or 'no detail'}"
                 continue
             if r.status_code < 400:
@@ -235,17 +266,22 @@ def _split_bytes(total: int, n: int) -> list[int]:
 class EdgeRunner:
     """Runs the edge half of a checkpoint and talks to the cloud for the samples that do not exit."""
 
-    def __init__(self, model, mean, std, fingerprint: str, options: EdgeOptions, cloud: CloudClient | None = None):
+    def __init__(self, model, policy, fingerprint: str, options: EdgeOptions, cloud: CloudClient | None = None,
+                 classes: list[str] | None = None):
         self.opt = options
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         edge, _ = model.split()
-        self.edge = edge.eval().to(self.device)
+        from ..engines import get_engine
+
+        self.edge = get_engine(options.engine, edge.eval().to(self.device))
         self.cfg = model.cfg
-        self.thresholds = self.edge.resolve_thresholds(options.thresholds)
-        self.mean, self.std = tuple(mean), tuple(std)
+        given = options.thresholds if options.thresholds is not None else (policy.thresholds if policy else None)
+        self.thresholds = resolve_thresholds(self.cfg, given)
+        self.temperatures = (policy.temperatures or None) if policy else None
+        self.classes = classes
         self.fingerprint = fingerprint
         self.cloud = cloud or CloudClient(options.cloud_url, options.token, options.timeout_s, options.retries,
-                                          options.retry_backoff_ms, options.cooldown_s)
+                                          options.retry_backoff_ms, options.cooldown_s, options.ca)
         self.stats = EdgeStats()
 
     def check_cloud(self) -> dict | None:
@@ -254,12 +290,14 @@ class EdgeRunner:
         try:
             info = self.cloud.info()
         except CloudRejected as e:
-            raise e.with_context("", ". Check --token / HYBRIDEXIT_TOKEN and the --cloud URL") from None
+            if e.code == "tls_verify_failed":
+                raise
+            raise e.with_context("", ". Check --token-file / HYBRIDEXIT_TOKEN and the --cloud URL") from None
         except CloudUnavailable as e:
             if self.opt.on_cloud_failure == "error":
                 raise
-            print(f"hybridexit edge: warning: {e}; samples that do not exit will fall back to the edge's answer "
-                  f"while the cloud is down", file=sys.stderr)
+            warnings.warn(f"{e}; samples that do not exit will fall back to the edge's answer while the cloud is "
+                          f"down", CloudDownWarning, stacklevel=2)
             return None
         if info.get("fingerprint") != self.fingerprint:
             raise CloudRejected(
@@ -271,16 +309,11 @@ class EdgeRunner:
                                 f"{list(self.edge.feature_shape)}", 409, wire.WrongShape.code)
         return info
 
-    def _preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        from ..evaluate import prepare_images  # the exact preprocessing of in-process evaluation
-
-        return prepare_images(images, self.mean, self.std, self.device)
-
     def run_batch(self, images: torch.Tensor, labels: torch.Tensor, start: int) -> list[dict]:
-        from ..evaluate import records_from
+        from ..records import decisions_from
 
         t0 = time.perf_counter()
-        r = self.edge.decide(self._preprocess(images), self.thresholds)
+        r = self.edge.decide(images.to(self.device), self.thresholds, self.temperatures)
         t_edge = time.perf_counter()
         preds, decided = r.predictions.cpu().clone(), r.decided_at.cpu().clone()
         remaining = r.remaining.cpu().tolist()
@@ -326,7 +359,8 @@ class EdgeRunner:
                     preds[i] = cloud_preds[j]
                     lat[i] = (t_done - t0) * 1000.0
                     sent[i] = b
-        recs = records_from(Decisions(preds, decided, r.entropies.cpu()), labels, start)
+        decisions = decisions_from(Decisions(preds, decided, r.entropies.cpu()), labels, start)
+        recs = [d.to_json(self.classes) for d in decisions]
         for i, rec in enumerate(recs):
             rec["latency_ms"] = round(lat[i], 3)
             rec["payload_bytes"] = sent[i]
@@ -358,15 +392,23 @@ class Inputs:
     labels: torch.Tensor  # int64 (N,), -1 when unknown
     paths: list[str] | None = None
     description: str = ""
+    errors: dict[int, str] = field(default_factory=dict)  # index -> why that input could not be read
 
     @property
     def labelled(self) -> bool:
         return bool((self.labels >= 0).all())
 
+    def head(self, n: int | None) -> Inputs:
+        """The first ``n`` inputs (all when None)."""
+        if n is None:
+            return self
+        return Inputs(self.images[:n], self.labels[:n], self.paths[:n] if self.paths is not None else None,
+                      self.description, {i: e for i, e in self.errors.items() if i < n})
+
 
 def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inputs:
     """A folder of image files: ``FOLDER/*.png`` (unlabelled) or ``FOLDER/<class>/*.png`` with class names from
-    the checkpoint (labelled)."""
+    the checkpoint (labelled). A file that cannot be read stays an input, with its reason in ``errors``."""
     from ..data import IMAGE_EXTS, load_image_files
 
     root = Path(folder)
@@ -392,8 +434,40 @@ def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inp
         paths, labels = flat, [-1] * len(flat)
     else:
         raise DatasetError(f"no images in {root} (extensions {', '.join(IMAGE_EXTS)})")
-    return Inputs(load_image_files(paths, size), torch.tensor(labels, dtype=torch.long),
-                  [str(p.relative_to(root)) for p in paths], f"images in {root}")
+    images = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
+    errors = {}
+    for i, p in enumerate(paths):
+        try:
+            images[i] = load_image_files([p], size)[0]
+        except DatasetError as e:
+            errors[i] = str(e)
+    return Inputs(images, torch.tensor(labels, dtype=torch.long), [str(p.relative_to(root)) for p in paths],
+                  f"images in {root}", errors)
+
+
+def unreadable_record(index: int, label: int, error: str, classes: list[str] | None = None) -> dict:
+    """The record of an input that could not be read: no prediction, the reason in ``error``."""
+    rec = {"index": index, "label": label, "prediction": None, "decided_at": "unreadable", "entropies": []}
+    if classes:
+        rec["prediction_name"] = None
+        rec["label_name"] = classes[label] if 0 <= label < len(classes) else None
+    return {**rec, "latency_ms": 0.0, "payload_bytes": 0, "error": error}
+
+
+def _records_in_order(runner: EdgeRunner, inputs: Inputs, progress: bool):
+    """One record per input, in input order: the readable ones run (in batches), the others get their error."""
+    if not inputs.errors:
+        yield from runner.iter_records(inputs.images, inputs.labels, 0, progress)
+        return
+    ok = [i for i in range(len(inputs.labels)) if i not in inputs.errors]
+    run = runner.iter_records(inputs.images[ok], inputs.labels[ok], 0, progress)
+    for i in range(len(inputs.labels)):
+        if i in inputs.errors:
+            yield unreadable_record(i, int(inputs.labels[i]), inputs.errors[i], runner.classes)
+        else:
+            rec = next(run)
+            rec["index"] = i
+            yield rec
 
 
 # ---------------------------------------------------------------------------------------------- summary
@@ -401,15 +475,27 @@ def _pct(values, q):
     return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
 
 
-def edge_summary(records: list[dict], report, stats: EdgeStats | None = None, options: EdgeOptions | None = None,
-                 labelled: bool = True) -> dict:
-    """``evaluate.summarize`` plus bytes, latency and what the cloud did."""
-    from ..evaluate import summarize
+def edge_summary(records: list[dict], report, thresholds, stats: EdgeStats | None = None,
+                 options: EdgeOptions | None = None, labelled: bool = True) -> dict:
+    """``records.summarize`` plus bytes, latency and what the cloud did. ``inputs`` counts every input,
+    ``unreadable_inputs`` those that could not be read (no answer: left out of every other figure), and
+    ``fallback_inputs`` those the edge answered alone because the cloud failed. Fallbacks are no saving: they
+    needed the cloud, so ``expected_uj`` and ``reduction`` charge them its cost (the energy of the system as
+    designed at the measured exit rates); ``spent_uj`` is what was actually computed per input."""
+    from ..records import Decision, summarize
 
-    s = summarize(records, report, None)
+    unreadable = sum(r["decided_at"] == "unreadable" for r in records)
+    records = [r for r in records if r["decided_at"] != "unreadable"]
+    s = summarize([Decision.from_json(r) for r in records], report, thresholds, None)
     if not labelled:
         s["accuracy"] = None
     n = len(records)
+    fell = sum(r["decided_at"] == "fallback" for r in records)
+    s.update({"inputs": n + unreadable, "unreadable_inputs": unreadable, "fallback_inputs": fell})
+    if fell:
+        designed = report.expected_uj(s["exit_fraction"])
+        s.update({"expected_uj": designed, "reduction": report.fp32_uj / designed,
+                  "spent_uj": designed - fell / n * report.cloud_uj})
     total = sum(r["payload_bytes"] for r in records)
     sent = [r for r in records if r["payload_bytes"] > 0]
     lat = [r["latency_ms"] for r in records]
@@ -453,19 +539,36 @@ def _fmt_ms(a, b):
     return "n/a" if a is None else f"{a:.1f} / {b:.1f} ms"
 
 
+def _energy_rows(s: dict) -> list[tuple[str, str]]:
+    """Energy of the system as designed. Fallbacks skipped the cloud because it failed, not by design: they are
+    charged the cloud's cost (edge_summary), and the rows say so."""
+    fb = s.get("fallback_inputs", 0)
+    costs = f"edge {s['edge_uj']:.2f}, cloud {s['cloud_uj']:.2f}; all-FP32 {s['fp32_uj']:.2f}"
+    exp, red = s["expected_uj"], s["reduction"]
+    energy = "n/a" if exp is None else f"{exp:.2f} uJ  ({costs})"
+    reduction = "n/a" if red is None or not math.isfinite(red) else f"{red:.2f} x"
+    if fb and exp is not None:
+        energy += f"; spent {s['spent_uj']:.2f} uJ, the fallbacks on the edge alone"
+        reduction += f"  (the {fb} fallbacks charged as cloud answers: skipping a failed cloud is not a saving)"
+    return [("energy per image", energy), ("energy reduction", reduction)]
+
+
 def format_summary(s: dict) -> str:
-    """The summary as a two-column table."""
+    """The summary as a two-column table; under cloud failure its second row says how many inputs fell back."""
     exits = ", ".join(f"exit {k}: {_fmt_pct(f)}" for k, f in enumerate(s["exit_fraction"]))
     per_off = s["payload_bytes_per_offloaded"]
-    rows = [
-        ("inputs", f"{s['n']}"),
-        ("accuracy", _fmt_pct(s["accuracy"])),
+    fb, bad = s.get("fallback_inputs", 0), s.get("unreadable_inputs", 0)
+    rows = [("inputs", f"{s.get('inputs', s['n'])}" + (f"  ({bad} unreadable: no answer, see their records' error)"
+                                                       if bad else ""))]
+    if fb:
+        rows.append(("FELL BACK", f"{fb} of {s['n']} inputs ({_fmt_pct(fb / s['n'])}): the cloud failed, the edge's "
+                                  f"last exit answered"))
+    rows += [
+        ("accuracy" + (" (fallbacks included)" if fb else ""), _fmt_pct(s["accuracy"])),
         ("decided at the edge", f"{_fmt_pct(s['edge_fraction'])}" + (f"  ({exits})" if exits else "")),
         ("answered by the cloud", _fmt_pct(s["cloud_fraction"])),
         ("fallback (cloud failed)", _fmt_pct(s["fallback_fraction"])),
-        ("energy per image", (f"{s['expected_uj']:.2f} uJ  (edge {s['edge_uj']:.2f}, cloud {s['cloud_uj']:.2f}; "
-                             f"all-FP32 {s['fp32_uj']:.2f})")),
-        ("energy reduction", "n/a" if not math.isfinite(s["reduction"]) else f"{s['reduction']:.2f} x"),
+        *_energy_rows(s),
         ("bytes sent per input", f"{s['payload_bytes_per_input']:.0f} B"),
         ("bytes per offloaded input", "n/a" if per_off is None else
          f"{per_off:.0f} B  (raw image {s['raw_image_bytes']} B: {per_off / s['raw_image_bytes']:.2f} x)"),
@@ -500,14 +603,12 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
     from ..energy import energy_report
 
     model, meta = load_model(checkpoint)
-    d = meta.get("data", {})
-    if "mean" not in d or "std" not in d:
-        raise ConfigError(f"checkpoint {checkpoint} has no data mean/std in config.json: cannot normalize inputs")
-    runner = EdgeRunner(model, d["mean"], d["std"], fingerprint(checkpoint), options)
+    runner = EdgeRunner(model, meta["policy"], fingerprint(checkpoint), options,
+                        classes=meta.get("data", {}).get("classes"))
     recs: list[dict] = []
     with open(out, "w") if out else contextlib.nullcontext() as f, runner.cloud:
         runner.check_cloud()
-        for rec in runner.iter_records(inputs.images, inputs.labels, 0, progress):
+        for rec in _records_in_order(runner, inputs, progress):
             if inputs.paths is not None:
                 rec["path"] = inputs.paths[rec["index"]]
             recs.append(rec)
@@ -516,6 +617,5 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
                 f.flush()
             if on_record:
                 on_record(rec)
-    cfg = model.cfg.replace(thresholds=runner.thresholds)
-    summary = edge_summary(recs, energy_report(cfg), runner.stats, options, inputs.labelled)
+    summary = edge_summary(recs, energy_report(model.cfg), runner.thresholds, runner.stats, options, inputs.labelled)
     return summary, recs
