@@ -133,3 +133,60 @@ def test_packed_engine_refuses_non_binary_edges():
     edge, _ = HybridNet(HybridConfig(depth=14, edge_layers=4, edge_bits=4, exits=(4,))).split()
     with pytest.raises(EngineError, match="binary"):
         PackedEdge.from_edge(edge)
+
+
+def test_cli_export_and_evaluate_on_every_engine(tmp_path, tiny_cifar, capsys):
+    import json
+
+    from hybridexit.checkpoint import save_model
+    from hybridexit.cli import main
+    from hybridexit.data import load_cifar
+    from hybridexit.engines import available_engines
+
+    model = _random_binary_net()
+    ck = str(tmp_path / "ck")
+    save_model(ck, model, {"data": {"name": "cifar10"}})
+    images = load_cifar("cifar10", tiny_cifar).test.images
+    thr = [f"{t:.9g}" for t in _thresholds(model.split()[0], images)]
+    assert main(["export", ck, "--format", "packed", "--out", str(tmp_path / "x")]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    assert exported["edge_bytes"] < exported["edge_float_bytes"] / 2  # float exit heads dominate this tiny edge
+    assert PackedEdge.load(tmp_path / "x" / "edge.packed.safetensors").cfg == model.cfg
+    recs = {}
+    for engine in available_engines(model.cfg):
+        out = tmp_path / f"{engine}.jsonl"
+        assert main(["evaluate", ck, "--data-dir", str(tiny_cifar), "--thresholds", *thr, "--engine", engine,
+                     "--json", "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out)["engine"] == engine
+        recs[engine] = [(r["decided_at"], r["prediction"]) for r in map(json.loads, out.read_text().splitlines())]
+    assert len({r[0] for r in recs["torch"]}) == 3  # exit 0, exit 1 and cloud all occur
+    for engine, r in recs.items():
+        assert r == recs["torch"], engine
+
+
+def test_edge_runtime_on_packed_engine_sends_the_same_records(tmp_path):
+    pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from test_runtime import TOKEN, ThreadServer
+
+    from hybridexit.checkpoint import save_model
+    from hybridexit.policy import ExitPolicy, write_policy
+    from hybridexit.runtime.client import EdgeOptions, Inputs, run_edge
+    from hybridexit.runtime.server import ServerSettings
+
+    model = _random_binary_net()
+    images = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    ck = tmp_path / "ck"
+    save_model(ck, model, {"data": {"name": "cifar10", "classes": [f"c{i}" for i in range(10)]}})
+    write_policy(ck, ExitPolicy(tuple(_thresholds(model.split()[0], images))))
+    srv = ThreadServer(ck, ServerSettings(max_batch=8, max_wait_ms=2, token=TOKEN))
+    try:
+        recs = {engine: run_edge(ck, Inputs(images, torch.zeros(16, dtype=torch.long)),
+                                 EdgeOptions(srv.url, token=TOKEN, batch_size=4, engine=engine))[1]
+                for engine in ("torch", "packed")}
+    finally:
+        srv.stop()
+    assert {r["decided_at"] for r in recs["torch"]} == {"exit:0", "exit:1", "cloud"}
+    for got, want in zip(recs["packed"], recs["torch"]):
+        assert (got["decided_at"], got["prediction"]) == (want["decided_at"], want["prediction"])
+        assert got["entropies"] == pytest.approx(want["entropies"], rel=1e-4, abs=1e-5)

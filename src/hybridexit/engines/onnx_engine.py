@@ -44,6 +44,12 @@ class OnnxEdge:
 
         return cls(edge.cfg, edge_model(edge).SerializeToString(), threads)
 
+    @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        from ..resnet import edge_feature_shape
+
+        return edge_feature_shape(self.cfg)
+
     def save(self, path) -> None:
         with open(path, "wb") as f:
             f.write(self.model_bytes)

@@ -130,6 +130,10 @@ class PackedEdge:
         return cls(HybridConfig.from_dict(json.loads(meta["network"])), load_file(str(path)), isa)
 
     @property
+    def feature_shape(self) -> tuple[int, int, int]:
+        return self.shell.feature_shape
+
+    @property
     def isa_name(self) -> str:
         return self.kernels.isa_name(self.isa)
 
