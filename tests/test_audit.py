@@ -1,0 +1,91 @@
+"""The audited edge's controller on synthetic streams whose disagreement is known."""
+
+import pytest
+import torch
+
+from hybridexit.errors import ConfigError
+from hybridexit.policy import ExitPolicy
+from hybridexit.runtime.audit import AuditController, AuditSettings, ladder, policy_eps, simulate_audited
+
+LEVELS = [(0.05,), (0.1,), (0.3,), (0.6,)]  # level 4 = the calibrated thresholds
+EPS = 0.05
+
+
+def _stream(n, slope, g):
+    """One exit with entropy h ~ U(0, 1) that predicts class 0; the full network says 1 (disagrees) with
+    probability slope * h. Share of disagreeing exits at threshold t: slope * t / 2."""
+    h = torch.rand(n, 1, generator=g)
+    final = (torch.rand(n, generator=g) < slope * h[:, 0]).long()
+    return torch.zeros(n, 1, dtype=torch.long), final, h
+
+
+def _cat(*parts):
+    return tuple(torch.cat(x) for x in zip(*parts))
+
+
+def _controller(rate=0.05, seed=0):
+    return AuditController(list(LEVELS), AuditSettings(rate=rate, eps=EPS, seed=seed))
+
+
+def test_clean_stream_audit_changes_no_decision():
+    preds, final, h = _stream(20_000, 0.05, torch.Generator().manual_seed(0))  # 1.5 % at the top level
+    ctl = _controller()
+    recs = simulate_audited(preds, final, h, ctl)
+    assert ctl.adaptations == [] and ctl.audits > 200
+    exited = (h[:, 0] < LEVELS[-1][0])
+    assert [r["decided_at"] for r in recs] == torch.where(exited, 0, -1).tolist()
+    assert [r["prediction"] for r in recs] == torch.where(exited, preds[:, 0], final).tolist()
+    assert all(r["thresholds"] == [0.6] for r in recs)
+    assert ctl.audits == sum(r["audited"] for r in recs) and 0.03 < ctl.audits / int(exited.sum()) < 0.07
+
+
+def test_shift_midway_is_detected_and_every_input_keeps_its_record():
+    g = torch.Generator().manual_seed(1)
+    clean, shifted = _stream(5000, 0.05, g), _stream(15_000, 1.0, g)  # shifted: 30 % at the top level
+    preds, final, h = _cat(clean, shifted)
+    ctl = _controller()
+    recs = simulate_audited(preds, final, h, ctl)
+    assert [r["index"] for r in recs] == list(range(20_000))  # one record per input, in order
+    first = ctl.adaptations[0]
+    assert first.kind == "tighten" and 5000 <= first.index < 5000 + 1500  # stated: first step within 1500 inputs
+    last_tighten = max(a.index for a in ctl.adaptations if a.kind == "tighten")
+    assert last_tighten < 5000 + 8000  # stated: settled (at level 2, 5 % disagreement) within 8000 inputs
+    after = [r for r in recs[last_tighten + 1:] if r["decided_at"] >= 0]
+    share = sum(r["prediction"] != f for r, f in zip(after, final[[r["index"] for r in after]].tolist())) / len(after)
+    assert share <= EPS + 0.02  # after adapting, the exits' disagreement is back near eps (30 % before)
+    for r in recs:  # every record names the thresholds that decided it
+        assert r["thresholds"] == list(ctl.levels[r["level"]])
+
+
+def test_back_to_clean_relaxes_to_the_calibrated_level():
+    g = torch.Generator().manual_seed(2)
+    preds, final, h = _cat(_stream(2000, 0.05, g), _stream(6000, 1.0, g), _stream(40_000, 0.02, g))
+    ctl = _controller(rate=0.1)
+    simulate_audited(preds, final, h, ctl)
+    kinds = [a.kind for a in ctl.adaptations]
+    assert "tighten" in kinds and "relax" in kinds and ctl.level == ctl.top
+
+
+def test_level_zero_stops_exiting_and_audits_for_free():
+    g = torch.Generator().manual_seed(3)
+    preds, final, h = _stream(20_000, 4.0, g)  # every level is bad: 10 % at level 1
+    ctl = _controller(rate=0.3)  # level 1 exits 5 % of the inputs: audits there need a higher rate
+    recs = simulate_audited(preds, final, h, ctl)
+    assert ctl.level == 0 and ctl.free_audits > 0
+    zero = [r for r in recs if r["level"] == 0]
+    assert zero and all(r["decided_at"] == -1 and r["thresholds"] == [0.0] for r in zero)
+    assert all(r["prediction"] == f for r, f in zip(recs, final.tolist()) if r["level"] == 0)
+    sent = sum(r["audited"] for r in recs if r["level"] > 0)
+    assert ctl.audits == sent  # free audits are not counted as sent
+
+
+def test_ladder_and_eps_from_the_policy():
+    ltt = ExitPolicy((0.6,), (), {}, {"eps": 0.05, "levels": [[0.1], [0.3], [0.6]]})
+    assert ladder(ltt) == [(0.1,), (0.3,), (0.6,)] and policy_eps(ltt) == 0.05
+    plain = ExitPolicy((0.8, 0.4))
+    assert ladder(plain) == [(0.2, 0.1), (0.4, 0.2), (0.6000000000000001, 0.30000000000000004), (0.8, 0.4)]
+    assert policy_eps(plain, 0.1) == 0.1
+    with pytest.raises(ConfigError, match="--audit-eps"):
+        policy_eps(plain)
+    with pytest.raises(ConfigError, match="audit-rate"):
+        AuditSettings(rate=0.0, eps=0.05)
