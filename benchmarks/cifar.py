@@ -2,8 +2,9 @@
 """Evaluate the CIFAR-10 or CIFAR-100 checkpoints on the test split and write results/<dataset>.json.
 
 For every hybrid checkpoint: thresholds are calibrated on the validation split (held out of training, never the
-test split) and written into the checkpoint; then the test split is evaluated with real conditional inference by
-the same code as `hybridexit evaluate CKPT --split test --json`, which therefore reproduces these figures.
+test split) and written as its exit policy (exit_policy.json beside the weights); then the test split is evaluated
+with real conditional inference by the same code as `hybridexit evaluate CKPT --split test --json`, which
+therefore reproduces these figures.
 Calibration target (primary): the lowest expected energy whose validation accuracy is at least the FP32
 baseline's validation accuracy minus 2 points (i.e. within the 3-point budget with a margin); if the hybrid cannot
 reach that floor, the best validation accuracy at the dataset's exit target plus a 2-point margin (62 % of the
@@ -13,7 +14,7 @@ evaluated too, as a second row.
 
 Rows whose checkpoint left checkpoints/ are dropped; the figures of the intermediate training stages removed in
 issue 19 are a record in results/history-<dataset>.json, not regenerated. Every row also records its figures on
-the first 200 test images ("slice"), which tests/test_results.py re-evaluates; --slice-only recomputes just
+the first 100 test images ("slice"), which tests/test_results.py re-evaluates; --slice-only recomputes just
 those, at each row's thresholds, without calibrating (seconds per checkpoint).
 
     python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...] [--slice-only]
@@ -26,9 +27,9 @@ import json
 import time
 from pathlib import Path
 
-from hybridexit.calibrate import calibrate_checkpoint
+from hybridexit.calibrate import calibrate_checkpoint, validation_split
 from hybridexit.checkpoint import load_model, read_config
-from hybridexit.data import get_split, load_cifar
+from hybridexit.data import load_cifar
 from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
 
 # Per dataset: the checkpoint-name prefix, the paper's fixed exit threshold, the fallback calibration target
@@ -68,13 +69,18 @@ def describe_training(meta: dict) -> str:
 
 
 # every row also records its figures on the first SLICE test images, which tests/test_results.py re-evaluates
-SLICE = 200
+SLICE = 100
 
 
-def slice_figures(model, ds, thresholds) -> dict:
+def slice_figures(model, ds, thresholds, temperatures=None) -> dict:
     """The row's figures on the first SLICE test images (what `hybridexit evaluate --limit SLICE --json` prints)."""
-    s, _ = evaluate_checkpoint_summary(model, ds.test.limit(SLICE), ds.mean, ds.std, thresholds=thresholds)
+    s, _ = evaluate_checkpoint_summary(model, ds.test.limit(SLICE), thresholds, temperatures)
     return {"split": "test", "first": SLICE, **{k: s[k] for k in ("accuracy", "cloud_accuracy", "exit_fraction")}}
+
+
+def row_temperatures(row: dict, policy):
+    """The exit temperatures a row was evaluated with: the checkpoint policy's, except at the paper's threshold."""
+    return None if policy is None or row["point"] == "paper threshold" else (policy.temperatures or None)
 
 
 def add_slices(points: dict, ds) -> None:
@@ -82,31 +88,34 @@ def add_slices(points: dict, ds) -> None:
     models = {}
     for pt in points.values():
         if pt["checkpoint"] not in models:
-            models[pt["checkpoint"]] = load_model(pt["checkpoint"])[0]
-        pt["slice"] = slice_figures(models[pt["checkpoint"]], ds, pt["thresholds"])
+            models[pt["checkpoint"]] = load_model(pt["checkpoint"])
+        model, meta = models[pt["checkpoint"]]
+        pt["slice"] = slice_figures(model, ds, pt["thresholds"], row_temperatures(pt, meta["policy"]))
 
 
 def benchmark(path: Path, ds, spec: dict, fp32_val, out: Path) -> list[tuple[str, str, dict, dict | None, dict]]:
-    """Calibrate one checkpoint on val (written into it) and evaluate it on test: (row name, point, summary, cal)."""
+    """Calibrate one checkpoint on val (its exit policy) and evaluate it on test: (row name, point, summary, cal, slice)."""
     name = path.name
     cal = None
     if read_config(path)["network"]["exits"]:
         fallback = spec["fallback"]
         target = fallback if fp32_val is None else ("min_accuracy", fp32_val - 0.02)
-        cal = calibrate_checkpoint(path, ds, *target, plot_path=out.parent / f"{name}-calibration.png",
+        cal = calibrate_checkpoint(path, ds, *target, plot_path=out.parent / f"{name}-calibration.png", write=True,
                                    fallback=fallback, also=fallback)
         at_target = cal.pop("also")  # the exit-target point, chosen on the same validation pass
     model, meta = load_model(path)
-    summary, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std)
-    rows = [(name, "calibrated", summary, cal)]
+    policy = meta["policy"]
+    temps = row_temperatures({"point": "calibrated"}, policy)
+    summary, _ = evaluate_checkpoint_summary(model, ds.test, policy.thresholds if policy else (), temps)
+    rows = [(name, "calibrated", summary, cal, temps)]
     if meta["network"]["exits"]:
         paper_thr = [spec["paper_threshold"]] * len(meta["network"]["exits"])
-        s2, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=paper_thr)
-        rows.append((paper_row(spec, name), "paper threshold", s2, None))
+        s2, _ = evaluate_checkpoint_summary(model, ds.test, paper_thr)
+        rows.append((paper_row(spec, name), "paper threshold", s2, None, None))
         if cal["target"] != spec["fallback"][0]:  # the floor was reachable: also report the exit-target point
-            s3, _ = evaluate_checkpoint_summary(model, ds.test, ds.mean, ds.std, thresholds=at_target["thresholds"])
-            rows.append((target_row(spec, name), "exit target", s3, at_target))
-    return [(rname, kind, s, c, slice_figures(model, ds, s["thresholds"])) for rname, kind, s, c in rows]
+            s3, _ = evaluate_checkpoint_summary(model, ds.test, at_target["thresholds"], temps)
+            rows.append((target_row(spec, name), "exit target", s3, at_target, temps))
+    return [(rname, kind, s, c, slice_figures(model, ds, s["thresholds"], t)) for rname, kind, s, c, t in rows]
 
 
 def paper_row(spec: dict, name: str) -> str:  # the row evaluated at the paper's fixed threshold
@@ -121,9 +130,7 @@ def fp32_val_accuracy(root: str, spec: dict, ds):
     fp_path = Path(root) / f"{spec['prefix']}-r32-fp32"
     if not (fp_path / "config.json").exists():
         return None
-    fp_model, fp_meta = load_model(fp_path)
-    d = fp_meta["data"]
-    return collect_exit_stats(fp_model, get_split(ds, "val", d["val_size"], d["split_seed"]), ds.mean, ds.std).cloud_accuracy
+    return collect_exit_stats(load_model(fp_path)[0], validation_split(fp_path, ds)).cloud_accuracy
 
 
 def main():
