@@ -130,3 +130,33 @@ def test_ltt_policy_refuses_what_it_cannot_certify():
         ltt_policy(stats, 5.0, 0.1)
     with pytest.raises(ConfigError):
         ltt_policy(stats, 0.1, 0.1, kind="other")
+
+
+def test_calibrate_cli_writes_a_certified_policy(tmp_path, tiny_cifar):
+    """End to end on a tiny trained checkpoint: `calibrate --risk` is a dry run unless --write; the written policy
+    carries the guarantee and the fitted temperatures; the test split is never read."""
+    import json
+    import warnings
+
+    from hybridexit import HybridConfig
+    from hybridexit.cli import main
+    from hybridexit.data import load_cifar
+    from hybridexit.policy import read_policy
+    from hybridexit.train import TrainConfig, train
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+        train(tmp_path / "ck", HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4)),
+              TrainConfig(epochs=2, batch_size=32, val_size=100, lr=0.05), ds, progress=False)
+    args = ["calibrate", str(tmp_path / "ck"), "--data-dir", str(tiny_cifar), "--risk", "0.6", "--delta", "0.5",
+            "--risk-kind", "label", "--temperature", "--json"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(args) == 0 and read_policy(tmp_path / "ck") is None
+        assert main([*args, "--write"]) == 0
+    pol = read_policy(tmp_path / "ck")
+    g = pol.guarantee
+    assert g["method"] == "learn-then-test" and g["risk"] == "label" and g["eps"] == 0.6 and g["delta"] == 0.5
+    assert g["n"] == 80 and len(pol.temperatures) == 2 and pol.chosen_by["method"] == "ltt"
+    assert json.dumps(pol.to_dict())  # the record is plain JSON

@@ -180,3 +180,37 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     if also:
         result["also"] = result_for(*also, choose(points, *also, stats.cloud_accuracy))
     return result
+
+
+def calibrate_risk(path, ds, eps: float, delta: float, kind: str = "disagreement", form: str = "conditional",
+                   temperature: bool = False, write: bool = False, device=None, progress: bool = False) -> dict:
+    """Thresholds (and, with ``temperature``, per-exit temperatures) certified by Learn then Test on the
+    validation split (``risk.ltt_policy``: risk <= eps with probability >= 1 - delta); with ``write`` they become
+    the checkpoint's exit policy, guarantee included. Same result keys as ``calibrate_checkpoint`` plus
+    ``temperatures`` and ``guarantee``."""
+    from . import checkpoint as ck
+    from .energy import energy_report
+    from .evaluate import collect_exit_stats
+    from .policy import write_policy
+    from .risk import ltt_policy
+
+    model, meta = ck.load_model(path)
+    if device:
+        model = model.to(device)
+    val = validation_split(path, ds)
+    stats = collect_exit_stats(model, val, device=device, progress=progress)
+    policy, _ = ltt_policy(stats, eps, delta, kind, form, temperature)
+    policy = type(policy)(policy.thresholds, policy.temperatures, {**policy.chosen_by, "data_checksum": ds.content},
+                          policy.guarantee)
+    report = energy_report(model.cfg)
+    preds, decided = stats.simulate(policy.thresholds, policy.temperatures or None)
+    fr = [int((decided == j).sum()) / len(val) for j in range(len(policy.thresholds))]
+    point = Point(policy.thresholds, stats.accuracy(preds), fr, report.expected_uj(fr))
+    old = meta.get("policy")
+    result = {"split": "val", "n": len(val), "target": f"{kind}_risk", "value": eps,
+              "cloud_accuracy": stats.cloud_accuracy, **point.to_dict(report),
+              "temperatures": list(policy.temperatures), "guarantee": policy.guarantee,
+              "previous_thresholds": list(old.thresholds) if old is not None else None, "written": bool(write)}
+    if write:
+        write_policy(path, policy)
+    return result

@@ -205,9 +205,15 @@ def cmd_calibrate(a):
 
     meta = read_config(a.checkpoint)
     ds = _load_data_for(meta, a)
-    target, value = next((t, v) for t, v in (("max_drop", a.max_drop), ("exit_fraction", a.exit_fraction),
-                                             ("min_accuracy", a.min_accuracy)) if v is not None)
-    res = calibrate_checkpoint(a.checkpoint, ds, target, value, a.plot, write=a.write, progress=not a.json)
+    if a.risk is not None:
+        from .calibrate import calibrate_risk
+
+        res = calibrate_risk(a.checkpoint, ds, a.risk, a.delta, a.risk_kind, a.risk_form, a.temperature,
+                             write=a.write, progress=not a.json)
+    else:
+        target, value = next((t, v) for t, v in (("max_drop", a.max_drop), ("exit_fraction", a.exit_fraction),
+                                                 ("min_accuracy", a.min_accuracy)) if v is not None)
+        res = calibrate_checkpoint(a.checkpoint, ds, target, value, a.plot, write=a.write, progress=not a.json)
     if a.json:
         print(json.dumps(res))
         return
@@ -217,6 +223,10 @@ def cmd_calibrate(a):
     print(f"on {res['split']}: accuracy {100 * res['accuracy']:.2f} %, {100 * res['edge_fraction']:.2f} % decided at "
           f"the edge, {res['reduction']:.2f}x less energy than FP32 (final classifier alone: "
           f"{100 * res['cloud_accuracy']:.2f} %)")
+    if res.get("guarantee"):
+        g = res["guarantee"]
+        print(f"guarantee: {g['statement']} (Learn then Test on {g['n']} images, lambda {g['lambda']:.3f}, risk there "
+              f"{g['risk_hat']:.4f}); temperatures {fmt(res['temperatures'] or None)}")
     print(f"written to {a.checkpoint}/exit_policy.json (the previous policy is kept in its history)" if res["written"]
           else "dry run: nothing written (pass --write to make these the checkpoint's exit policy)")
 
@@ -338,6 +348,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-drop", type=fraction, help="most exits within this accuracy drop (fraction, e.g. 0.01)")
     g.add_argument("--exit-fraction", type=fraction, help="this fraction of samples decided at the edge")
     g.add_argument("--min-accuracy", type=fraction, help="lowest energy with at least this accuracy (fraction)")
+    g.add_argument("--risk", type=fraction, metavar="EPS",
+                   help="Learn then Test: thresholds whose risk is <= EPS with probability >= 1 - DELTA (docs/trust.md)")
+    c.add_argument("--delta", type=fraction, default=0.1, help="with --risk: allowed failure probability (default 0.1)")
+    c.add_argument("--risk-kind", choices=["disagreement", "label"], default="disagreement",
+                   help="with --risk: exited answers that differ from the full network's (default) or are wrong")
+    c.add_argument("--risk-form", choices=["conditional", "joint"], default="conditional",
+                   help="with --risk: share among exited samples (default) or P(exit and bad)")
+    c.add_argument("--temperature", action="store_true",
+                   help="with --risk: fit a softmax temperature per exit first (stored in the policy)")
     c.add_argument("--plot", type=output_file, default=None, help="PNG of accuracy and energy against the edge fraction")
     w = c.add_mutually_exclusive_group()
     w.add_argument("--write", action="store_true", help="make the chosen thresholds the checkpoint's exit policy")
