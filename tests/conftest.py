@@ -40,3 +40,31 @@ def write_tiny_cifar10(root, n_per_batch=40, as_archive=False):
 @pytest.fixture
 def tiny_cifar(tmp_path):
     return write_tiny_cifar10(tmp_path / "data")
+
+
+def random_inputs(n, seed=0):
+    """``n`` random uint8 CIFAR-sized images with random labels, as the edge runtime's ``Inputs``."""
+    import torch
+
+    from hybridexit.runtime.client import Inputs
+
+    g = torch.Generator().manual_seed(seed)
+    return Inputs(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
+                  torch.randint(0, 10, (n,), generator=g))
+
+
+def write_tiny_checkpoint(path, exits=(4,), thresholds=(0.5,), seed=0):
+    """An untrained ResNet-8 hybrid (4 binary edge layers, exits at ``exits``) saved as a checkpoint with class
+    names and an exit policy: enough to serve, run the edge and exercise every command in seconds."""
+    import torch
+
+    from hybridexit.checkpoint import save_model
+    from hybridexit.hybrid import HybridNet
+    from hybridexit.policy import ExitPolicy, write_policy
+    from hybridexit.resnet import HybridConfig
+
+    torch.manual_seed(seed)
+    model = HybridNet(HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=tuple(exits))).eval()
+    save_model(path, model, {"data": {"name": "cifar10", "classes": [f"class{i}" for i in range(10)]}})
+    write_policy(path, ExitPolicy(tuple(thresholds)))
+    return path

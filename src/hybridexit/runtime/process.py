@@ -13,7 +13,7 @@ from collections import deque
 
 from ..errors import HybridExitError
 
-_READY = re.compile(r"ready at (http://\S+)")
+_READY = re.compile(r"ready at (https?://\S+)")
 
 
 class ServerStartError(HybridExitError):

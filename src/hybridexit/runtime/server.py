@@ -13,10 +13,13 @@ Endpoints (docs/wire-format.md): ``GET /healthz`` (no token), ``GET /v1/info``, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
-import os
+import logging
+import signal
 import socket
+import ssl
 import sys
 import time
 from collections import Counter, deque
@@ -29,11 +32,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..errors import HybridExitError
 from . import wire
+from .auth import TOKEN_ENV
 
-TOKEN_ENV = "HYBRIDEXIT_TOKEN"
+log = logging.getLogger("uvicorn.error")  # uvicorn's own log: same format, same --log-level
 
 
 class ServerConfigError(HybridExitError):
@@ -225,10 +230,6 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def resolve_token(token: str | None) -> str | None:
-    return token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-
-
 def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
     """The FastAPI application serving ``model``. ``on_ready()`` is called once the batcher runs."""
 
@@ -280,7 +281,7 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         scheme, _, value = got.partition(" ")
         if scheme.lower() != "bearer" or not value:
             raise RequestFailed(401, "missing_token", "this server needs `Authorization: Bearer <token>` "
-                                "(edge: --token or HYBRIDEXIT_TOKEN)", {"WWW-Authenticate": "Bearer"})
+                                "(edge: --token-file or HYBRIDEXIT_TOKEN)", {"WWW-Authenticate": "Bearer"})
         if not hmac.compare_digest(value.strip().encode(), token):
             raise RequestFailed(401, "wrong_token", "the bearer token is wrong: use the token the server was "
                                 "started with", {"WWW-Authenticate": "Bearer"})
@@ -295,11 +296,17 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
                 raise RequestFailed(413, "too_large", f"body of {cl} bytes is over the limit of {limit} bytes: "
                                     f"send fewer samples per request")
         buf = bytearray()
-        async for chunk in request.stream():
-            buf += chunk
-            if len(buf) > limit:
-                raise RequestFailed(413, "too_large", f"body is over the limit of {limit} bytes: send fewer "
-                                    f"samples per request")
+        try:
+            async for chunk in request.stream():
+                buf += chunk
+                if len(buf) > limit:
+                    raise RequestFailed(413, "too_large", f"body is over the limit of {limit} bytes: send fewer "
+                                        f"samples per request")
+        except ClientDisconnect:  # the client went away: one line in the log, nothing to answer
+            peer = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+            log.warning("%s disconnected after %d of %s body bytes; request dropped", peer, len(buf), cl or "?")
+            raise RequestFailed(400, "client_disconnected", "the client disconnected before its body was complete") \
+                from None
         return bytes(buf)
 
     @app.get("/healthz")
@@ -374,35 +381,82 @@ def bind_socket(host: str, port: int) -> socket.socket:
 def check_bind(host: str, token: str | None) -> None:
     if token is None and not is_loopback(host):
         raise ServerConfigError(
-            f"refusing to listen on non-loopback address {host!r} without a token: pass --token or set "
+            f"refusing to listen on non-loopback address {host!r} without a token: pass --token-file or set "
             f"{TOKEN_ENV} (or bind 127.0.0.1)")
 
 
-def url_of(sock: socket.socket) -> str:
+def check_tls(cert, key) -> None:
+    """Load the certificate chain and key now, so a wrong file stops the start-up with one line."""
+    if key is not None and cert is None:
+        raise ServerConfigError("--tls-key needs --tls-cert (the certificate chain, PEM)")
+    if cert is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as e:
+        raise ServerConfigError(f"cannot use TLS certificate {cert}{f' with key {key}' if key else ''}: {e} "
+                                f"(PEM files expected; the key may also be inside the certificate file)") from None
+
+
+def url_of(sock: socket.socket, tls: bool = False) -> str:
     host, port = sock.getsockname()[:2]
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    scheme = "https" if tls else "http"
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
-def make_server(model: CloudModel, settings: ServerSettings, sock: socket.socket, on_ready=None, log_level="warning"):
-    """A ``uvicorn.Server`` for ``model`` on an already bound socket (run it with ``server.run(sockets=[sock])``)."""
+def _uvicorn_server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, stopped alike by SIGINT and SIGTERM: it stops accepting, lets the requests in flight
+        finish (their batches still run), shuts the batcher down and returns. uvicorn itself re-raises the signal
+        afterwards, which on SIGTERM kills the process before ``serve`` can say it stopped."""
+
+        stop_signal: int | None = None
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    captured = getattr(self, "_captured_signals", [])
+                    self.stop_signal = captured[0] if captured else None
+                    captured.clear()
+
+    return Server
+
+
+def make_server(model: CloudModel, settings: ServerSettings, sock: socket.socket, on_ready=None, log_level="warning",
+                tls_cert=None, tls_key=None):
+    """A ``uvicorn.Server`` for ``model`` on an already bound socket (run it with ``server.run(sockets=[sock])``);
+    HTTPS with ``tls_cert`` (PEM chain) and ``tls_key`` (PEM key, unless inside the certificate file)."""
     import uvicorn
 
     app = create_app(model, settings, on_ready)
     config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30,
-                            limit_concurrency=4096, h11_max_incomplete_event_size=64 * 1024)
-    return uvicorn.Server(config)
+                            limit_concurrency=4096, h11_max_incomplete_event_size=64 * 1024,
+                            timeout_graceful_shutdown=settings.request_timeout_s + 5,
+                            ssl_certfile=tls_cert, ssl_keyfile=tls_key)
+    return _uvicorn_server_class()(config)
 
 
 def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, settings: ServerSettings | None = None,
-          device=None, threads: int | None = None, log_level: str = "warning") -> None:
-    """Load the checkpoint (errors here stop the start-up with the reason), bind, serve until interrupted."""
+          device=None, threads: int | None = None, log_level: str = "warning", tls_cert=None, tls_key=None) -> None:
+    """Load the checkpoint (errors here stop the start-up with the reason), bind, serve until SIGINT or SIGTERM
+    (both drain the requests in flight, then print the stopped line)."""
     settings = settings or ServerSettings()
     check_bind(host, settings.token)
+    check_tls(tls_cert, tls_key)
+    if tls_cert is None and not is_loopback(host):
+        print(f"hybridexit serve: warning: listening on {host} without TLS: the token and the features cross the "
+              f"network in clear; pass --tls-cert/--tls-key or put a TLS reverse proxy in front", file=sys.stderr,
+              flush=True)
     if threads:
         torch.set_num_threads(threads)
     model = CloudModel.from_checkpoint(checkpoint, device)
     sock = bind_socket(host, port)
-    url = url_of(sock)
+    url = url_of(sock, tls_cert is not None)
 
     def ready():
         auth = "bearer token required" if settings.token else "no token (loopback only)"
@@ -410,11 +464,12 @@ def serve(checkpoint, host: str = "127.0.0.1", port: int = 8000, settings: Serve
               f"features {'x'.join(map(str, model.feature_shape))}, {model.device}, max batch {settings.max_batch}, "
               f"max wait {settings.max_wait_ms:g} ms, {auth})", flush=True)
 
-    server = make_server(model, settings, sock, ready, log_level)
+    server = make_server(model, settings, sock, ready, log_level, tls_cert, tls_key)
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
     if not server.started:
         raise ServerConfigError("the server did not start (see the messages above)")
-    print("hybridexit serve: stopped", file=sys.stderr, flush=True)
+    why = f" on {signal.Signals(server.stop_signal).name}" if server.stop_signal else ""
+    print(f"hybridexit serve: stopped{why}", file=sys.stderr, flush=True)
