@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The ResNet-32 training chain behind results/cifar10.json and results/cifar100.json (CPU budget schedule, spread
 # over several sessions).
-# Every step is resumable: re-running the script continues where it stopped.
+# Every step is resumable: re-running the script continues where it stopped. Each step is a recipe file
+# (recipes/*.toml: optimizer, schedule, distillation) plus the flags that differ (network, --init, --epochs, --lr).
+# Each stage's figures are recorded in results/history-cifar10.json and results/history-cifar100.json.
 #   1a. FP32 baseline, 18 epochs                      checkpoints/c10-r32-fp32-18ep
 #   1b. FP32, 12 more epochs (new cosine, lr 0.05)    checkpoints/c10-r32-fp32            (init: 1a)
 #   2a. 20E+10C binary, exit at 20, joint, 8 epochs   checkpoints/c10-r32-e20-b1-x20-8ep  (init: 1a)
@@ -59,44 +61,36 @@ run_until() {  # run_until OUT N ARGS...: like run, but stop once OUT has N epoc
   if [ "$have" -lt "$n" ]; then run "$out" "$@" --stop-after-epochs $((n - have)); fi
 }
 
-run checkpoints/c10-r32-fp32-18ep --epochs 18 --batch-size 128 --lr 0.1
-run checkpoints/c10-r32-fp32 --init checkpoints/c10-r32-fp32-18ep --epochs 12 --batch-size 128 --lr 0.05
-run checkpoints/c10-r32-e20-b1-x20-8ep --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-fp32-18ep \
-    --epochs 8 --lr 0.05
-run checkpoints/c10-r32-e20-b1-x20-24ep --edge-layers 20 --edge-bits 1 --exits 20 \
-    --init checkpoints/c10-r32-e20-b1-x20-8ep --epochs 16 --lr 0.03 --weight-decay 1e-4
-run checkpoints/c10-r32-e20-b1-x20-36ep --edge-layers 20 --edge-bits 1 --exits 20 \
-    --init checkpoints/c10-r32-e20-b1-x20-24ep --teacher checkpoints/c10-r32-fp32 --epochs 12 --lr 0.02 --weight-decay 1e-4
-run checkpoints/c10-r32-e20-b1-x20-56ep --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-36ep \
-    --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.01 --weight-decay 5e-5
-run checkpoints/c10-r32-e20-b1-x20-76ep --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-56ep \
-    --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.01 --weight-decay 0
-run_until checkpoints/c10-r32-e20-b1-x20-85ep 9 --edge-layers 20 --edge-bits 1 --exits 20 \
-    --init checkpoints/c10-r32-e20-b1-x20-76ep --teacher checkpoints/c10-r32-fp32 --epochs 40 --lr 0.01 --weight-decay 0
-run checkpoints/c10-r32-e20-b1-x20-103ep --edge-layers 20 --edge-bits 1 --exits 20 \
-    --init checkpoints/c10-r32-e20-b1-x20-85ep --teacher checkpoints/c10-r32-fp32 --epochs 18 --lr 0.009 --weight-decay 0
-run checkpoints/c10-r32-e20-b1-x20-123ep --edge-layers 20 --edge-bits 1 --exits 20 \
-    --init checkpoints/c10-r32-e20-b1-x20-103ep --teacher checkpoints/c10-r32-fp32 --epochs 20 --lr 0.005 --weight-decay 0
-run checkpoints/c10-r32-e20-b1-x20-139ep --edge-layers 20 --edge-bits 1 --exits 20 --mode cloud \
-    --init checkpoints/c10-r32-e20-b1-x20-123ep --teacher checkpoints/c10-r32-fp32 --epochs 16 --lr 0.01 --weight-decay 1e-4
-run checkpoints/c10-r32-e20-b1-x20 --edge-layers 20 --edge-bits 1 --exits 20 --init checkpoints/c10-r32-e20-b1-x20-139ep \
-    --teacher checkpoints/c10-r32-fp32 --epochs 18 --optimizer adam --lr 2e-5 --weight-decay 0
-run checkpoints/c10-r32-e16-b1-x16-joint-2ep --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32-18ep \
-    --epochs 2 --lr 0.05
-run checkpoints/c10-r32-e16-b1-x16-separate-2ep --edge-layers 16 --edge-bits 1 --exits 16 \
-    --init checkpoints/c10-r32-fp32-18ep --mode separate --epochs 2 --exit-epochs 1 --lr 0.05
+R=recipes
+E20=(--edge-layers 20 --edge-bits 1 --exits 20)  # the network: 20E+10C, binary edge, one exit at layer 20
+E16=(--edge-layers 16 --edge-bits 1 --exits 16)  # 16E+14C, binary edge, one exit at layer 16
+C=checkpoints/c10-r32-e20-b1-x20
+run checkpoints/c10-r32-fp32-18ep --recipe $R/fp32.toml
+run checkpoints/c10-r32-fp32 --recipe $R/fp32.toml --init checkpoints/c10-r32-fp32-18ep --epochs 12 --lr 0.05
+run $C-8ep "${E20[@]}" --recipe $R/paper-xnor.toml --init checkpoints/c10-r32-fp32-18ep --epochs 8
+run $C-24ep "${E20[@]}" --recipe $R/paper-xnor.toml --init $C-8ep --epochs 16 --lr 0.03 --weight-decay 1e-4
+run $C-36ep "${E20[@]}" --recipe $R/c10-binary-kd.toml --init $C-24ep --epochs 12 --lr 0.02 --weight-decay 1e-4
+run $C-56ep "${E20[@]}" --recipe $R/c10-binary-kd.toml --init $C-36ep --weight-decay 5e-5
+run $C-76ep "${E20[@]}" --recipe $R/c10-binary-kd.toml --init $C-56ep
+run_until $C-85ep 9 "${E20[@]}" --recipe $R/c10-binary-kd.toml --init $C-76ep --epochs 40
+run $C-103ep "${E20[@]}" --recipe $R/c10-binary-kd.toml --init $C-85ep --epochs 18 --lr 0.009
+run $C-123ep "${E20[@]}" --recipe $R/c10-binary-kd.toml --init $C-103ep --lr 0.005
+run $C-139ep "${E20[@]}" --recipe $R/c10-binary-kd-cloud.toml --init $C-123ep
+run $C "${E20[@]}" --recipe $R/c10-binary-kd-adamw.toml --init $C-139ep
+run checkpoints/c10-r32-e16-b1-x16-joint-2ep "${E16[@]}" --recipe $R/paper-xnor.toml --init checkpoints/c10-r32-fp32-18ep \
+    --epochs 2
+run checkpoints/c10-r32-e16-b1-x16-separate-2ep "${E16[@]}" --recipe $R/paper-xnor-separate.toml \
+    --init checkpoints/c10-r32-fp32-18ep --epochs 2
 (export OMP_NUM_THREADS=1
- run checkpoints/c10-r32-e16-b1-x16-joint --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32 \
-     --epochs 20 --lr 0.05 &
+ run checkpoints/c10-r32-e16-b1-x16-joint "${E16[@]}" --recipe $R/paper-xnor.toml --init checkpoints/c10-r32-fp32 \
+     --epochs 20 &
  joint=$!
- run checkpoints/c10-r32-e16-b1-x16-separate --edge-layers 16 --edge-bits 1 --exits 16 --init checkpoints/c10-r32-fp32 \
-     --mode separate --epochs 20 --exit-epochs 1 --lr 0.05 &
+ run checkpoints/c10-r32-e16-b1-x16-separate "${E16[@]}" --recipe $R/paper-xnor-separate.toml --init checkpoints/c10-r32-fp32 &
  wait "$joint"; wait $!)
-run checkpoints/c10-r32-e16-b1-x16-separate-6exitep --edge-layers 16 --edge-bits 1 --exits 16 \
-    --init checkpoints/c10-r32-e16-b1-x16-separate --mode separate --epochs 0 --exit-epochs 5 --lr 0.05
-run checkpoints/c100-r32-fp32-7ep --dataset cifar100 --epochs 7 --batch-size 128 --lr 0.1
-run checkpoints/c100-r32-fp32-25ep --dataset cifar100 --init checkpoints/c100-r32-fp32-7ep --epochs 18 --batch-size 128 \
-    --lr 0.05
-run checkpoints/c100-r32-fp32 --dataset cifar100 --init checkpoints/c100-r32-fp32-25ep --epochs 40 --batch-size 128 \
+run checkpoints/c10-r32-e16-b1-x16-separate-6exitep "${E16[@]}" --recipe $R/paper-xnor-separate.toml \
+    --init checkpoints/c10-r32-e16-b1-x16-separate --epochs 0 --exit-epochs 5
+run checkpoints/c100-r32-fp32-7ep --dataset cifar100 --recipe $R/fp32.toml --epochs 7
+run checkpoints/c100-r32-fp32-25ep --dataset cifar100 --recipe $R/fp32.toml --init checkpoints/c100-r32-fp32-7ep --lr 0.05
+run checkpoints/c100-r32-fp32 --dataset cifar100 --recipe $R/fp32.toml --init checkpoints/c100-r32-fp32-25ep --epochs 40 \
     --lr 0.05
 echo "== $(date -u +%H:%M:%S) done"

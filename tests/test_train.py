@@ -1,12 +1,15 @@
 import json
+import math
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hybridexit import CheckpointError, ConfigError, HybridConfig
-from hybridexit.checkpoint import STATE_FILE, load_model, read_tensors
-from hybridexit.data import load_cifar
+from hybridexit.checkpoint import STATE_FILE, load_model, read_tensors, read_val_ids
+from hybridexit.data import augment, batches, get_split, image_ids, load_cifar
+from hybridexit.hybrid import HybridNet
 from hybridexit.train import TrainConfig, _per_sample_loss, train
 
 NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
@@ -244,3 +247,97 @@ def test_thread_tuner_keeps_the_faster_setting():
         assert t.current == 2 and t.every == 4
     finally:
         torch.set_num_threads(before)
+
+
+def test_training_never_sees_a_validation_image(tmp_path, ds, monkeypatch):
+    import hybridexit.train as tr
+
+    seen = []  # every batch of raw images the training steps consume (before augmentation)
+    real_prep = tr._prep
+
+    def spy(images, *args, **kw):
+        seen.append(image_ids(images))
+        return real_prep(images, *args, **kw)
+
+    monkeypatch.setattr(tr, "_prep", spy)
+    cfg = tcfg(mode="separate", epochs=1, exit_epochs=1)  # both phases, interrupted and resumed in between
+    train(tmp_path / "s", NET, cfg, ds, progress=False, stop_after_epochs=1)
+    train(tmp_path / "s", NET, cfg, ds, progress=False, resume=True)
+    val = set(read_val_ids(tmp_path / "s").tolist())  # the validation images the checkpoint says it held out
+    assert len(val) == cfg.val_size
+    trained = torch.cat(seen).tolist()
+    assert not val & set(trained)
+    # and every other training image was used, once per epoch
+    assert sorted(trained) == sorted(image_ids(get_split(ds, "train", cfg.val_size).images).tolist() * 2)
+
+
+def _as_written_before_the_renovation(path, drop_train_fields=()):
+    """Rewrite a checkpoint's config as the code of aa00a3a wrote it (the format of the runs started with it):
+    thresholds inside the network, no mean/std, no content checksum, no record of the validation images; and
+    without the training fields that code did not have."""
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["network"] = {k: v for k, v in cfg["network"].items() if k not in ("mean", "std")} | {"thresholds": []}
+    cfg["data"].pop("content_checksum", None)
+    cfg["train"] = {k: v for k, v in cfg["train"].items() if k not in drop_train_fields}
+    (path / "config.json").write_text(json.dumps(cfg))
+    (path / "val_split.safetensors").unlink(missing_ok=True)
+
+
+def test_resume_accepts_a_config_written_by_older_code(tmp_path, ds):
+    train(tmp_path / "full", NET, tcfg(), ds, progress=False)
+    train(tmp_path / "part", NET, tcfg(), ds, progress=False, stop_after_epochs=1)
+    # a field the older code did not write takes its default (the 18-epoch FP32 stage had no 'compile', 'optimizer')
+    _as_written_before_the_renovation(tmp_path / "part", drop_train_fields=("compile", "optimizer", "easy_weight"))
+    meta = train(tmp_path / "part", NET, tcfg(), ds, progress=False, resume=True)
+    assert meta["epochs_done"] == 2
+    a, b = read_tensors(tmp_path / "full"), read_tensors(tmp_path / "part")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_a_config_with_an_unknown_training_field(tmp_path, ds):
+    train(tmp_path / "ck", NET, tcfg(), ds, progress=False, stop_after_epochs=1)
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    cfg["train"]["dropout"] = 0.1
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="dropout"):
+        train(tmp_path / "ck", NET, tcfg(), ds, progress=False, resume=True)
+
+
+def _reference_joint(ds, net, cfg):
+    """Joint optimization (paper Eq. 5) as a plain loop written without train.py's pieces: the same seeds, batches,
+    augmentation, Nesterov SGD (no decay on biases/BN), per-step cosine with linear warm-up, lambdas 0.6/K and 0.4."""
+    torch.manual_seed(cfg.seed)
+    model = HybridNet(net.replace(mean=tuple(ds.mean), std=tuple(ds.std))).to(memory_format=torch.channels_last)
+    params = list(model.parameters())
+    opt = torch.optim.SGD([{"params": [p for p in params if p.dim() > 1], "weight_decay": cfg.weight_decay},
+                           {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0}],
+                          lr=cfg.lr, momentum=cfg.momentum, nesterov=True)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    split = get_split(ds, "train", cfg.val_size, cfg.split_seed)
+    steps = math.ceil(len(split) / cfg.batch_size)
+    total, warm, k = cfg.epochs * steps, int(cfg.warmup_epochs * steps), len(net.exits)
+    lambdas = [0.6 / k] * k + [0.4]
+    step = 0
+    for _ in range(cfg.epochs):
+        model.train()
+        for images, labels in batches(split, cfg.batch_size, shuffle=True, generator=gen):
+            t = (step - warm) / max(1, total - warm)
+            lr = cfg.lr * (step + 1) / warm if step < warm else cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            outs = model(augment(images, gen))
+            loss = sum(w * F.cross_entropy(o, labels, label_smoothing=0.0, reduction="none").mean()
+                       for w, o in zip(lambdas, outs))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return model.state_dict()
+
+
+def test_joint_training_equals_a_plain_reference_loop(tmp_path, ds):
+    cfg = tcfg(warmup_epochs=0.5)  # 5 steps per epoch: 2 warm-up steps, then the cosine
+    train(tmp_path / "j", NET, cfg, ds, progress=False, device="cpu")
+    ours, ref = read_tensors(tmp_path / "j"), _reference_joint(ds, NET, cfg)
+    assert ours.keys() == ref.keys()
+    assert all(torch.equal(ours[k], ref[k]) for k in ours)  # bit for bit: the same computation
