@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .checkpoint import validation_split
 from .energy import EnergyReport
 from .errors import ConfigError, TargetUnreachableError
 from .evaluate import ExitStats
@@ -115,19 +116,6 @@ def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accurac
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def validation_split(path, ds):
-    """The checkpoint's own validation split (never the test split), found by content in this copy of the data."""
-    from .checkpoint import read_val_ids
-    from .data import get_split
-    from .errors import CheckpointError
-
-    ids = read_val_ids(path)
-    if ids is None:
-        raise CheckpointError(f"{path} has no record of its validation images (val_split.safetensors): it cannot "
-                              f"be calibrated or evaluated on 'val' without risking images it trained on")
-    return get_split(ds, "val", val_ids=ids)
 
 
 def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = False,

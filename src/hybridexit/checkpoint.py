@@ -87,6 +87,27 @@ def read_val_ids(path):
     return read_tensors(path, VAL_FILE)["val_ids"] if f.is_file() else None
 
 
+def validation_split(path, ds):
+    """The checkpoint's own validation split (never the test split), found by content in this copy of the data."""
+    from .data import get_split
+
+    ids = read_val_ids(path)
+    if ids is None:
+        raise CheckpointError(f"{path} has no record of its validation images ({VAL_FILE}): it cannot be calibrated "
+                              f"or evaluated on 'val' without risking images it trained on")
+    return get_split(ds, "val", val_ids=ids)
+
+
+def split_of(path, ds, name: str):
+    """``test``, or the checkpoint's own ``val`` / ``train`` split, found by content (refused without the record)."""
+    from .data import get_split
+
+    if name == "test":
+        return ds.test
+    val = validation_split(path, ds)
+    return val if name == "val" else get_split(ds, name, val_ids=read_val_ids(path))
+
+
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing=()) -> None:
     """Load a state dict, refusing with the differences listed when it does not fit."""
     own = module.state_dict()

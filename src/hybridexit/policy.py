@@ -71,10 +71,13 @@ def _file(ckpt) -> Path:
 
 def _migrated(ckpt) -> ExitPolicy | None:
     """The policy of a checkpoint written before exit_policy.json existed (thresholds in config.json)."""
-    from .checkpoint import read_config
-
-    meta = read_config(ckpt)
-    thr = meta.get("network", {}).get("thresholds") or []
+    f = Path(ckpt) / "config.json"
+    try:
+        meta = json.loads(f.read_text()) if f.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{f}: invalid JSON ({e})") from None
+    net = meta.get("network") if isinstance(meta, dict) else None
+    thr = (net.get("thresholds") if isinstance(net, dict) else None) or []
     if not thr:
         return None
     cal = dict(meta.get("calibration") or {})
