@@ -18,6 +18,10 @@ A frame is a fixed 32-byte little-endian header, the shape, then the payload (se
 Decoded payload: fp32 / fp16: the elements in C order. int8: one float32 scale per (dim 0, dim 1) pair, i.e.
 per sample and channel, then the int8 elements in C order; value = scale * q, q in [-127, 127].
 
+Named codecs (codec byte 4, dtype byte 4 "bytes", flags 0, shape (R, C, H, W); ``hybridexit.codecs``): after the
+shape come the codec's name (uint8 length + ASCII), its parameters (uint16 length + bytes), R uint16 per-sample
+payload lengths, then the R payloads; ``payload_bytes`` counts all of it. The codec decodes them to float32.
+
 Parsing is strict: every field is checked, the body length must match exactly, a compressed payload may not
 decompress past the size its shape implies, values must be finite. Each failure is a typed ``WireError`` with
 the HTTP status a server should answer and a message that says what was wrong.
@@ -49,6 +53,8 @@ CODECS = {"fp32": 1, "fp16": 2, "int8": 3}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}
 DTYPES = {"float32": 1, "float16": 2, "int8": 3}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+NAMED_CODEC_ID, BYTES_DTYPE_ID = 4, 4  # a codec named in the frame (hybridexit.codecs); opaque per-sample payloads
+_NAME_RE = re.compile(rb"^[a-z0-9][a-z0-9+_-]{0,31}$")
 CODEC_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 _NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 _FP_RE = re.compile(rb"^[0-9a-f]{16}$")
@@ -108,6 +114,12 @@ class Header:
     dtype: str
     shape: tuple[int, ...]
     payload_bytes: int
+    params: bytes = b""  # named codecs: the codec's parameters
+    sample_bytes: tuple[int, ...] = ()  # named codecs: each sample's payload length
+
+    @property
+    def named(self) -> bool:
+        return self.dtype == "bytes"
 
     @property
     def numel(self) -> int:
@@ -115,7 +127,9 @@ class Header:
 
     @property
     def decoded_bytes(self) -> int:
-        """Size of the decompressed payload this header implies."""
+        """Size of the decompressed payload this header implies (named codecs: the float32 tensor they give)."""
+        if self.named:
+            return self.numel * 4
         n = self.numel * _NP[self.dtype].itemsize
         if self.codec == "int8":
             n += self.shape[0] * self.shape[1] * 4
@@ -148,9 +162,29 @@ def quantize_int8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return scale.cpu().numpy().astype("<f4"), q.reshape(x.shape).cpu().numpy()
 
 
-def encode(x: torch.Tensor, fingerprint: str, codec: str = "fp32", compress: bool = False,
+def encode_named(x: torch.Tensor, fingerprint: str, codec) -> bytes:
+    """A (R, C, H, W) feature batch as a frame of a named codec (a ``hybridexit.codecs.Codec``)."""
+    fp = _check_fingerprint(fingerprint)
+    name = codec.name.encode("ascii")
+    if not _NAME_RE.match(name):
+        raise UnknownCodec(f"codec name {codec.name!r} cannot go in a frame")
+    payloads, params = codec.encode(x), codec.params()
+    if max(len(p) for p in payloads) > 0xFFFF or len(params) > 0xFFFF:
+        raise WireError("a named codec's per-sample payload and parameters must each fit in 65535 bytes")
+    block = (struct.pack("<B", len(name)) + name + struct.pack("<H", len(params)) + params
+             + struct.pack(f"<{len(payloads)}H", *map(len, payloads)) + b"".join(payloads))
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, NAMED_CODEC_ID, 0, fp, BYTES_DTYPE_ID, x.dim(), 0, len(block))
+    return head + struct.pack(f"<{x.dim()}I", *x.shape) + block
+
+
+def encode(x: torch.Tensor, fingerprint: str, codec="fp32", compress: bool = False,
            level: int = ZSTD_LEVEL) -> bytes:
-    """One tensor as a frame. ``codec`` fp32 / fp16 / int8; ``compress`` zstd-compresses the payload."""
+    """One tensor as a frame. ``codec`` fp32 / fp16 / int8 (``compress``: zstd the payload), or a named codec
+    object (``hybridexit.codecs``; it does its own entropy coding, ``compress`` must be False)."""
+    if not isinstance(codec, str):
+        if compress:
+            raise WireError(f"codec {codec.name} codes its own payload: zstd compression does not apply")
+        return encode_named(x, fingerprint, codec)
     check_codec(codec)
     fp = _check_fingerprint(fingerprint)
     if not isinstance(x, torch.Tensor) or not 1 <= x.dim() <= MAX_NDIM or x.numel() == 0:
@@ -190,8 +224,11 @@ def parse_header(body: bytes) -> Header:
     if version != PROTOCOL_VERSION:
         raise UnsupportedVersion(f"protocol version {version} is not supported: this side speaks version "
                                  f"{PROTOCOL_VERSION}; run the same hybridexit version on edge and cloud")
+    if codec_id == NAMED_CODEC_ID:
+        return _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes)
     if codec_id not in CODEC_NAMES:
-        raise UnknownCodec(f"unknown codec id {codec_id}: known {', '.join(f'{v} {k}' for k, v in CODECS.items())}")
+        raise UnknownCodec(f"unknown codec id {codec_id}: known {', '.join(f'{v} {k}' for k, v in CODECS.items())}, "
+                           f"{NAMED_CODEC_ID} named")
     codec = CODEC_NAMES[codec_id]
     if flags & ~FLAG_ZSTD:
         raise WireError(f"unknown flag bits 0x{flags & ~FLAG_ZSTD:02x}: only bit 0 (zstd) is defined")
@@ -222,6 +259,61 @@ def parse_header(body: bytes) -> Header:
     return Header(version, codec, bool(flags & FLAG_ZSTD), fp.decode(), dtype, tuple(shape), payload_bytes)
 
 
+def _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes) -> Header:
+    """Header of a named-codec frame: the codec block and the per-sample lengths are checked here too."""
+    if flags:
+        raise WireError(f"flags 0x{flags:02x}: a named codec codes its own payload, flags must be 0")
+    if not _FP_RE.match(fp):
+        raise WireError("fingerprint field is not 16 lowercase hex digits")
+    if dtype_id != BYTES_DTYPE_ID:
+        raise WrongDtype(f"a named codec carries bytes (dtype {BYTES_DTYPE_ID}), the header says {dtype_id}")
+    if ndim != 4:
+        raise WrongShape(f"a named codec carries a (R, C, H, W) feature batch, ndim={ndim}")
+    if reserved != 0:
+        raise WireError(f"reserved header bytes must be 0 (got {reserved})")
+    end = HEADER_BYTES + 16
+    if len(body) < end:
+        raise TruncatedFrame(f"frame truncated inside the shape: {len(body)} bytes, need {end}")
+    shape = struct.unpack_from("<4I", body, HEADER_BYTES)
+    if min(shape) < 1:
+        raise WrongShape(f"shape {shape} has an empty dimension")
+    if len(body) - end < payload_bytes:
+        raise TruncatedFrame(f"frame truncated: header announces {payload_bytes} payload bytes, got {len(body) - end}")
+    if len(body) - end > payload_bytes:
+        raise CorruptPayload(f"{len(body) - end - payload_bytes} unexpected bytes after the {payload_bytes}-byte payload")
+    try:
+        n = body[end]
+        name = bytes(body[end + 1:end + 1 + n])
+        (np_,) = struct.unpack_from("<H", body, end + 1 + n)
+        at = end + 3 + n
+        params = bytes(body[at:at + np_])
+        lens = struct.unpack_from(f"<{shape[0]}H", body, at + np_)
+    except (IndexError, struct.error):
+        raise TruncatedFrame("frame truncated inside the named codec's block") from None
+    if not _NAME_RE.match(name) or len(params) != np_:
+        raise CorruptPayload("named codec block is malformed (name or parameters)")
+    if at + np_ + 2 * shape[0] + sum(lens) != len(body):
+        raise CorruptPayload(f"per-sample payload lengths add up to {sum(lens)}, the frame holds "
+                             f"{len(body) - at - np_ - 2 * shape[0]}")
+    return Header(PROTOCOL_VERSION, name.decode(), False, fp.decode(), "bytes", tuple(shape), payload_bytes,
+                  params, tuple(lens))
+
+
+def _decode_named(body, h: Header, codecs) -> torch.Tensor:
+    from .. import codecs as registry
+
+    codec = registry.from_frame(h.codec, h.params, codecs)
+    start = len(body) - sum(h.sample_bytes)
+    payloads = []
+    for n in h.sample_bytes:
+        payloads.append(bytes(body[start:start + n]))
+        start += n
+    x = codec.decode(payloads, h.shape)
+    if tuple(x.shape) != h.shape or not torch.isfinite(x).all():
+        raise CorruptPayload(f"codec {h.codec} decoded to a tensor that is not a finite {h.shape} batch")
+    return x.to(torch.float32).contiguous()
+
+
 def _decompress(data: bytes, expected: int) -> bytes:
     import zstandard
 
@@ -240,12 +332,13 @@ def _decompress(data: bytes, expected: int) -> bytes:
 
 
 def decode(body: bytes, fingerprint: str | None = None, shape: tuple | None = None,
-           max_decoded_bytes: int | None = None) -> torch.Tensor:
+           max_decoded_bytes: int | None = None, codecs: dict | None = None) -> torch.Tensor:
     """A frame back to a float32 tensor, checking it against what the receiver expects.
 
     ``fingerprint``: the receiver's model fingerprint (mismatch -> ``FingerprintMismatch``). ``shape``: the
     expected shape, ``None`` entries matching any size (e.g. ``(None, 64, 8, 8)``). ``max_decoded_bytes``:
-    refuse frames whose decompressed payload would be larger (``FrameTooLarge``).
+    refuse frames whose decompressed payload would be larger (``FrameTooLarge``). ``codecs``: the receiver's
+    checkpoint-bound named codecs (``codecs.held_codecs``), for frames of a learned codec.
     """
     h = parse_header(body)
     if fingerprint is not None and h.fingerprint != fingerprint:
@@ -261,6 +354,8 @@ def decode(body: bytes, fingerprint: str | None = None, shape: tuple | None = No
     if max_decoded_bytes is not None and expected > max_decoded_bytes:
         raise FrameTooLarge(f"tensor of shape {h.shape} decodes to {expected} bytes, over the limit of "
                             f"{max_decoded_bytes}: send fewer samples per request")
+    if h.named:
+        return _decode_named(body, h, codecs)
     payload = bytes(body[len(body) - h.payload_bytes:])
     if h.compressed:
         payload = _decompress(payload, expected)

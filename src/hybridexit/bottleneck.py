@@ -1,0 +1,306 @@
+"""A learned bottleneck at the split: a small edge-side reduction, a b-bit quantizer, a cloud-side expansion.
+
+Edge side: 1x1 conv C -> c (no bias) and BatchNorm (folded at inference into one 1x1 conv with bias), then a
+uniform mid-rise quantizer with a learned step per code channel: symbol ``r = clamp(round(z / s - 1/2), -L/2,
+L/2 - 1) + L/2`` in [0, L), L = 2^bits, value ``(r - L/2 + 1/2) * s``. Only the symbols leave the device
+(entropy-coded by ``codecs.LearnedCodec``). Cloud side: 1x1 conv c -> C with bias, giving back a (C, H, W) map
+for the cloud half. Gradients pass the rounding by a straight-through estimator (LSQ-style: the step gets the
+gradient of ``value = r * s``).
+
+Training (``train_bottleneck``): the edge half and its exits are frozen (weights and BatchNorm statistics), so
+the exits' decisions and calibrated thresholds stay valid and the edge tensors are bit-identical; the bottleneck
+and the cloud half are trained on the frozen edge's features of augmented training images, distilled from the
+checkpoint's own cloud half on the unquantized features (the hybrid with the fp32 codec) plus cross-entropy.
+The edge features of a few augmented views of the training split are computed once and cached (float16,
+memory-mapped) in the run directory: augmentation happens before the edge, so each view is a fixed crop/flip
+of every image, drawn from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import ConfigError
+
+# step of the MSE-optimal uniform quantizer of a unit Gaussian with L = 2^bits levels (Max 1960): the initial step
+GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352}
+
+
+class Bottleneck(nn.Module):
+    """``forward(f)`` = expand(dequantize(quantize(reduce(f)))); ``symbols(f)`` / ``from_symbols(sym)`` split it
+    at the wire. ``channels``: C of the edge features; ``code_channels``: c; ``bits``: 1 to 4."""
+
+    def __init__(self, channels: int, code_channels: int, bits: int):
+        super().__init__()
+        if bits not in GAUSS_STEP:
+            raise ConfigError(f"bottleneck bits={bits}: use 1 to 4")
+        if not 1 <= code_channels <= channels:
+            raise ConfigError(f"bottleneck code_channels={code_channels}: use 1 to {channels}")
+        self.channels, self.code_channels, self.bits = channels, code_channels, bits
+        self.levels = 2**bits
+        self.reduce = nn.Conv2d(channels, code_channels, 1, bias=False)
+        self.bn = nn.BatchNorm2d(code_channels)
+        self.log_step = nn.Parameter(torch.full((code_channels,), math.log(GAUSS_STEP[bits])))
+        self.expand = nn.Conv2d(code_channels, channels, 1, bias=True)
+
+    def pre_quant(self, f: torch.Tensor) -> torch.Tensor:
+        return self.bn(self.reduce(f))
+
+    def _index(self, z: torch.Tensor) -> torch.Tensor:
+        """Signed level index in [-L/2, L/2 - 1] (float), straight-through in training."""
+        s = self.log_step.exp()[None, :, None, None]
+        t = (z / s - 0.5).clamp(-self.levels / 2, self.levels / 2 - 1)
+        return t + (torch.round(t) - t).detach()
+
+    def dequantize(self, index: torch.Tensor) -> torch.Tensor:
+        return (index + 0.5) * self.log_step.exp()[None, :, None, None]
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.expand(self.dequantize(self._index(self.pre_quant(f))))
+
+    @torch.no_grad()
+    def symbols(self, f: torch.Tensor) -> torch.Tensor:
+        """Edge side: uint8 symbols in [0, L) of shape (N, c, H, W)."""
+        return (self._index(self.pre_quant(f)) + self.levels // 2).round().to(torch.uint8)
+
+    @torch.no_grad()
+    def from_symbols(self, sym: torch.Tensor) -> torch.Tensor:
+        """Cloud side: symbols back to a (N, C, H, W) feature map."""
+        idx = sym.to(torch.float32) - self.levels // 2
+        return self.expand(self.dequantize(idx))
+
+    def spec(self) -> dict:
+        return {"channels": self.channels, "code_channels": self.code_channels, "bits": self.bits}
+
+    def edge_macs(self, h: int, w: int) -> int:
+        return self.channels * self.code_channels * h * w
+
+    def cloud_macs(self, h: int, w: int) -> int:
+        return self.channels * self.code_channels * h * w
+
+    @torch.no_grad()
+    def init_pca(self, feats: torch.Tensor) -> None:
+        """Start from PCA: reduce onto the top-c principal directions of the channel vectors, expand back."""
+        x = feats.permute(0, 2, 3, 1).reshape(-1, self.channels).double()
+        mu = x.mean(0)
+        cov = torch.cov((x - mu).T)
+        evals, evecs = torch.linalg.eigh(cov)
+        top = evecs[:, evals.argsort(descending=True)[: self.code_channels]].T  # (c, C)
+        std = (top @ cov @ top.T).diagonal().clamp_min(1e-12).sqrt()
+        self.reduce.weight.copy_(top.float()[:, :, None, None])
+        self.bn.running_mean.copy_((top @ mu).float())
+        self.bn.running_var.copy_((std**2).float())
+        self.expand.weight.copy_((top.T * std[None, :]).float()[:, :, None, None])
+        self.expand.bias.copy_(mu.float())
+
+
+# ---------------------------------------------------------------------------------------------- training
+@dataclass(frozen=True)
+class BottleneckConfig:
+    code_channels: int = 16
+    bits: int = 2
+    epochs: int = 12
+    views: int = 1  # augmented views of the training split whose edge features are cached
+    match_blocks: int = 1  # >0: train the first k cloud blocks to reproduce the original's output there (MSE); 0: logits KD
+    batch_size: int = 128
+    lr: float = 1e-3  # bottleneck (AdamW)
+    cloud_lr: float = 2e-4  # cloud half (AdamW)
+    weight_decay: float = 0.0
+    kd_alpha: float = 0.7
+    kd_temperature: float = 2.0
+    seed: int = 0
+    limit_train: int | None = None  # smoke tests: only the first N training images
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.views < 1 or self.batch_size < 1:
+            raise ConfigError("epochs, views and batch_size must be at least 1")
+        if self.match_blocks < 0:
+            raise ConfigError(f"match_blocks={self.match_blocks} must be >= 0")
+        if not 0 <= self.kd_alpha <= 1:
+            raise ConfigError(f"kd_alpha={self.kd_alpha} must be in [0, 1]")
+
+
+def _edge_features(edge, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
+    """The frozen edge's features of raw uint8 images (the network normalizes them itself)."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), batch):
+            out.append(edge(images[i:i + batch]).contiguous())
+    return torch.cat(out)
+
+
+def _cache_views(run: Path, edge, cloud0, split, bcfg: BottleneckConfig, log) -> list[tuple]:
+    """Edge features (float16, memory-mapped) and the original cloud's logits of ``views`` augmented views."""
+    from .data import augment
+
+    n, shape = len(split), tuple(edge.feature_shape)
+    out = []
+    for v in range(bcfg.views):
+        fpath, lpath = run / f"view{v}.f16", run / f"view{v}.logits.npy"
+        if not lpath.exists():
+            t0 = time.time()
+            gen = torch.Generator().manual_seed(1000 * bcfg.seed + v)
+            mm = np.lib.format.open_memmap(str(fpath) + ".tmp.npy", "w+", np.float16, (n, *shape))
+            logits = np.zeros((n, cloud0.cfg.num_classes), np.float32)
+            for i in range(0, n, 500):
+                imgs = augment(split.images[i:i + 500], gen)
+                f = _edge_features(edge, imgs)
+                mm[i:i + len(f)] = f.half().numpy()
+                with torch.no_grad():
+                    logits[i:i + len(f)] = cloud0(f).numpy()
+            mm.flush()
+            del mm
+            Path(str(fpath) + ".tmp.npy").rename(fpath)
+            np.save(lpath, logits)
+            log({"event": "cached_view", "view": v, "seconds": round(time.time() - t0, 1)})
+        out.append((np.load(fpath, mmap_mode="r"), torch.from_numpy(np.load(lpath))))
+    return out
+
+
+@torch.no_grad()
+def _val_accuracy(bneck, cloud, vf, vl, offloaded) -> tuple[float, float]:
+    """Cloud accuracy with the bottleneck on all val samples, and on the offloaded ones only."""
+    bneck.eval()
+    cloud.eval()
+    preds = torch.cat([cloud(bneck(vf[i:i + 500])).argmax(1) for i in range(0, len(vf), 500)])
+    ok = preds == vl
+    return float(ok.float().mean()), float(ok[offloaded].float().mean())
+
+
+def _save_state(run: Path, bneck, cloud, opt, epoch, history):
+    tmp = run / "state.pt.tmp"
+    torch.save({"bottleneck": bneck.state_dict(), "cloud": cloud.state_dict(), "opt": opt.state_dict(),
+                "epoch": epoch, "history": history, "rng": torch.get_rng_state()}, tmp)
+    tmp.replace(run / "state.pt")
+
+
+def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, cache_dir=None) -> dict:
+    """Train a bottleneck + the cloud half of checkpoint ``init`` (edge and exits frozen), resumable from
+    ``run_dir``. Writes ``state.pt`` (every epoch) and ``best.pt`` (best val accuracy of the offloaded samples).
+    ``cache_dir`` (default ``run_dir``) holds the cached views; runs with the same init, seed and views share it."""
+    from .checkpoint import load_model
+    from .data import get_split, load_cifar
+
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    logf = open(run / "log.jsonl", "a")
+
+    def log(rec):
+        logf.write(json.dumps(rec) + "\n")
+        logf.flush()
+
+    model, meta = load_model(init)
+    d = meta["data"]
+    edge, cloud0 = model.split()
+    edge.eval()
+    cloud0.eval()
+    ds = load_cifar(d["name"], data_dir)
+    train_split = get_split(ds, "train", d["val_size"], d["split_seed"]).limit(bcfg.limit_train)
+    val_split = get_split(ds, "val", d["val_size"], d["split_seed"])
+    cfg_path = run / "config.json"
+    want = {"init": init, "bottleneck": asdict(bcfg)}
+    if cfg_path.exists() and json.loads(cfg_path.read_text()) != want:
+        raise ConfigError(f"{run} holds a run with another config: {cfg_path.read_text()}")
+    cfg_path.write_text(json.dumps(want, indent=2))
+    torch.manual_seed(bcfg.seed)
+    cache = Path(cache_dir) if cache_dir else run
+    cache.mkdir(parents=True, exist_ok=True)
+    views = _cache_views(cache, edge, cloud0, train_split, bcfg, log)
+    vf = _edge_features(edge, val_split.images)
+    offloaded = _offloaded(edge, val_split, meta["policy"])
+    bneck = Bottleneck(vf.shape[1], bcfg.code_channels, bcfg.bits)
+    bneck.init_pca(torch.from_numpy(views[0][0][:2000].astype(np.float32)))
+    _, cloud = model.split()
+    k = bcfg.match_blocks
+    tuned = cloud.blocks[:k] if k else cloud  # the part of the cloud that learns; the rest stays as it is
+    params = [{"params": list(bneck.parameters()), "lr": bcfg.lr},
+              {"params": list(tuned.parameters()), "lr": bcfg.cloud_lr}]
+    opt = torch.optim.AdamW(params, weight_decay=bcfg.weight_decay)
+    start, history = 0, []
+    if (run / "state.pt").exists():
+        st = torch.load(run / "state.pt", weights_only=False)
+        bneck.load_state_dict(st["bottleneck"])
+        cloud.load_state_dict(st["cloud"])
+        opt.load_state_dict(st["opt"])
+        start, history = st["epoch"], st["history"]
+        torch.set_rng_state(st["rng"])
+    else:
+        acc, acc_off = _val_accuracy(bneck, cloud, vf, val_split.labels, offloaded)
+        log({"event": "pca_init", "val_cloud_acc": acc, "val_offloaded_acc": acc_off})
+    n = len(train_split)
+    steps = bcfg.epochs * math.ceil(n / bcfg.batch_size)
+    for epoch in range(start, bcfg.epochs):
+        t0 = time.time()
+        feats, tlogits = views[epoch % len(views)]
+        bneck.train()
+        cloud.eval()
+        tuned.train()
+        perm = torch.randperm(n)
+        tot, seen = 0.0, 0
+        for b, i in enumerate(range(0, n, bcfg.batch_size)):
+            idx = perm[i:i + bcfg.batch_size].sort().values
+            f = torch.from_numpy(feats[idx.numpy()].astype(np.float32))
+            y, tl = train_split.labels[idx], tlogits[idx]
+            step = epoch * math.ceil(n / bcfg.batch_size) + b
+            scale = 0.5 * (1 + math.cos(math.pi * step / steps))
+            for g, base in zip(opt.param_groups, (bcfg.lr, bcfg.cloud_lr)):
+                g["lr"] = base * scale
+            loss = _match_loss(bneck, cloud0, tuned, f, k) if k else _kd_loss(cloud(bneck(f)), tl, y, bcfg)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            tot += float(loss.detach()) * len(idx)
+            seen += len(idx)
+        acc, acc_off = _val_accuracy(bneck, cloud, vf, val_split.labels, offloaded)
+        rec = {"epoch": epoch + 1, "loss": tot / seen, "val_cloud_acc": acc, "val_offloaded_acc": acc_off,
+               "seconds": round(time.time() - t0, 1)}
+        history.append(rec)
+        log(rec)
+        _save_state(run, bneck, cloud, opt, epoch + 1, history)
+        if acc_off >= max(h["val_offloaded_acc"] for h in history):
+            torch.save({"bottleneck": bneck.state_dict(), "cloud": cloud.state_dict(), "epoch": epoch + 1,
+                        "spec": bneck.spec(), "val": rec}, run / "best.pt")
+    logf.close()
+    return {"history": history}
+
+
+def _match_loss(bneck, cloud0, tuned, f, k: int):
+    """MSE between the tuned first k cloud blocks on the bottleneck's output and the original's on ``f``,
+    relative to the target's mean square."""
+    with torch.no_grad():
+        t = f
+        for block in cloud0.blocks[:k]:
+            t = block(t)
+    h = bneck(f)
+    for block in tuned:
+        h = block(h)
+    return F.mse_loss(h, t) / t.pow(2).mean()
+
+
+def _kd_loss(out, tl, y, bcfg: BottleneckConfig):
+    T = bcfg.kd_temperature
+    kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(tl / T, 1), reduction="batchmean", log_target=True) * T**2
+    return bcfg.kd_alpha * kd + (1 - bcfg.kd_alpha) * F.cross_entropy(out, y)
+
+
+def _offloaded(edge, split, policy) -> torch.Tensor:
+    """Which samples of ``split`` the frozen edge sends to the cloud under its exit policy."""
+    from .hybrid import CLOUD
+
+    if policy is None:
+        raise ConfigError("the checkpoint has no exit policy: calibrate it first (hybridexit calibrate)")
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(split), 500):
+            r = edge.decide(split.images[i:i + 500], policy.thresholds, policy.temperatures or None)
+            out.append(r.decided_at == CLOUD)
+    return torch.cat(out)

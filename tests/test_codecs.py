@@ -1,0 +1,175 @@
+"""Feature codecs: round trips within their stated bounds, strict refusal of bad payloads, honest byte counts."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from hybridexit import codecs
+from hybridexit.bottleneck import Bottleneck
+from hybridexit.runtime import wire
+
+FP = "0123456789abcdef"
+SHAPE = (32, 8, 8)
+
+
+@pytest.fixture(scope="module")
+def feats():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(5, *SHAPE, generator=g) * torch.linspace(0.2, 3.0, SHAPE[0])[None, :, None, None] + 0.3
+
+
+@pytest.fixture(scope="module")
+def learned_dir(tmp_path_factory, feats):
+    """A checkpoint folder carrying a small learned codec: PCA-initialized bottleneck, tables from its symbols."""
+    d = tmp_path_factory.mktemp("bn")
+    torch.manual_seed(0)
+    b = Bottleneck(SHAPE[0], 6, 2)
+    b.init_pca(feats)
+    b.eval()
+    probs = codecs.ContextCoder.estimate(b.symbols(feats), b.levels)
+    codecs.write_learned_codec(d, b, probs, SHAPE)
+    return d
+
+
+def _all_codecs(feats, learned_dir):
+    out = [codecs.get(n) for n in ("fp32", "fp16", "int8", "fp32+zstd", "int8+zstd")]
+    out += [codecs.get(f"q{b}", calibration=feats, clip_p=0.01) for b in (1, 2, 3, 4)]
+    out.append(codecs.get("bn", checkpoint=learned_dir))
+    return out
+
+
+def test_every_codec_round_trips_within_its_bound(feats, learned_dir):
+    for c in _all_codecs(feats, learned_dir):
+        body = codecs.frame(c, feats, FP)
+        back = wire.decode(body, FP, (None, *SHAPE), codecs=codecs.held_codecs(learned_dir))
+        err = (back - c.reference(feats)).abs()
+        assert back.shape == feats.shape and back.dtype == torch.float32, c.name
+        assert (err <= c.error_bound(feats)).all(), (c.name, float((err - c.error_bound(feats)).max()))
+        if c.lossless:
+            assert torch.equal(back, feats), c.name
+
+
+def test_quantizer_bound_is_tight_and_values_outside_the_clip_are_clipped(feats):
+    c = codecs.get("q2", calibration=feats, clip_p=0.05)
+    back = c.decode(c.encode(feats), feats.shape)
+    step = ((c.hi - c.lo) / 4)[None, :, None, None]
+    inside = (feats >= c.lo[None, :, None, None]) & (feats <= c.hi[None, :, None, None])
+    err = (back - feats).abs()
+    assert (err[inside] <= (step / 2).expand_as(err)[inside] + 1e-5).all()
+    assert err[inside].max() > 0.3 * float(step.min())  # a real quantizer, not a pass-through
+    assert (back >= c.lo[None, :, None, None]).all() and (back <= c.hi[None, :, None, None]).all()
+
+
+def test_learned_codec_symbols_round_trip_exactly_and_decode_equals_the_bottleneck(learned_dir, feats):
+    c = codecs.get("bn", checkpoint=learned_dir)
+    sym = c.bottleneck.symbols(feats).numpy()
+    for s, p in zip(sym, c.encode(feats)):
+        assert np.array_equal(c.coder.decode(p, s.shape), s)
+    torch.testing.assert_close(c.decode(c.encode(feats), feats.shape), c.bottleneck(feats), rtol=0, atol=1e-5)
+
+
+def test_context_coder_beats_the_raw_bits_on_correlated_symbols():
+    g = torch.Generator().manual_seed(0)
+    base = torch.randint(0, 4, (40, 3, 1, 1), generator=g).expand(40, 3, 8, 8).clone()  # constant maps
+    noise = torch.rand(base.shape, generator=g) < 0.05
+    sym = torch.where(noise, torch.randint(0, 4, base.shape, generator=g), base).to(torch.uint8)
+    coder = codecs.ContextCoder(codecs.ContextCoder.estimate(sym, 4))
+    raw_bytes = 3 * 8 * 8 * 2 / 8
+    sizes = [len(coder.encode(s.numpy())) for s in sym]
+    assert np.mean(sizes) < raw_bytes / 2
+
+
+def test_frame_length_is_the_byte_count_and_payloads_are_per_sample(feats, learned_dir):
+    for c in _all_codecs(feats, learned_dir):
+        if isinstance(c, codecs.V1Codec):
+            continue
+        body = codecs.frame(c, feats, FP)
+        h = wire.parse_header(body)
+        name = c.name.encode()
+        payloads = c.encode(feats)
+        assert h.sample_bytes == tuple(len(p) for p in payloads), c.name
+        assert len(body) == 32 + 16 + 1 + len(name) + 2 + len(c.params()) + 2 * len(feats) + sum(h.sample_bytes)
+        one = codecs.frame(c, feats[:1], FP)  # what a batch-size-1 edge sends for the first sample
+        assert len(one) == 32 + 16 + 1 + len(name) + 2 + len(c.params()) + 2 + len(payloads[0])
+
+
+def _named_body(feats):
+    c = codecs.get("q2", calibration=feats)
+    return c, codecs.frame(c, feats[:2], FP)
+
+
+def test_named_frames_refuse_truncation_and_inconsistency(feats, learned_dir):
+    c, body = _named_body(feats)
+    cases = {
+        "cut": (body[:-3], wire.TruncatedFrame),
+        "trailing": (body + b"\0", wire.CorruptPayload),
+        "flags": (body[:7] + b"\x01" + body[8:], wire.WireError),
+        "dtype": (body[:24] + b"\x01" + body[25:], wire.WrongDtype),
+    }
+    b = bytearray(body)  # per-sample lengths that do not add up (frame length unchanged)
+    at = 48 + 1 + 2 + 2 + len(c.params())
+    n0, n1 = struct.unpack_from("<2H", b, at)
+    struct.pack_into("<2H", b, at, n0 + 1, n1 - 1)
+    cases["lengths moved"] = (bytes(b), wire.CorruptPayload)
+    b = bytearray(body)
+    struct.pack_into("<H", b, at, n0 + 5)
+    cases["lengths too long"] = (bytes(b), wire.CorruptPayload)
+    b = bytearray(body)
+    b[48 + 1:48 + 3] = b"zz"  # unknown codec name
+    cases["name"] = (bytes(b), wire.UnknownCodec)
+    b = bytearray(body)
+    b[len(body) - n0 - n1] ^= 0xFF  # the first sample's payload no longer starts as a zstd frame
+    cases["payload"] = (bytes(b), wire.CorruptPayload)
+    for name, (bad, err) in cases.items():
+        with pytest.raises(err):
+            wire.decode(bad, FP, (None, *SHAPE))
+
+
+def test_q_codec_refuses_bad_parameters(feats):
+    c = codecs.get("q3", calibration=feats)
+    p = c.params()
+    with pytest.raises(wire.CorruptPayload):
+        codecs.ClippedUniform.from_params(p[:-2])
+    swapped = p[:4] + p[4 + 2 * SHAPE[0]:] + p[4:4 + 2 * SHAPE[0]]  # hi < lo
+    with pytest.raises(wire.CorruptPayload):
+        codecs.ClippedUniform.from_params(swapped)
+    with pytest.raises(wire.UnknownCodec):
+        codecs.ClippedUniform.from_params(b"\x09" + p[1:])
+    with pytest.raises(wire.WrongShape):
+        c.encode(torch.randn(1, SHAPE[0] + 1, 8, 8))
+
+
+def test_learned_codec_refuses_another_codec_and_altered_payloads(feats, learned_dir, tmp_path):
+    c = codecs.get("bn", checkpoint=learned_dir)
+    body = codecs.frame(c, feats[:1], FP)
+    with pytest.raises(wire.UnknownCodec):  # the receiver's checkpoint has no learned codec
+        wire.decode(body, FP)
+    other = Bottleneck(SHAPE[0], 6, 2)
+    other.init_pca(feats * 2)
+    other.eval()
+    codecs.write_learned_codec(tmp_path, other, codecs.ContextCoder.estimate(other.symbols(feats), 4), SHAPE)
+    with pytest.raises(codecs.CodecMismatch):
+        wire.decode(body, FP, codecs=codecs.held_codecs(tmp_path))
+    payload = c.encode(feats[:1])[0]
+    for bad in (payload[:-4], payload + b"\0\0\0\0", payload[:-1]):
+        with pytest.raises(wire.CorruptPayload):
+            c.decode([bad], (1, *SHAPE))
+
+
+def test_registry_refuses_unknown_names_and_missing_context(feats, tmp_path):
+    for name in ("q5", "fp64", "bn+zstd", "q2+zstd"):
+        with pytest.raises(wire.UnknownCodec):
+            codecs.get(name, calibration=feats)
+    with pytest.raises(codecs.ConfigError):
+        codecs.get("q2")
+    with pytest.raises(codecs.ConfigError):
+        codecs.get("bn", checkpoint=tmp_path)
+
+
+def test_v1_frames_are_unchanged(feats):
+    """The original codecs still make version-1 frames the old decoder reads (header codec ids 1-3)."""
+    for name, cid in (("fp32", 1), ("fp16", 2), ("int8", 3)):
+        body = codecs.frame(codecs.get(name), feats[:1], FP)
+        assert body[6] == cid and body == wire.encode(feats[:1], FP, name)
