@@ -255,7 +255,7 @@ def cmd_sweep(a):
 def cmd_report(a):
     from .report import write_report
 
-    for path in write_report(results_dir=a.results_dir, docs=a.docs):
+    for path in write_report(results_dir=a.results_dir, docs=a.docs, epochs=a.epochs):
         print(path)
 
 
@@ -389,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="figures and tables of the sweeps (Fig. 4, Fig. 5, Tables II-IV) from the result rows")
     r.add_argument("--results-dir", default="results", help="folder with sweep-cifar10.json, sweep-cifar100.json")
     r.add_argument("--docs", default="docs/sweep.md", help="markdown file whose generated section is rewritten")
+    r.add_argument("--epochs", type=int, default=None,
+                   help="report the rows of a schedule override (sweep --epochs N: results/sweep-<dataset>-epN.json)")
     r.set_defaults(func=cmd_report)
 
     try:

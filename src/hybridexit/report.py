@@ -8,6 +8,7 @@ filled in. The paper's values are typed in from its text (``docs``: /work/shared
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -46,12 +47,19 @@ def _index(rows: list[dict]) -> dict:
     return {(r["name"], r["point"]): r for r in rows}
 
 
+@functools.lru_cache(maxsize=None)
+def _energy(cfg):
+    """The energy model of a (frozen, hashable) network config, computed once per process."""
+    from .energy import energy_report
+
+    return energy_report(cfg)
+
+
 def table3_rows(num_classes: int = 100, c100_rows: list[dict] | None = None) -> list[dict]:
     """Edge and cloud energy per 10,000 images (mJ) from the energy model, one exit at the end of the edge; the
     cloud column the paper reports depends on how many images exit, so ours is given for none exiting and, where a
     CIFAR-100 sweep row exists, at its measured exit fraction (paper threshold 1.0)."""
     from .data import DATASETS as D
-    from .energy import energy_report
     from .resnet import HybridConfig
 
     d = D["cifar100" if num_classes == 100 else "cifar10"]
@@ -59,7 +67,7 @@ def table3_rows(num_classes: int = 100, c100_rows: list[dict] | None = None) -> 
     out = []
     for layers in LAYERS:
         for bits in BITS:
-            rep = energy_report(HybridConfig(depth=32, num_classes=num_classes, edge_layers=layers, edge_bits=bits,
+            rep = _energy(HybridConfig(depth=32, num_classes=num_classes, edge_layers=layers, edge_bits=bits,
                                              exits=(layers,), mean=d["mean"], std=d["std"]))
             row = idx.get((f"e{layers}-b{bits}-x{layers}-joint-k3", "paper threshold"))
             measured = None if row is None else 10 * row["cloud_uj"] * (1 - row["edge_fraction"])
@@ -88,7 +96,7 @@ def reference_point(dataset: str, rows: list[dict], results_dir: Path) -> tuple[
     name = f"{DATASETS[dataset]['prefix']}-r32-fp32"
     for r in (bench.get("points", []) if isinstance(bench, dict) else []):
         if r["name"] == name:
-            return r, f"results/{dataset}.json ({name})"
+            return r, f"results/{dataset}.json, {name}"
     return None, "missing"
 
 
@@ -129,7 +137,8 @@ def plot_fig4(dataset: str, rows: list[dict], results_dir: Path, path: Path) -> 
     ax.set_xlabel("expected computational energy per test image (uJ, Table I constants)")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -261,28 +270,31 @@ def _spec_names(path) -> list[str]:
 
 
 def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/paper-cifar10.toml",
-                                                                      "sweeps/paper-cifar100.toml")) -> list[str]:
-    """Regenerate the figures, Table III's JSON and the generated section of ``docs``; returns the paths written."""
-    results_dir = Path(results_dir)
+                                                                      "sweeps/paper-cifar100.toml"),
+                 epochs: int | None = None) -> list[str]:
+    """Regenerate the figures, Table III's JSON and the generated section of ``docs``; returns the paths written.
+    ``epochs``: report the stores of a schedule override (``sweep --epochs N``: ``sweep-<dataset>-epN.json``)."""
+    results_dir, tag = Path(results_dir), "" if epochs is None else f"-ep{epochs}"
     results_dir.mkdir(parents=True, exist_ok=True)
-    stores = {d: load_rows(results_dir / f"sweep-{d}.json") for d in DATASETS}
-    refs = {d: reference_point(d, stores[d], results_dir)[0] for d in DATASETS}
+    stores = {d: load_rows(results_dir / f"sweep-{d}{tag}.json") for d in DATASETS}
+    found = {d: reference_point(d, stores[d], results_dir) for d in DATASETS}
+    refs, refs_src = {d: f[0] for d, f in found.items()}, {d: f[1] for d, f in found.items()}
     written = []
     for d, info in DATASETS.items():
-        p = results_dir / f"{info['fig']}-{d}.png"
+        p = results_dir / f"{info['fig']}-{d}{tag}.png"
         plot_fig4(d, stores[d], results_dir, p)
         written.append(str(p))
-    p = results_dir / "fig5-cifar100.png"
+    p = results_dir / f"fig5-cifar100{tag}.png"
     plot_fig5(stores["cifar100"], p)
     written.append(str(p))
     t3 = table3_rows(100, stores["cifar100"])
-    p = results_dir / "table3-energy.json"
+    p = results_dir / f"table3-energy{tag}.json"
     p.write_text(json.dumps({"unit": "mJ per 10,000 images", "network": "ResNet-32, CIFAR-100, one exit at the edge",
                              "rows": t3}, indent=1) + "\n")
     written.append(str(p))
     bench = load_rows(results_dir / "cifar10.json")
     names = {Path(s).stem.replace("paper-", ""): _spec_names(s) for s in sweeps}
-    section = render_section(stores, refs, t3, bench if isinstance(bench, dict) else {}, names)
+    section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag)
     docs = Path(docs)
     text = docs.read_text() if docs.exists() else f"# Design-space sweeps\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
@@ -293,16 +305,17 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     return written
 
 
-def render_section(stores: dict, refs: dict, t3: list[dict], bench_c10: dict, names: dict) -> str:
+def render_section(stores: dict, refs: dict, refs_src: dict, t3: list[dict], bench_c10: dict, names: dict,
+                   tag: str = "") -> str:
     parts = []
     for d, info in DATASETS.items():
         ref = refs[d]
-        parts.append(f"### {info['label']}: the grid ({len(stores[d])} rows in results/sweep-{d}.json)\n\n"
-                     f"FP32 reference: {_pct(None if ref is None else ref['accuracy'])} % test accuracy, "
-                     f"{_fmt(None if ref is None else ref['expected_uj'], '.1f')} uJ per image.\n\n"
+        fp32 = "missing" if ref is None else f"{100 * ref['accuracy']:.2f} % test accuracy, {ref['expected_uj']:.1f} uJ per image"
+        parts.append(f"### {info['label']}: the grid ({len(stores[d])} rows in results/sweep-{d}{tag}.json)\n\n"
+                     f"FP32 reference ({refs_src[d]}): {fp32}.\n\n"
                      + points_md(names.get(d) or sorted({r['name'] for r in stores[d] if r['name'] != 'fp32'}), stores[d])
-                     + f"\n\n![Fig. 4 {info['label']}](../results/{info['fig']}-{d}.png)\n")
-    parts.append("### Fig. 5 (CIFAR-100: exits and accuracy vs edge layers)\n\n![Fig. 5](../results/fig5-cifar100.png)\n")
+                     + f"\n\n![Fig. 4 {info['label']}](../results/{info['fig']}-{d}{tag}.png)\n")
+    parts.append(f"### Fig. 5 (CIFAR-100: exits and accuracy vs edge layers)\n\n![Fig. 5](../results/fig5-cifar100{tag}.png)\n")
     parts.append("### What the paper states about Fig. 4 and Fig. 5, beside our rows\n\n" + statements_md(stores, refs))
     parts.append("### Table II: 16E+14C binary, joint vs separate optimization (paper threshold)\n\n"
                  + table2_md(stores, bench_c10))
