@@ -48,6 +48,14 @@ def test_every_local_link_resolves():
     assert not broken, broken
 
 
+def test_paths_named_in_the_readme_commands_exist():
+    """The checkpoints, recipes and scripts the usage names are in the tree (a fresh clone has them)."""
+    named = set(re.findall(r"(?:checkpoints|recipes|scripts)/[\w.-]+", (ROOT / "README.md").read_text()))
+    assert named, "the README names no checkpoint"
+    missing = sorted(n for n in named if not (ROOT / n).exists())
+    assert not missing, missing
+
+
 def test_every_png_in_results_is_linked():
     linked = {t for md in _docs() for t in _links(md)}
     unlinked = [p.name for p in sorted((ROOT / "results").glob("*.png")) if p.resolve() not in linked]
