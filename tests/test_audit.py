@@ -89,3 +89,60 @@ def test_ladder_and_eps_from_the_policy():
         policy_eps(plain)
     with pytest.raises(ConfigError, match="audit-rate"):
         AuditSettings(rate=0.0, eps=0.05)
+
+
+# ---------------------------------------------------------------------------------------------- over the network
+def test_audited_edge_over_a_real_server(tmp_path):
+    """A real loopback server and the edge runtime with --audit-rate 1: the audit's outcomes are the in-process
+    disagreements, the exits tighten down to level 0 (a random network disagrees everywhere), every input keeps
+    one record naming its thresholds, and the server counts the same audits. With an EPS nothing can exceed,
+    the audit changes no decision."""
+    from test_runtime import MEAN, N_IMAGES, STD, ThreadServer  # the runtime tests' tiny setup
+
+    from hybridexit.checkpoint import fingerprint, load_model, save_model
+    from hybridexit.data import Split
+    from hybridexit.hybrid import HybridNet
+    from hybridexit.policy import write_policy
+    from hybridexit.resnet import HybridConfig
+    from hybridexit.runtime.client import EdgeOptions, EdgeRunner
+    from hybridexit.runtime.server import ServerSettings
+
+    torch.manual_seed(0)
+    model = HybridNet(HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(2, 4), mean=MEAN,
+                                   std=STD)).eval()
+    g = torch.Generator().manual_seed(1)
+    images = Split(torch.randint(0, 256, (N_IMAGES, 3, 32, 32), dtype=torch.uint8, generator=g),
+                   torch.randint(0, 10, (N_IMAGES,), generator=g), "test")
+    with torch.no_grad():
+        outs = model(images.images)
+    path = tmp_path / "tiny"
+    save_model(path, model, {"data": {"name": "cifar10", "mean": list(MEAN), "std": list(STD)}})
+    # everything exits at exit 0; one certified level (so the audit's ladder is: level 1 = this, level 0 = no exits)
+    write_policy(path, ExitPolicy((9.0, 9.0), (), {}, {"eps": 0.05, "levels": [[9.0, 9.0]]}))
+    full = outs[-1].argmax(1).tolist()
+    srv = ThreadServer(path, ServerSettings(max_batch=16, max_wait_ms=1))
+    try:
+        model, meta = load_model(path)
+        plain = EdgeRunner(model, meta["policy"], fingerprint(path), EdgeOptions(srv.url)).run(images.images,
+                                                                                             images.labels)
+        calm = EdgeRunner(model, meta["policy"], fingerprint(path),
+                          EdgeOptions(srv.url, audit_rate=1.0, audit_eps=0.99)).run(images.images, images.labels)
+        assert [(r["prediction"], r["decided_at"]) for r in calm] == [(r["prediction"], r["decided_at"]) for r in plain]
+        runner = EdgeRunner(model, meta["policy"], fingerprint(path), EdgeOptions(srv.url, audit_rate=1.0))
+        recs = runner.run(images.images, images.labels)
+        stats = runner.cloud.stats()
+    finally:
+        srv.stop()
+    assert [r["index"] for r in recs] == list(range(N_IMAGES))
+    ctl = runner.audit
+    assert ctl.settings.eps == 0.05 and ctl.level == 0 and [a.index for a in ctl.adaptations] == [9]
+    for r, p, f in zip(recs, [r["prediction"] for r in plain], full):
+        assert r["thresholds"] == list(ctl.levels[r["audit_level"]]) and r["audited"]  # rate 1: every exit
+        if r["audit_level"] > 0:
+            assert r["audit_disagrees"] == (p != f) and r["prediction"] == p and r["decided_at"] == "exit:0"
+        else:  # no exits: the cloud answers
+            assert r["decided_at"] == "cloud" and r["prediction"] == f
+    sent = sum(r["audited"] for r in recs)
+    assert stats["audit_samples"] == sent + sum(r["audited"] for r in calm)
+    assert stats["audit_disagreements"] == sum(r["audit_disagrees"] for r in recs + calm)
+    assert stats["audit_levels"] and stats["audit_cloud_uj"] > 0

@@ -89,3 +89,22 @@ def test_train_evaluate_calibrate_roundtrip(tmp_path, tiny_cifar, capsys):
     assert [r["index"] for r in recs] == list(range(30))
     assert {r["decided_at"] for r in recs} <= {"exit:0", "cloud"}
     assert d["accuracy"] == pytest.approx(sum(r["label"] == r["prediction"] for r in recs) / 30)
+    # the same 30 images as an image folder (FOLDER/<class>/*.png, like torchvision's ImageFolder): same answers
+    from PIL import Image
+
+    from hybridexit.data import load_cifar
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    for i in range(30):
+        (tmp_path / "imgs" / ds.classes[int(ds.test.labels[i])]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(ds.test.images[i].permute(1, 2, 0).numpy()).save(
+            tmp_path / "imgs" / ds.classes[int(ds.test.labels[i])] / f"{i:03d}.png")
+    code, out, _ = run(capsys, "evaluate", ck, "--images", str(tmp_path / "imgs"), "--json", "--out",
+                       str(tmp_path / "f.jsonl"))
+    assert code == 0 and json.loads(out)["n"] == 30 and json.loads(out)["accuracy"] == pytest.approx(d["accuracy"])
+    folder = [json.loads(line) for line in (tmp_path / "f.jsonl").read_text().splitlines()]
+    by_image = {int(r["path"].split("/")[-1][:3]): r for r in folder}
+    assert [(by_image[i]["prediction"], by_image[i]["label"]) for i in range(30)] == [(r["prediction"], r["label"])
+                                                                                      for r in recs]

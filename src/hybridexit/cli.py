@@ -179,14 +179,26 @@ def cmd_evaluate(a):
     thresholds = a.thresholds if a.thresholds is not None else (policy.thresholds if policy else None)
     temperatures = policy.temperatures or None if policy else None
     resolve_thresholds(model.cfg, thresholds)  # none or a wrong count: refused before the data is read
-    ds = _load_data_for(meta, a)
-    split = _split_for(a, ds).limit(a.limit)
+    paths = None
+    if a.images:  # an image folder (FOLDER/<class>/*.png, classes named as the checkpoint's) instead of a split
+        from .data import Split
+        from .runtime.client import inputs_from_folder
+
+        classes = meta.get("data", {}).get("classes")
+        inp = inputs_from_folder(a.images, classes).head(a.limit)
+        split, where, paths = Split(inp.images, inp.labels, "images"), inp.description, inp.paths
+    else:
+        ds = _load_data_for(meta, a)
+        split, where, classes = _split_for(a, ds).limit(a.limit), a.split, ds.classes
     summary, recs = evaluate_checkpoint_summary(model, split, thresholds, temperatures, a.batch_size,
                                                 progress=not a.json, engine=a.engine)
-    summary = {"checkpoint": a.checkpoint, "split": a.split, "engine": a.engine, **summary}
+    if bool((split.labels < 0).any()):  # unlabelled images: no accuracy to report
+        summary["cloud_accuracy"] = None
+    summary = {"checkpoint": a.checkpoint, "split": where, "engine": a.engine, **summary}
     if a.out:
         with open(a.out, "w") as f:
-            f.writelines(json.dumps(r.to_json(ds.classes)) + "\n" for r in recs)
+            f.writelines(json.dumps({**r.to_json(classes), **({"path": paths[r.index]} if paths else {})}) + "\n"
+                         for r in recs)
     if a.json:
         print(json.dumps(summary))
     else:
@@ -326,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val and train: the checkpoint's own hold-out and training images")
     v.add_argument("--thresholds", type=threshold, nargs="*", default=None,
                    help="exit thresholds, one per exit (default: the checkpoint's exit policy)")
+    v.add_argument("--images", type=existing_dir, default=None,
+                   help="a folder of images instead of a split: FOLDER/<class>/*.png (class names as the checkpoint's, "
+                        "like torchvision's ImageFolder) or FOLDER/*.png (unlabelled)")
     v.add_argument("--limit", type=positive_int, default=None, help="the first N images of the split")
     v.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass")
     v.add_argument("--out", type=output_file, default=None, help="write one JSON record per image (JSONL)")

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..risk import binom_cdf
+from . import wire
 
 SCALED_LADDER = (0.25, 0.5, 0.75, 1.0)
 
@@ -96,10 +97,13 @@ class AuditController:
     levels: list[tuple[float, ...]]  # 1..L, strict -> lenient; level 0 (no exits) is added in front
     settings: AuditSettings
     level: int = field(init=False)
-    audits: int = 0  # audits sent: exited inputs (level >= 1) also answered by the cloud
+    audits: int = 0  # audits answered: exited inputs (level >= 1) also answered by the cloud
     disagreements: int = 0  # among them, the exit's answer differed from the cloud's
     free_audits: int = 0  # level 0: inputs that would have exited at level 1 (the cloud answers them anyway)
     free_disagreements: int = 0
+    failed_audits: int = 0  # audit requests the cloud did not answer (no outcome; the edge's answer stands)
+    request_bytes: int = 0  # audit request bodies sent (runtime only)
+    response_bytes: int = 0
     adaptations: list[Adaptation] = field(default_factory=list)
 
     def __post_init__(self):
@@ -196,9 +200,77 @@ class AuditController:
     def summary(self) -> dict:
         return {"audit_rate": self.settings.rate, "audit_eps": self.settings.eps, "audit_delta": self.settings.delta,
                 "audits": self.audits, "audit_disagreements": self.disagreements, "free_audits": self.free_audits,
-                "free_audit_disagreements": self.free_disagreements,
+                "free_audit_disagreements": self.free_disagreements, "failed_audits": self.failed_audits,
+                "audit_request_bytes": self.request_bytes, "audit_response_bytes": self.response_bytes,
                 "adaptations": len(self.adaptations), "audit_level": self.level, "audit_top_level": self.top,
                 "audit_events": [a.to_dict() for a in self.adaptations]}
+
+
+def controller_for(policy, thresholds, options) -> AuditController:
+    """The edge runtime's controller: the policy's ladder (or, when ``thresholds`` override the policy, those
+    scaled), EPS from ``options.audit_eps`` or the policy's guarantee."""
+    from ..policy import ExitPolicy
+
+    if policy is None or tuple(policy.thresholds) != tuple(thresholds):
+        policy = ExitPolicy(tuple(thresholds), (), {}, policy.guarantee if policy is not None else None)
+    eps = policy_eps(policy, options.audit_eps)
+    return AuditController(ladder(policy), AuditSettings(rate=options.audit_rate, eps=eps, seed=options.audit_seed))
+
+
+def audit_batch(runner, images, preds, decided, start: int, level: int) -> dict[int, dict]:
+    """The audits of one batch that the edge decided at ``level`` (``EdgeRunner.run_batch``): the chosen exited
+    inputs' edge features go to the cloud in one request (headers ``X-Hybridexit-Audit``: the edge's answers,
+    ``X-Hybridexit-Audit-Level``), each outcome goes to the controller. At level 0 the cloud's answer replaces the
+    edge's (``preds`` / ``decided`` are changed in place). Returns per batch index the record fields."""
+    from ..hybrid import CLOUD, FALLBACK
+    from .client import CloudError, _split_bytes
+
+    ctl: AuditController = runner.audit
+    shadow = level == 0
+    out = {i: {"thresholds": list(ctl.levels[level]), "audit_level": level, "audited": False}
+           for i in range(len(preds))}
+    chosen = [i for i in (decided >= 0).nonzero().flatten().tolist() if ctl.draw()]
+    if not chosen:
+        return out
+    feats = runner.edge.forward(images[chosen].to(runner.device))
+    body = wire.encode(feats, runner.fingerprint, runner.opt.codec, runner.opt.compress)
+    edge_answers = [int(preds[i]) for i in chosen]
+    headers = {"X-Hybridexit-Audit": ",".join(map(str, edge_answers)), "X-Hybridexit-Audit-Level": f"{level}/{ctl.top}"}
+    try:
+        reply = runner.cloud.infer(body, runner.fingerprint, runner.cfg.num_classes, headers=headers)
+    except CloudError as e:
+        ctl.failed_audits += 1
+        if shadow and runner.opt.on_cloud_failure == "error":
+            raise
+        for i in chosen if shadow else []:  # level 0: the cloud was to answer them; the edge's answer falls back
+            decided[i] = FALLBACK
+            out[i]["error"] = str(e)
+        return out
+    ctl.request_bytes += reply.request_bytes
+    ctl.response_bytes += reply.response_bytes
+    for i, b, c in zip(chosen, _split_bytes(reply.request_bytes, len(chosen)), reply.logits.argmax(1).tolist()):
+        out[i].update(audited=True, audit_disagrees=c != int(preds[i]), audit_bytes=b)
+        ctl.observe(level, c != int(preds[i]), start + i)
+        if shadow:
+            preds[i], decided[i] = c, CLOUD
+            out[i]["payload_bytes"] = b
+    return out
+
+
+def count_audit(stats, headers, logits, body_bytes: int, cloud_uj: float) -> None:
+    """The server's side: count an audit request (``server.Stats``' audit fields) from its headers and answer."""
+    n = len(logits)
+    stats.audit_requests += 1
+    stats.audit_samples += n
+    stats.audit_request_bytes += body_bytes
+    stats.audit_cloud_uj += n * cloud_uj
+    stats.audit_levels[headers.get("x-hybridexit-audit-level", "?")] += 1
+    try:
+        edge = [int(v) for v in headers.get("x-hybridexit-audit", "").split(",")]
+    except ValueError:  # not the edge's answers: counted as an audit, no disagreement known
+        return
+    if len(edge) == n:
+        stats.audit_disagreements += sum(e != c for e, c in zip(edge, logits.argmax(1).tolist()))
 
 
 def simulate_audited(exit_preds, final_preds, entropies, controller: AuditController) -> list[dict]:

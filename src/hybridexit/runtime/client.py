@@ -86,6 +86,9 @@ class EdgeOptions:
     device: str | None = None
     ca: str | None = None  # CA certificate (PEM) that signed an https server's certificate; None: the system's
     engine: str = "torch"  # the edge half's engine (hybridexit.engines): torch, onnx or packed
+    audit_rate: float = 0.0  # share of exited inputs also sent to the cloud to measure disagreement (runtime/audit.py)
+    audit_eps: float | None = None  # the disagreement the audit holds the exits to (default: the policy's EPS)
+    audit_seed: int = 0
 
     def __post_init__(self):
         wire.check_codec(self.codec)
@@ -214,9 +217,9 @@ class CloudClient:
         r, _ = self._request("GET", "/v1/stats")
         return r.json()
 
-    def infer(self, body: bytes, fingerprint: str, num_classes: int) -> CloudReply:
+    def infer(self, body: bytes, fingerprint: str, num_classes: int, headers: dict | None = None) -> CloudReply:
         r, attempts = self._request("POST", "/v1/infer", content=body,
-                                    headers={"Content-Type": wire.CONTENT_TYPE})
+                                    headers={"Content-Type": wire.CONTENT_TYPE, **(headers or {})})
         n = wire.parse_header(body).shape[0]
         try:
             logits = wire.decode(r.content, fingerprint, (n, num_classes))
@@ -278,6 +281,11 @@ class EdgeRunner:
         given = options.thresholds if options.thresholds is not None else (policy.thresholds if policy else None)
         self.thresholds = resolve_thresholds(self.cfg, given)
         self.temperatures = (policy.temperatures or None) if policy else None
+        self.audit = None
+        if options.audit_rate > 0:
+            from .audit import controller_for
+
+            self.audit = controller_for(policy, self.thresholds, options)
         self.classes = classes
         self.fingerprint = fingerprint
         self.cloud = cloud or CloudClient(options.cloud_url, options.token, options.timeout_s, options.retries,
@@ -313,7 +321,9 @@ class EdgeRunner:
         from ..records import decisions_from
 
         t0 = time.perf_counter()
-        r = self.edge.decide(images.to(self.device), self.thresholds, self.temperatures)
+        level = self.audit.level if self.audit else None  # the audit's level decides this batch
+        thr = self.audit.probe_thresholds if self.audit else self.thresholds
+        r = self.edge.decide(images.to(self.device), thr, self.temperatures)
         t_edge = time.perf_counter()
         preds, decided = r.predictions.cpu().clone(), r.decided_at.cpu().clone()
         remaining = r.remaining.cpu().tolist()
@@ -359,6 +369,10 @@ class EdgeRunner:
                     preds[i] = cloud_preds[j]
                     lat[i] = (t_done - t0) * 1000.0
                     sent[i] = b
+        if self.audit:
+            from .audit import audit_batch
+
+            audited = audit_batch(self, images, preds, decided, start, level)
         decisions = decisions_from(Decisions(preds, decided, r.entropies.cpu()), labels, start)
         recs = [d.to_json(self.classes) for d in decisions]
         for i, rec in enumerate(recs):
@@ -366,6 +380,8 @@ class EdgeRunner:
             rec["payload_bytes"] = sent[i]
             if i in errors:
                 rec["error"] = errors[i]
+            if self.audit:
+                rec.update(audited[i])
         return recs
 
     def iter_records(self, images: torch.Tensor, labels: torch.Tensor, start: int = 0, progress: bool = False):
@@ -576,6 +592,11 @@ def format_summary(s: dict) -> str:
         ("  decided at the edge", _fmt_ms(s["latency_ms_edge_p50"], s["latency_ms_edge_p95"])),
         ("  answered by the cloud", _fmt_ms(s["latency_ms_offloaded_p50"], s["latency_ms_offloaded_p95"])),
     ]
+    if "audits" in s:
+        rows.append(("audits", (f"{s['audits']} at rate {s['audit_rate']:g} ({s['audit_disagreements']} disagreed; "
+                                f"{s['free_audits']} free at level 0), {s['adaptations']} adaptations, level "
+                                f"{s['audit_level']} of {s['audit_top_level']}; {s['audit_request_bytes']} B sent, "
+                                f"{s['audit_cloud_uj']:.1f} uJ in the cloud")))
     if "codec" in s:
         rows.append(("codec", f"{s['codec']}{' + zstd' if s['compressed'] else ''}, batch size {s['batch_size']}"))
     if "requests" in s:
@@ -617,5 +638,8 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
                 f.flush()
             if on_record:
                 on_record(rec)
-    summary = edge_summary(recs, energy_report(model.cfg), runner.thresholds, runner.stats, options, inputs.labelled)
+    report = energy_report(model.cfg)
+    summary = edge_summary(recs, report, runner.thresholds, runner.stats, options, inputs.labelled)
+    if runner.audit:
+        summary.update(runner.audit.summary(), audit_cloud_uj=runner.audit.audits * report.cloud_uj)
     return summary, recs

@@ -79,7 +79,7 @@ def cmd_edge(a) -> None:
                        retry_backoff_ms=a.retry_backoff_ms, cooldown_s=a.cooldown_s,
                        on_cloud_failure=a.on_cloud_failure,
                        thresholds=tuple(a.thresholds) if a.thresholds is not None else None, device=a.device,
-                       engine=a.engine)
+                       engine=a.engine, audit_rate=a.audit_rate, audit_eps=a.audit_eps, audit_seed=a.audit_seed)
     meta = read_config(a.checkpoint)
     if a.thresholds is not None:  # a wrong count is refused before any input is read
         from ..checkpoint import network_config
@@ -157,5 +157,11 @@ def add_parsers(sub) -> None:
     e.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
                    help="engine of the edge half (onnx, packed: CPU; the cloud half is unchanged)")
+    e.add_argument("--audit-rate", type=float, default=0.0, metavar="P",
+                   help="also send this share of the exited inputs to the cloud; the edge's answer stays, the cloud's "
+                        "measures disagreement, and the exits tighten when it exceeds EPS (docs/trust.md)")
+    e.add_argument("--audit-eps", type=float, default=None, metavar="EPS",
+                   help="with --audit-rate: the disagreement allowed (default: the exit policy's Learn-then-Test EPS)")
+    e.add_argument("--audit-seed", type=int, default=0, help="with --audit-rate: seed of the audit draws")
     e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     e.set_defaults(func=cmd_edge)

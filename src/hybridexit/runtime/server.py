@@ -79,6 +79,9 @@ class CloudModel:
         self.feature_shape = tuple(cloud._in_shape)
         self.num_classes = cloud.cfg.num_classes
         self.name = name or cloud.cfg.name
+        from ..energy import energy_report
+
+        self.cloud_uj = energy_report(cloud.cfg).cloud_uj  # per sample: what an audit costs here
 
     @classmethod
     def from_checkpoint(cls, path, device=None) -> CloudModel:
@@ -129,10 +132,17 @@ class Stats:
     forwards: int = 0
     refused: Counter = field(default_factory=Counter)
     batch_samples: Counter = field(default_factory=Counter)  # forward-pass size -> count
+    audit_requests: int = 0  # requests an edge marked as audits (runtime/audit.py)
+    audit_samples: int = 0
+    audit_disagreements: int = 0  # audited samples whose edge answer differs from this server's
+    audit_request_bytes: int = 0
+    audit_cloud_uj: float = 0.0  # energy model: audit samples x the cloud half's energy per sample
+    audit_levels: Counter = field(default_factory=Counter)  # "level/top" the edge was at -> audit requests
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["refused"] = dict(self.refused)
+        d["audit_levels"] = dict(self.audit_levels)
         d["batch_samples"] = {str(k): v for k, v in sorted(self.batch_samples.items())}
         return d
 
@@ -347,6 +357,10 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
                                 "(server overloaded); retry later", {"Retry-After": "1"}) from None
         stats.requests += 1
         stats.samples += len(x)
+        if request.headers.get("x-hybridexit-audit") is not None:
+            from .audit import count_audit
+
+            count_audit(stats, request.headers, logits, len(body), model.cloud_uj)
         out = wire.encode(logits, model.fingerprint, "fp32")
         return Response(out, media_type=wire.CONTENT_TYPE, headers={
             "X-Hybridexit-Batch-Samples": str(binfo.samples), "X-Hybridexit-Batch-Requests": str(binfo.requests),
