@@ -11,17 +11,37 @@ from __future__ import annotations
 
 import importlib.util
 
-from ..errors import ConfigError
+from ..errors import ConfigError, EngineError
 
 ENGINES = ("torch", "onnx", "packed")
+
+
+def unsupported_options(cfg, engine: str) -> list[str]:
+    """The network's recipe options (``resnet.OPTION_DEFAULTS``) that ``engine`` does not compute. ``ste`` only
+    changes training gradients; the packed engine runs its exits as torch modules (any pool, any hidden width)
+    but only plain binary convs; the onnx graph has plain convs and one-linear exits with k3 or global pooling."""
+    out = [name for name, on in (("act_shift (RSign)", cfg.act_shift), ("rprelu (RPReLU)", cfg.rprelu)) if on]
+    if engine == "onnx":
+        out += [f"exit_hidden={cfg.exit_hidden}"] if cfg.exit_hidden else []
+        out += [f"exit_pool={cfg.exit_pool}"] if cfg.exit_pool not in ("k3", "global") else []
+    return out
+
+
+def check_options(cfg, engine: str) -> None:
+    """Refuse a network whose options ``engine`` would not compute (instead of computing another network)."""
+    bad = unsupported_options(cfg, engine)
+    if bad:
+        raise EngineError(f"the {engine} engine runs the paper's plain binary convs and exits; this network uses "
+                          f"{', '.join(bad)}: use --engine torch")
 
 
 def available_engines(cfg) -> list[str]:
     """The engines that can run this network's edge here."""
     names = ["torch"]
-    if cfg.edge_bits in (1, 32) and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx"):
+    if (cfg.edge_bits in (1, 32) and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
+            and not unsupported_options(cfg, "onnx")):
         names.append("onnx")
-    if cfg.edge_bits == 1:
+    if cfg.edge_bits == 1 and not unsupported_options(cfg, "packed"):
         names.append("packed")
     return names
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import EngineError
 from ..resnet import block_specs, edge_feature_shape
+from . import check_options
 from .packed import fold_bn
 
 OPSET = 17
@@ -125,6 +126,7 @@ def edge_model(edge):
     cfg = edge.cfg
     if cfg.edge_bits not in (1, 32):
         raise EngineError(f"ONNX export of a {cfg.edge_bits}-bit edge is not implemented: binary and float edges are")
+    check_options(cfg, "onnx")
     g = GraphBuilder()
     tp, h = g.onnx.TensorProto, g.onnx.helper
     x = g.op("Div", [g.op("Cast", ["images"], to=tp.FLOAT), g.const(255.0)])

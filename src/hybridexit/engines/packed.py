@@ -21,6 +21,7 @@ from ..errors import EngineError, InputShapeError
 from ..exits import exits_here
 from ..hybrid import CLOUD, EdgeNet, EdgeResult, HybridNet, resolve_thresholds
 from ..resnet import HybridConfig, block_specs
+from . import check_options
 from .native import kernels
 
 FORMAT = "hybridexit-packed-1"
@@ -49,7 +50,7 @@ def kernel_weights(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     Returns ``wt`` int64 (kw, opad): word w of output channel o, where column kx occupies words
     [kx colw, (kx + 1) colw) (colw = ceil(3 C / 64)) and holds tap (ky, kx), channel c at bit ky C + c
-    (kw = 3 colw, opad = O rounded up to 8, zero-filled); ``wpop`` int32 (O, 9): the number of +1 weights of
+    (kw = 3 colw, opad = O rounded up to 8, zero-filled); ``wpop`` int32 (9, O): the number of +1 weights of
     each tap t = 3 ky + kx."""
     o, c = signs.shape[:2]
     colw, opad = (3 * c + 63) // 64, (o + 7) // 8 * 8
@@ -57,7 +58,7 @@ def kernel_weights(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     bits[:o, :, : 3 * c] = signs.permute(0, 3, 2, 1).reshape(o, 3, 3 * c).numpy()  # (o, kx, ky * C + c)
     words = np.packbits(bits.reshape(opad, -1), axis=1, bitorder="little").view("<u8").view(np.int64)  # (opad, kw)
     wt = torch.from_numpy(np.ascontiguousarray(words.T))
-    wpop = signs.permute(0, 2, 3, 1).reshape(o, 9, c).sum(2).to(torch.int32).contiguous()
+    wpop = signs.permute(0, 2, 3, 1).reshape(o, 9, c).sum(2).to(torch.int32).t().contiguous()
     return wt, wpop
 
 
@@ -73,6 +74,7 @@ def export_state(edge: EdgeNet) -> dict[str, torch.Tensor]:
     if edge.cfg.edge_bits != 1:
         raise EngineError(f"the packed engine runs binary (1-bit) edges; this edge has {edge.cfg.edge_bits}-bit layers "
                           "(use --engine onnx or torch)")
+    check_options(edge.cfg, "packed")
     state = {k: v.detach().float().clone() for k, v in edge.state_dict().items()
              if not k.startswith("blocks.") and v.is_floating_point()}
     for name, q in _binary_convs(edge):
@@ -91,6 +93,7 @@ class PackedEdge:
     def __init__(self, cfg: HybridConfig, state: dict[str, torch.Tensor], isa: int | None = None):
         if cfg.edge_bits != 1:
             raise EngineError(f"the packed engine runs binary (1-bit) edges, not {cfg.edge_bits}-bit ones")
+        check_options(cfg, "packed")
         self.cfg, self.state = cfg, state
         self.kernels = kernels()
         self.isa = self.kernels.best_isa() if isa is None else int(isa)
@@ -102,6 +105,7 @@ class PackedEdge:
         shell.load_state_dict({k: state[k] for k in float_keys}, strict=False)
         self.shell = shell
         self.blocks = [self._block_params(i, s) for i, s in enumerate(block_specs(cfg)[: cfg.edge_blocks])]
+        self._runs: dict[tuple[int, int], tuple[list, list]] = {}
 
     def _block_params(self, i, spec):
         params = []
@@ -139,10 +143,10 @@ class PackedEdge:
 
     def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Blocks [first, last) on channels-last float features (N, H, W, C)."""
-        params, meta = [], []
-        for p, m in self.blocks[first:last]:
-            params += p
-            meta += m
+        if (first, last) not in self._runs:  # the flat argument lists, built once per run of blocks
+            self._runs[first, last] = ([t for p, _ in self.blocks[first:last] for t in p],
+                                       [v for _, m in self.blocks[first:last] for v in m])
+        params, meta = self._runs[first, last]
         return self.kernels.run_blocks(h, params, meta, self.isa)
 
     def prologue(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ struct ConvJob {
   int h, w, cin, cwi, stride, ho, wo, cout;
   const uint64_t* wt;  // (kw, opad) transposed weight bit vectors
   int kw, opad;
-  const int32_t* wpop;  // (cout, 9) popcount of each tap's weight bits
+  const int32_t* wpop;  // (9, cout) popcount of each tap's weight bits
   const float* alpha;   // (cout) per-output-channel scale
   const float* res;     // residual input (res_h, res_w, res_c) or null
   int res_w, res_c, res_pad, res_stride;
@@ -119,11 +119,11 @@ struct Layer {
 
 Layer layer_from(const torch::Tensor& wt, const torch::Tensor& wpop, const torch::Tensor& alpha, int64_t cin) {
   TORCH_CHECK(wt.dtype() == torch::kInt64 && wt.dim() == 2 && wt.is_contiguous(), "weights: contiguous int64 (kw, opad)");
-  TORCH_CHECK(wpop.dtype() == torch::kInt32 && wpop.dim() == 2 && wpop.size(1) == 9 && wpop.is_contiguous(),
-              "weight popcounts: contiguous int32 (cout, 9)");
-  TORCH_CHECK(alpha.dtype() == torch::kFloat32 && alpha.is_contiguous() && alpha.numel() == wpop.size(0),
+  TORCH_CHECK(wpop.dtype() == torch::kInt32 && wpop.dim() == 2 && wpop.size(0) == 9 && wpop.is_contiguous(),
+              "weight popcounts: contiguous int32 (9, cout)");
+  TORCH_CHECK(alpha.dtype() == torch::kFloat32 && alpha.is_contiguous() && alpha.numel() == wpop.size(1),
               "alpha: contiguous float32 (cout)");
-  Layer l{wt, wpop, alpha, (int)cin, (int)wpop.size(0), (int)wt.size(0), (int)wt.size(1)};
+  Layer l{wt, wpop, alpha, (int)cin, (int)wpop.size(1), (int)wt.size(0), (int)wt.size(1)};
   TORCH_CHECK(l.kw == 3 * words(3 * l.cin) && l.opad % 8 == 0 && l.opad >= l.cout, "weight words do not fit cin/cout");
   return l;
 }
@@ -163,7 +163,7 @@ torch::Tensor conv_int(torch::Tensor packed, torch::Tensor wt, torch::Tensor wpo
   // The exact integer sums of one binary conv: (N, Ho, Wo, cout) int32 (for tests and inspection).
   TORCH_CHECK(packed.dtype() == torch::kInt64 && packed.dim() == 4 && packed.is_contiguous() && packed.size(3) == words(cin),
               "packed input: contiguous int64 (N, H + 2, W + 2, cw)");
-  Layer l = layer_from(wt, wpop, torch::ones({wpop.size(0)}, torch::kFloat32), cin);
+  Layer l = layer_from(wt, wpop, torch::ones({wpop.size(1)}, torch::kFloat32), cin);
   const int n = packed.size(0), h = packed.size(1) - 2, w = packed.size(2) - 2;
   const int ho = out_size(h, stride), wo = out_size(w, stride);
   auto out = torch::empty({n, ho, wo, l.cout}, torch::kInt32);
