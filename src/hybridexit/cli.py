@@ -9,6 +9,7 @@ import sys
 from .cli_types import (
     Parser,
     checkpoint_dir,
+    device,
     existing_dir,
     existing_file,
     fraction,
@@ -36,24 +37,30 @@ def _net_args(p: argparse.ArgumentParser, classes_default=10):
     p.add_argument("--edge-bits", type=positive_int, default=32, help="edge precision: 1, 2, 4, 8 or 32 (float)")
     p.add_argument("--exits", type=positive_int, nargs="*", default=[],
                    help="exit positions (layers, each <= edge layers)")
-    p.add_argument("--exit-pool", choices=["k3", "global"], default="k3",
-                   help="pooling before an exit's classifier: k3 (3x3 average pool) or global (global average pool)")
+    p.add_argument("--exit-pool", choices=["k3", "global", "k2", "k4"], default=None,
+                   help="pooling before an exit's classifier: k3 (3x3 average pool, the default), k2 / k4 (2x2, 4x4) "
+                   "or global (global average pool)")
 
 
-def _net_cfg(a):
+def _net_cfg(a, recipe_network: dict | None = None):
+    """The network of the command line; for ``train``, the recipe's network options (``recipes.NETWORK_KEYS``)
+    apply where no flag overrides them."""
     from .resnet import HybridConfig
 
+    kw = dict(recipe_network or {})
+    if a.exit_pool is not None:
+        kw["exit_pool"] = a.exit_pool
     return HybridConfig(depth=a.depth, num_classes=a.classes, edge_layers=a.edge_layers, edge_bits=a.edge_bits,
-                        exits=tuple(a.exits), exit_pool=a.exit_pool)
+                        exits=tuple(a.exits), **kw)
 
 
-def _train_config(a):
-    """The recipe file's options (if ``--recipe``), overridden by the options given on the command line; what
-    neither sets keeps the library default (every training option's argparse default is None)."""
-    from .recipes import load_recipe, recipe_fields
+def _train_config(a, recipe_train: dict):
+    """The recipe file's training options, overridden by the options given on the command line; what neither
+    sets keeps the library default (every training option's argparse default is None)."""
+    from .recipes import recipe_fields
     from .train import TrainConfig
 
-    kw = load_recipe(a.recipe) if a.recipe else {}
+    kw = dict(recipe_train)
     kw.update({k: getattr(a, k) for k in recipe_fields() if getattr(a, k, None) is not None})
     if "exit_weights" in kw:
         kw["exit_weights"] = tuple(kw["exit_weights"])
@@ -72,11 +79,13 @@ def _train_option(t: argparse.ArgumentParser, flag: str, help: str, **kw) -> Non
 
 def cmd_train(a):
     from .data import DATASETS, load_cifar
+    from .recipes import read_recipe
     from .train import train
 
     a.classes = DATASETS[a.dataset]["num_classes"]
-    net = _net_cfg(a)  # the network and the recipe are checked before any data is read
-    tcfg = _train_config(a)
+    recipe_train, recipe_network = read_recipe(a.recipe) if a.recipe else ({}, {})
+    net = _net_cfg(a, recipe_network)  # the network and the recipe are checked before any data is read
+    tcfg = _train_config(a, recipe_train)
     ds = load_cifar(a.dataset, a.data_dir)
     meta = train(a.out, net, tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
@@ -157,20 +166,8 @@ def _load_data_for(meta, a):
     return load_cifar(meta.get("data", {}).get("name", "cifar10"), a.data_dir)
 
 
-def _split_for(a, ds):
-    """test, or the checkpoint's own val/train split found by content (``calibrate.validation_split``)."""
-    from .calibrate import validation_split
-    from .checkpoint import read_val_ids
-    from .data import get_split
-
-    if a.split == "test":
-        return ds.test
-    val = validation_split(a.checkpoint, ds)  # refuses when the checkpoint has no record of its split
-    return val if a.split == "val" else get_split(ds, "train", val_ids=read_val_ids(a.checkpoint))
-
-
 def cmd_evaluate(a):
-    from .checkpoint import load_model
+    from .checkpoint import load_model, split_of
     from .evaluate import evaluate_checkpoint_summary
     from .hybrid import resolve_thresholds
 
@@ -189,7 +186,7 @@ def cmd_evaluate(a):
         split, where, paths = Split(inp.images, inp.labels, "images"), inp.description, inp.paths
     else:
         ds = _load_data_for(meta, a)
-        split, where, classes = _split_for(a, ds).limit(a.limit), a.split, ds.classes
+        split, where, classes = split_of(a.checkpoint, ds, a.split).limit(a.limit), a.split, ds.classes
     summary, recs = evaluate_checkpoint_summary(model, split, thresholds, temperatures, a.batch_size,
                                                 progress=not a.json, engine=a.engine)
     if bool((split.labels < 0).any()):  # unlabelled images: no accuracy to report
@@ -315,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
     t.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="stop after N epochs (finish later with --resume)")
-    t.add_argument("--device", default=None, help=DEVICE_HELP)
+    t.add_argument("--device", type=device, default=None, help=DEVICE_HELP)
     t.set_defaults(func=cmd_train)
 
     for name, fn, hlp in (("summary", cmd_summary, "per-layer table: placement, bits, params, MACs, energy"),
@@ -380,19 +377,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_calibrate)
 
     w = sub.add_parser("sweep", help="design-space exploration: train, calibrate and evaluate every point of a sweep file")
-    w.add_argument("spec", help="sweep file, e.g. sweeps/paper-cifar10.toml")
-    w.add_argument("--workers", type=int, default=1, help="points trained at once here, CPU threads divided between them")
-    w.add_argument("--threads", type=int, default=None, help="CPU threads per point (default: cores / workers; Ray: 1)")
+    w.add_argument("spec", type=existing_file, help="sweep file, e.g. sweeps/paper-cifar10.toml")
+    w.add_argument("--workers", type=positive_int, default=1,
+                   help="points trained at once here, CPU threads divided between them")
+    w.add_argument("--threads", type=positive_int, default=None,
+                   help="CPU threads per point (default: cores / workers; Ray: 1)")
     w.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run the points as Ray tasks: auto, ray://HOST:PORT, or local (start a Ray runtime here)")
-    w.add_argument("--epochs", type=int, default=None,
+    w.add_argument("--epochs", type=positive_int, default=None,
                    help="override the recipe's epochs (a long schedule gets its own run folder and results file)")
-    w.add_argument("--device", default=None, help="torch device (default: cuda when present)")
-    w.add_argument("--data-dir", default=None, help="folder with the CIFAR archive or its extracted folder")
+    w.add_argument("--device", type=device, default=None, help="torch device (default: cuda when present)")
+    w.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
     w.add_argument("--only", nargs="+", default=None, metavar="POINT", help="only these points (names or globs)")
-    w.add_argument("--runs", default=None, help="parent folder of the sweep's run folder (default: runs/sweeps)")
-    w.add_argument("--results", default=None, help="results store (default: results/sweep-<dataset>.json)")
-    w.add_argument("--stop-after-epochs", type=int, default=None,
+    w.add_argument("--runs", type=output_dir, default=None,
+                   help="parent folder of the sweep's run folder (default: runs/sweeps)")
+    w.add_argument("--results", type=output_file, default=None,
+                   help="results store (default: results/sweep-<dataset>.json)")
+    w.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="time box: every point stops after this many more epochs; the same command resumes")
     w.add_argument("--dry-run", action="store_true", help="list the points and their state; train nothing")
     w.add_argument("--report", action="store_true", help="then regenerate the figures and tables (hybridexit report)")
@@ -402,9 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.set_defaults(func=cmd_sweep)
 
     r = sub.add_parser("report", help="figures and tables of the sweeps (Fig. 4, Fig. 5, Tables II-IV) from the result rows")
-    r.add_argument("--results-dir", default="results", help="folder with sweep-cifar10.json, sweep-cifar100.json")
-    r.add_argument("--docs", default="docs/sweep.md", help="markdown file whose generated section is rewritten")
-    r.add_argument("--epochs", type=int, default=None,
+    r.add_argument("--results-dir", type=existing_dir, default="results",
+                   help="folder with sweep-cifar10.json, sweep-cifar100.json")
+    r.add_argument("--docs", type=output_file, default="docs/sweep.md",
+                   help="markdown file whose generated section is rewritten")
+    r.add_argument("--epochs", type=positive_int, default=None,
                    help="report the rows of a schedule override (sweep --epochs N: results/sweep-<dataset>-epN.json)")
     r.set_defaults(func=cmd_report)
 

@@ -111,8 +111,36 @@ def port(v: str) -> int:
 
 
 def http_url(v: str) -> str:
-    if not v.startswith(("http://", "https://")) or len(v.split("://", 1)[1].strip("/")) == 0:
-        raise BadValue(f"{v!r} is not a server URL: give http://HOST:PORT or https://HOST:PORT")
+    from urllib.parse import urlsplit
+
+    bad = BadValue(f"{v!r} is not a server URL: give http://HOST:PORT or https://HOST:PORT")
+    try:
+        u = urlsplit(v)
+        u.port  # noqa: B018 - raises ValueError on a port out of range or not a number
+    except ValueError:
+        raise bad from None
+    if u.scheme not in ("http", "https") or not u.hostname or u.query or u.fragment:
+        raise bad
+    return v
+
+
+def device(v: str) -> str:
+    """A torch device that exists here: cpu, cuda, cuda:N (N below the GPU count), mps."""
+    import torch
+
+    try:
+        d = torch.device(v)
+    except RuntimeError:
+        raise BadValue(f"{v!r} is not a torch device: give cpu, cuda, cuda:N or mps") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise BadValue(f"{v}: no CUDA GPU is available here (use cpu)")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise BadValue(f"{v}: there are {torch.cuda.device_count()} CUDA GPUs here (cuda:0 to cuda:"
+                       f"{torch.cuda.device_count() - 1})")
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        raise BadValue(f"{v}: MPS is not available here (use cpu)")
+    if d.type not in ("cpu", "cuda", "mps"):
+        raise BadValue(f"{v}: use cpu, cuda, cuda:N or mps")
     return v
 
 

@@ -11,6 +11,7 @@ import json
 
 from ..cli_types import (
     checkpoint_dir,
+    device,
     existing_dir,
     existing_file,
     http_url,
@@ -53,11 +54,11 @@ def _inputs(a, meta: dict):
     d = meta.get("data", {})
     if a.images:
         return inputs_from_folder(a.images, d.get("classes")).head(a.limit)
-    from ..cli import _split_for
+    from ..checkpoint import split_of
     from ..data import load_cifar
 
     ds = load_cifar(d.get("name", "cifar10"), a.data_dir)
-    split = _split_for(a, ds).limit(a.limit)
+    split = split_of(a.checkpoint, ds, a.split).limit(a.limit)
     return Inputs(split.images, split.labels, None, f"{ds.name} {a.split}")
 
 
@@ -117,7 +118,7 @@ def add_parsers(sub) -> None:
                    help="per request: body, queue and compute")
     s.add_argument("--max-queue", type=positive_int, default=4096,
                    help="samples allowed to wait; beyond, 503 overloaded")
-    s.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    s.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level")
@@ -153,7 +154,7 @@ def add_parsers(sub) -> None:
                    help="after a request fails all its retries, skip the cloud this long before trying again")
     e.add_argument("--on-cloud-failure", default="fallback", choices=["fallback", "error"],
                    help="fallback: answer with the last exit's prediction (marked); error: stop")
-    e.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
+    e.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     e.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
     e.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
                    help="engine of the edge half (onnx, packed: CPU; the cloud half is unchanged)")
