@@ -128,14 +128,12 @@ def readme_headline() -> str | None:
     points = "; ".join(describe_point(p, data.get("fp32_val_accuracy")) for p in rows if p["network"]["exits"])
     net = hybrid["network"]
     bits = "binary" if net["edge_bits"] == 1 else f"{net['edge_bits']}-bit"
-    text = (f"## Result\n\nResNet-32 on CIFAR-10, {net['edge_layers']} {bits} convolutions at the edge with an exit at "
+    return (f"## Result\n\nResNet-32 on CIFAR-10, {net['edge_layers']} {bits} convolutions at the edge with an exit at "
             f"layer {net['exits'][0]}, on the {hybrid['n']:,} test images; energy is computational, per image, from the "
             f"measured exit fractions (the paper's Table I constants).\n\n"
             + md_table(HEADLINE_HEADERS, table, right=(1, 2, 3, 4, 5, 6, 7)) + "\n\n"
             f"Thresholds, chosen on the validation split ({plot_link(t['hybrid'])}): {points}.\n\n"
             + against_targets(data["points"]))
-    c100 = readme_cifar100()
-    return text + ("\n" + c100 if c100 else "")
 
 
 def against_targets(points: list[dict]) -> str:
@@ -376,7 +374,7 @@ def results_runtime() -> str | None:
             "the device and the edge energy (see [wire-format.md](wire-format.md)).\n")
 
 
-README_SECTIONS = [readme_head, readme_headline, readme_usage, readme_docs]
+README_SECTIONS = [readme_head, readme_headline, readme_cifar100, readme_usage, readme_docs]
 RESULTS_SECTIONS = [results_head, lambda: results_dataset("cifar10"), lambda: results_history("cifar10"),
                     lambda: results_dataset("cifar100"), lambda: results_history("cifar100"), results_energy,
                     results_train_speed, results_runtime]
