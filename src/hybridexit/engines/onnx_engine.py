@@ -6,10 +6,11 @@ default. The graph computes every exit's logits and the features for the whole b
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import EngineError, InputShapeError
-from ..exits import exits_here
-from ..hybrid import CLOUD, EdgeResult, resolve_thresholds
+from ..hybrid import EdgeResult
+from .packed import algorithm1
 
 
 def _ort():
@@ -68,24 +69,13 @@ class OnnxEdge:
         return self.run(x)["features"]
 
     def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
-        thr = resolve_thresholds(self.cfg, thresholds)
-        temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
+        state = algorithm1(self.cfg, x.shape[0], thresholds, temperatures)
         out = self.run(x)
-        n, k = x.shape[0], len(thr)
-        preds = torch.full((n,), -1, dtype=torch.long)
-        decided = torch.full((n,), CLOUD, dtype=torch.long)
-        ents = torch.full((n, k), float("nan"))
-        idx = torch.arange(n)
-        for j in range(k):
-            if idx.numel() == 0:
+        for j in range(len(self.cfg.exits)):
+            if state.idx.numel() == 0:
                 break
-            logits = out[f"logits_{j}"][idx]
-            stop, e = exits_here(logits, thr[j], temps[j])
-            ents[idx, j] = e
-            preds[idx] = logits.argmax(1)
-            decided[idx[stop]] = j
-            idx = idx[~stop]
-        return EdgeResult(preds, decided, ents, out["features"][idx], idx)
+            state(j, nn.Identity(), out[f"logits_{j}"][state.idx])  # the graph computed every exit's logits
+        return EdgeResult(state.preds, state.decided, state.ents, out["features"][state.idx], state.idx)
 
 
 class OnnxCloud:

@@ -18,8 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import EngineError, InputShapeError
-from ..exits import exits_here
-from ..hybrid import CLOUD, EdgeNet, EdgeResult, HybridNet, resolve_thresholds
+from ..hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
 from ..resnet import HybridConfig, block_specs
 from . import check_options
 from .native import kernels
@@ -167,25 +166,24 @@ class PackedEdge:
     @torch.no_grad()
     def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
         """Algorithm 1 at the edge, as ``EdgeNet.decide``; features are a channels-last (N, C, H, W) view."""
-        thr = resolve_thresholds(self.cfg, thresholds)
-        temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
-        n, k = x.shape[0], len(self.cfg.exits)
-        preds = torch.full((n,), -1, dtype=torch.long)
-        decided = torch.full((n,), CLOUD, dtype=torch.long)
-        ents = torch.full((n, k), float("nan"))
-        idx = torch.arange(n)
+        state = algorithm1(self.cfg, x.shape[0], thresholds, temperatures)
         h = self.prologue(x)
         done = 0
-        for j, layer in enumerate(self.cfg.exits):
-            if idx.numel() == 0:
+        for j in range(len(self.cfg.exits)):
+            if state.idx.numel() == 0:
                 break
-            h, done = self.run_blocks(h, done, layer // 2), layer // 2
-            logits = self.shell.exits[str(layer)](h.permute(0, 3, 1, 2))
-            stop, e = exits_here(logits, thr[j], temps[j])
-            ents[idx, j] = e
-            preds[idx] = logits.argmax(1)
-            decided[idx[stop]] = j
-            h, idx = h[~stop].contiguous(), idx[~stop]
-        if idx.numel() and done < self.cfg.edge_blocks:
+            h, done = self.run_blocks(h, done, self.cfg.exit_block(j) + 1), self.cfg.exit_block(j) + 1
+            h = h[state(j, self.shell.exits[self.cfg.exit_key(j)], h.permute(0, 3, 1, 2))].contiguous()
+        if state.idx.numel() and done < self.cfg.edge_blocks:
             h = self.run_blocks(h, done, self.cfg.edge_blocks)
-        return EdgeResult(preds, decided, ents, h.permute(0, 3, 1, 2), idx)
+        return EdgeResult(state.preds, state.decided, state.ents, h.permute(0, 3, 1, 2), state.idx)
+
+
+def algorithm1(cfg, n: int, thresholds, temperatures=None):
+    """The torch engine's own Algorithm-1 state (``hybrid._Algorithm1``: the exit rule and the bookkeeping of who
+    stopped where), shared by every engine so that all apply the exit rule the same way."""
+    from ..hybrid import _Algorithm1
+
+    thr = resolve_thresholds(cfg, thresholds)
+    temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(cfg, temperatures, "temperatures")
+    return _Algorithm1(thr, temps, n, len(thr), torch.device("cpu"))
