@@ -204,3 +204,23 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"hybridexit {__version__}"
+
+
+def test_closed_stdout_is_a_quiet_exit():
+    """``hybridexit summary | head -1``: the reader goes away; no BrokenPipeError traceback, status 141."""
+    p = subprocess.Popen([sys.executable, "-m", "hybridexit.cli", "summary", "--depth", "110", "--edge-layers", "20",
+                          "--edge-bits", "1", "--exits", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()
+    assert p.wait(120) == 141 and p.stderr.read() == b""
+
+
+def test_the_user_cache_may_be_created_for_a_download(tmp_path, monkeypatch):
+    """Only the default location (no --data-dir, no $HYBRIDEXIT_DATA) is created, to download the dataset into."""
+    from hybridexit.data import default_cache_dir, load_cifar
+    from hybridexit.errors import DatasetError
+
+    monkeypatch.delenv("HYBRIDEXIT_DATA", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert not default_cache_dir().exists()
+    with pytest.raises(DatasetError, match="cifar10 not found: looked for"):  # not "does not exist"
+        load_cifar("cifar10", None, download_ok=False)

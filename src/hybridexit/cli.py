@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .cli_types import (
@@ -421,15 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def guarded(fn, prog: str = "hybridexit") -> int:
-    """Run ``fn()``; a HybridExitError becomes one line on stderr and exit status 2, Ctrl-C status 130."""
+    """Run ``fn()``; a HybridExitError becomes one line on stderr and exit status 2, Ctrl-C status 130, a closed
+    stdout (``hybridexit summary | head``) a quiet exit with status 141, as for other commands killed by SIGPIPE."""
     try:
         fn()
+        sys.stdout.flush()
     except HybridExitError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     return 0
 
 
