@@ -422,8 +422,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def guarded(fn, prog: str = "hybridexit") -> int:
-    """Run ``fn()``; a HybridExitError becomes one line on stderr and exit status 2, Ctrl-C status 130, a closed
-    stdout (``hybridexit summary | head``) a quiet exit with status 141, as for other commands killed by SIGPIPE."""
+    """Run ``fn()``; a HybridExitError or an OSError (disk full, permission denied) becomes one line on stderr and
+    exit status 2, Ctrl-C status 130, a closed stdout (``hybridexit summary | head``) a quiet exit with status 141,
+    as for other commands killed by SIGPIPE."""
     try:
         fn()
         sys.stdout.flush()
@@ -436,6 +437,10 @@ def guarded(fn, prog: str = "hybridexit") -> int:
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141
+    except OSError as e:  # the machine's answer (disk full, permission denied, ...), not a bug: one line too
+        where = f": {e.filename}" if e.filename else ""
+        print(f"{prog}: error: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
     return 0
 
 
