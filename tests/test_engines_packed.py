@@ -58,7 +58,7 @@ def test_fold_bn_matches_torch_batchnorm_bit_for_bit():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (7, 11, 2), (33, 33, 1)])
+@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (16, 48, 2), (32, 64, 1), (7, 11, 2), (33, 33, 1)])
 def test_fused_block_equals_torch_block_to_float_rounding(isa, cin, cout, stride):
     g = torch.Generator().manual_seed(cin + cout)
     block = BasicBlock(cin, cout, stride, bits=1).eval()
