@@ -173,9 +173,12 @@ def test_bad_sweep_files_are_refused_with_one_line(tmp_path, capsys):
             load_sweep(bad)
     with pytest.raises(ConfigError, match="matches no point"):
         run_sweep(TINY, only=["e99-*"], dry_run=True, runs=tmp_path, results=tmp_path / "s.json")
+    assert main(["sweep", str(TINY), "--dry-run", "--runs", str(tmp_path), "--results", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    assert out.count(" new ") == 5 and "e4-b2-x2_4-joint-k3" in out
     assert main(["sweep", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not found" in err
+    assert err.count("\n") == 1 and "missing.toml" in err
 
 
 def test_epochs_override_gets_its_own_run_folder_and_store(tmp_path):

@@ -251,7 +251,7 @@ def _adopt_state(src, net_cfg, tcfg) -> tuple[str, str]:
     meta = _read_json(Path(src) / "config.json")
     if meta is None:
         return "waiting", f"adopted run {src} has no finished epoch yet"
-    theirs_net, theirs_train = network_config(meta), TrainConfig(**meta["train"]).to_dict()
+    theirs_net, theirs_train = network_config(meta), TrainConfig.from_dict(meta["train"]).to_dict()
     if theirs_net != net_cfg or theirs_train != tcfg.to_dict():
         diff = sorted(k for k in theirs_train if theirs_train[k] != tcfg.to_dict().get(k))
         raise SweepError(f"cannot adopt {src}: its {'network' if theirs_net != net_cfg else 'training'} config "
@@ -266,7 +266,7 @@ def _rows_done(rows: dict, point: Point, tcfg) -> bool:
 
     kinds = KINDS if point.exits else ("without exit",)
     found = [rows.get(f"{point.name}|{k}") for k in kinds]
-    return all(r is not None and TrainConfig(**r["train"]).to_dict() == tcfg.to_dict() for r in found)
+    return all(r is not None and TrainConfig.from_dict(r["train"]).to_dict() == tcfg.to_dict() for r in found)
 
 
 def point_state(spec: SweepSpec, point: Point, rows: dict, run_dir: Path, epochs: int | None) -> tuple[str, str]:
@@ -298,6 +298,14 @@ def _device(device):
     return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _relative(path: Path) -> str:
+    """A path as the rows record it: relative to the project root when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def _summary_fields(s: dict) -> dict:
     keys = ("n", "thresholds", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction", "edge_uj",
             "cloud_uj", "expected_uj", "fp32_uj", "reduction")
@@ -325,7 +333,7 @@ def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, re
     model, meta = load_model(ck_dir)
     model = model.to(device)
     base = {"name": point.name, "point": None, "sweep": spec.name, "dataset": spec.dataset, **point.to_dict(),
-            "checkpoint": str(ck_dir), "recipe": spec.recipe, "epochs": tcfg.total_epochs,
+            "checkpoint": _relative(ck_dir), "recipe": spec.recipe, "epochs": tcfg.total_epochs,
             "train_minutes": round(meta["train_wall_s"] / 60, 1), "device": meta.get("device"),
             "train": tcfg.to_dict(), "adopted_from": adopted}
     rows = []
