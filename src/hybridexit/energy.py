@@ -5,7 +5,10 @@ pooling layer and residual block; each layer's MACs come from the tensor shapes 
 from the module (``bits``), its placement from where it sits (edge, cloud, or exit k).
 
 What is counted: conv and linear MACs at the layer's bit width; residual additions, average-pooling additions
-and linear biases as 32-bit adds. BatchNorm is not counted: at inference it folds into the neighbouring float
+and linear biases as 32-bit adds; the binary-edge recipe options' per-element float arithmetic (``quant.py``), as
+the modules compute it: RSign's threshold (``ChannelShift``) one 32-bit add per element, RPReLU one 32-bit add
+(x - gamma) and one 32-bit MAC (beta * (.) + zeta) per element, with no memory traffic of their own (they run
+fused with the conv they belong to). BatchNorm is not counted: at inference it folds into the neighbouring float
 conv / linear, and before a sign() it becomes a per-channel threshold. Energy per op (default, Table I):
 32-bit MAC 4.6 pJ, 32-bit add 0.9 pJ, binary MAC 0.2 pJ, a k-bit MAC k x 0.2 pJ ("proportional to bit-depth").
 Memory access (2.5 pJ per bit: weights at their bit width, activations read at the layer's input precision and
@@ -21,7 +24,8 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .resnet import BasicBlock, HybridConfig
+from .quant import ChannelShift, RPReLU
+from .resnet import OPTION_DEFAULTS, BasicBlock, HybridConfig
 
 
 @dataclass(frozen=True)
@@ -47,7 +51,7 @@ class EnergyTable:
 @dataclass
 class LayerCount:
     name: str
-    kind: str  # conv, linear, add, pool
+    kind: str  # conv, linear, add, pool, shift (RSign), rprelu
     placement: str  # edge, cloud, exit:K
     bits: int
     params: int
@@ -105,10 +109,15 @@ def count_layers(model: nn.Module) -> list[LayerCount]:
             elif isinstance(m, BasicBlock):
                 rows.append(LayerCount(name + ".add", "add", place, 32, 0, 0, out.numel(), 0,
                                        2 * out.numel() * 32, out.numel() * 32, block))
+            elif isinstance(m, (ChannelShift, RPReLU)):  # per-element float ops, fused with their conv (no I/O)
+                params = sum(p.numel() for p in m.parameters())
+                macs = out.numel() if isinstance(m, RPReLU) else 0
+                rows.append(LayerCount(name, "rprelu" if macs else "shift", place, 32, params, macs, out.numel(),
+                                       params * 32, 0, 0, block))
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, BasicBlock)):
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, BasicBlock, ChannelShift, RPReLU)):
             hooks.append(m.register_forward_hook(hook(name, m)))
     was_training = model.training
     try:
@@ -207,7 +216,7 @@ def energy_report(model_or_cfg, table: EnergyTable | None = None) -> EnergyRepor
     model = model_or_cfg if isinstance(model_or_cfg, nn.Module) else HybridNet(model_or_cfg)
     cfg = model.cfg
     rows = count_layers(model)
-    fp_cfg = cfg.replace(edge_layers=0, edge_bits=32, exits=())
+    fp_cfg = cfg.replace(edge_layers=0, edge_bits=32, exits=(), **OPTION_DEFAULTS)
     fp_rows = count_layers(HybridNet(fp_cfg))
     on_edge = lambda r: r.placement != "cloud"  # noqa: E731
     on_cloud = lambda r: r.placement == "cloud"  # noqa: E731

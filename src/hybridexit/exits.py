@@ -5,6 +5,10 @@ with kernel 3 / stride 3 as in the authors' code (``pool="k3"``: FC inputs 16x10
 global average pooling (``pool="global"``). We put a BatchNorm and a ReLU before the pooling, as in the final
 classifier of a pre-activation ResNet: the BatchNorm folds into the linear layer at inference (no extra MACs) and
 makes joint training of an exit on the un-normalized residual stream stable.
+
+Exit capacity (recipe options, docs/recipes.md): the pooling size (``pool="k2"`` / ``"k4"``: kernel = stride 2 or 4,
+more or fewer FC inputs than k3) and a hidden layer (``hidden=H``: linear (no bias) -> BatchNorm -> ReLU -> linear,
+the BatchNorm folding into the first linear at inference, so its cost is the two linears' MACs).
 """
 
 from __future__ import annotations
@@ -14,22 +18,35 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def pool_kernel(pool: str) -> int | None:
+    """Kernel (= stride) of a ``kN`` exit pool, None for global pooling."""
+    return None if pool == "global" else int(pool[1:])
+
+
 def pooled_size(size: int, pool: str) -> int:
-    return 1 if pool == "global" else (size - 3) // 3 + 1
+    k = pool_kernel(pool)
+    return 1 if k is None else (size - k) // k + 1
 
 
 class ExitHead(nn.Module):
     bits = 32
 
-    def __init__(self, channels: int, size: int, num_classes: int, pool: str = "k3"):
+    def __init__(self, channels: int, size: int, num_classes: int, pool: str = "k3", hidden: int = 0):
         super().__init__()
         self.bn = nn.BatchNorm2d(channels)
-        self.pool = nn.AdaptiveAvgPool2d(1) if pool == "global" else nn.AvgPool2d(3, 3)
+        k = pool_kernel(pool)
+        self.pool = nn.AdaptiveAvgPool2d(1) if k is None else nn.AvgPool2d(k, k)
         p = pooled_size(size, pool)
-        self.fc = nn.Linear(channels * p * p, num_classes)
+        width = channels * p * p
+        self.hidden = None
+        if hidden:
+            self.hidden = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU())
+            width = hidden
+        self.fc = nn.Linear(width, num_classes)
 
     def forward(self, x):
-        return self.fc(torch.flatten(self.pool(F.relu(self.bn(x))), 1))
+        z = torch.flatten(self.pool(F.relu(self.bn(x))), 1)
+        return self.fc(z if self.hidden is None else self.hidden(z))
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

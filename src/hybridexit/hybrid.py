@@ -51,7 +51,7 @@ def _make_exits(cfg: HybridConfig) -> nn.ModuleDict:
     heads = {}
     for j in range(len(cfg.exits)):
         s = specs[cfg.exit_block(j)]
-        heads[cfg.exit_key(j)] = ExitHead(s.out_ch, s.out_size, cfg.num_classes, cfg.exit_pool)
+        heads[cfg.exit_key(j)] = ExitHead(s.out_ch, s.out_size, cfg.num_classes, cfg.exit_pool, cfg.exit_hidden)
         heads[cfg.exit_key(j)].placement = f"exit:{j}"
     return nn.ModuleDict(heads)
 

@@ -20,10 +20,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .quant import QuanConv, check_bits
+from .quant import QuanConv, check_bits, check_ste
 
 DEPTHS = (20, 32, 44, 56, 110)
-EXIT_POOLS = ("k3", "global")
+EXIT_POOLS = ("k3", "global", "k2", "k4")  # kN: average pool, kernel N / stride N (k3: the authors' code)
+# Binary-edge recipe options (issue 21, docs/recipes.md): written to a config only when set, so the configs (and
+# checkpoint fingerprints) of networks without them are exactly what they were before the options existed.
+EDGE_OPTIONS = ("act_shift", "rprelu", "ste")
+OPTION_DEFAULTS = {"act_shift": False, "rprelu": False, "ste": "clip", "exit_hidden": 0}
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,11 @@ class HybridConfig:
     # preprocessing travels with the model: images in [0, 1] are standardized per channel by the network itself
     mean: tuple[float, ...] = (0.0, 0.0, 0.0)
     std: tuple[float, ...] = (1.0, 1.0, 1.0)
+    # recipe options (quant.py, exits.py); the defaults are the paper's plain XNOR edge and one-linear exits
+    act_shift: bool = False  # ReActNet RSign: learnable per-channel threshold before each edge activation quantizer
+    rprelu: bool = False  # ReActNet RPReLU: learnable per-channel shifts and slope after each edge quantized conv
+    ste: str = "clip"  # gradient of binary activations: clip (|x| <= 1) or approx (Bi-Real ApproxSign)
+    exit_hidden: int = 0  # exit heads: 0 = one linear; H > 0 = linear -> BatchNorm -> ReLU -> linear, H wide
 
     def __post_init__(self):
         object.__setattr__(self, "exits", tuple(int(e) for e in self.exits))
@@ -69,6 +78,26 @@ class HybridConfig:
         if len(self.mean) != self.in_channels or len(self.std) != self.in_channels or min(self.std) <= 0:
             raise ConfigError(f"mean {list(self.mean)} and std {list(self.std)} need one value per input channel "
                               f"({self.in_channels}), std > 0")
+        self._check_options()
+
+    def _check_options(self):
+        if not (isinstance(self.act_shift, bool) and isinstance(self.rprelu, bool)):
+            raise ConfigError(f"act_shift={self.act_shift!r} and rprelu={self.rprelu!r} must be true or false")
+        check_ste(self.ste)
+        if isinstance(self.exit_hidden, bool) or not isinstance(self.exit_hidden, int) or self.exit_hidden < 0:
+            raise ConfigError(f"exit_hidden={self.exit_hidden!r} must be a width >= 0 (0: one linear layer)")
+        set_opts = [k for k in EDGE_OPTIONS if getattr(self, k) != OPTION_DEFAULTS[k]]
+        if set_opts and (self.edge_bits == 32 or self.edge_layers == 0):
+            raise ConfigError(f"{', '.join(set_opts)}: options of the quantized edge convs; this network has none "
+                              f"(edge_layers={self.edge_layers}, edge_bits={self.edge_bits})")
+        if self.ste == "approx" and self.edge_bits != 1:
+            raise ConfigError(f"ste='approx' (ApproxSign) is the gradient of a sign: it needs edge_bits=1, "
+                              f"not {self.edge_bits}")
+
+    @property
+    def edge_options(self) -> dict:
+        """The quantized edge convs' recipe options, as ``QuanConv`` keyword arguments."""
+        return {k: getattr(self, k) for k in EDGE_OPTIONS}
 
     @property
     def blocks_per_stage(self) -> int:
@@ -95,6 +124,9 @@ class HybridConfig:
         d = dataclasses.asdict(self)
         d["exits"] = list(self.exits)
         d["mean"], d["std"] = list(self.mean), list(self.std)
+        for k, default in OPTION_DEFAULTS.items():  # recipe options only when set (see OPTION_DEFAULTS)
+            if d[k] == default:
+                del d[k]
         return d
 
     @classmethod
@@ -131,12 +163,12 @@ class HybridConfig:
 class BasicBlock(nn.Module):
     """Pre-activation residual block: x + QuanConv(QuanConv(x)), float shortcut (option A when downsampling)."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, bits: int):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, bits: int, **options):
         super().__init__()
         self.bits = bits
         self.in_ch, self.out_ch, self.stride = in_ch, out_ch, stride
-        self.c1 = QuanConv(in_ch, out_ch, stride, bits)
-        self.c2 = QuanConv(out_ch, out_ch, 1, bits)
+        self.c1 = QuanConv(in_ch, out_ch, stride, bits, **options)
+        self.c2 = QuanConv(out_ch, out_ch, 1, bits, **options)
 
     def shortcut(self, x):
         if self.stride == 1 and self.in_ch == self.out_ch:
@@ -205,8 +237,10 @@ def make_stem(cfg: HybridConfig) -> nn.Conv2d:
 
 
 def make_blocks(cfg: HybridConfig) -> nn.ModuleList:
+    """The residual blocks: the first ``edge_blocks`` quantized (with the config's edge options), the rest float."""
     return nn.ModuleList(
-        BasicBlock(s.in_ch, s.out_ch, s.stride, cfg.edge_bits if s.index < cfg.edge_blocks else 32)
+        BasicBlock(s.in_ch, s.out_ch, s.stride, cfg.edge_bits, **cfg.edge_options) if s.index < cfg.edge_blocks
+        else BasicBlock(s.in_ch, s.out_ch, s.stride, 32)
         for s in block_specs(cfg))
 
 
@@ -232,4 +266,5 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
             nn.init.normal_(m.weight, std=0.01)
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:  # an exit's hidden linear has none (a BatchNorm follows it)
+                nn.init.zeros_(m.bias)

@@ -8,6 +8,11 @@ Joint (paper Eq. 5), one phase: loss = sum_k lambda_k CE(exit_k) + lambda_final 
 Separate, two phases: the backbone (stem, blocks, final head) is trained alone for ``epochs``; then it is frozen and
 the exits are trained for ``exit_epochs`` on its features. Exits do not interact, so training them together on a
 frozen backbone is the same as training one at a time.
+Two-stage training (ReActNet; ``stage1_epochs`` > 0, joint or separate mode): the schedule's first phase is
+preceded by ``stage1_epochs`` of the same phase with binary (quantized) activations and the latent float weights
+as they are (``quant.set_float_weights``), its own optimizer and cosine; the binary-weight phase then starts from
+those weights. It is one schedule: a run resumes across the stage boundary like any other (log phase
+``<phase>-stage1``, whose ``val_acc`` is that of the float-weight network it trains).
 Cloud, one phase: fine-tune the cloud half (its float blocks and the final classifier) of a trained hybrid
 (``init``) on a frozen edge: stem, quantized blocks and exits stay exactly as they are (weights and BatchNorm
 statistics), so the exits' decisions and calibrated thresholds remain valid, and each step runs the edge without
@@ -43,6 +48,7 @@ from .evaluate import evaluate_outputs
 from .exits import exits_here
 from .hybrid import HybridNet
 from .policy import read_policy
+from .quant import ChannelShift, RPReLU, set_float_weights
 from .resnet import HybridConfig
 from .threads import ThreadTuner
 
@@ -54,6 +60,7 @@ OPTIMIZERS = ("sgd", "adam")
 class TrainConfig:
     epochs: int = 30
     exit_epochs: int = 0  # separate mode: epochs for the exits on the frozen backbone
+    stage1_epochs: int = 0  # two-stage training: epochs with float weights (binary activations) before ``epochs``
     mode: str = "joint"
     exit_weights: tuple[float, ...] = ()  # one per exit then the final; default 0.6 shared by the exits
     batch_size: int = 128
@@ -82,8 +89,11 @@ class TrainConfig:
             raise ConfigError(f"mode={self.mode!r}: use one of {', '.join(MODES)}")
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer={self.optimizer!r}: use one of {', '.join(OPTIMIZERS)}")
-        if self.epochs < 0 or self.exit_epochs < 0 or self.batch_size < 1:
-            raise ConfigError("epochs and exit_epochs must be >= 0 and batch_size >= 1")
+        if self.epochs < 0 or self.exit_epochs < 0 or self.stage1_epochs < 0 or self.batch_size < 1:
+            raise ConfigError("epochs, exit_epochs and stage1_epochs must be >= 0 and batch_size >= 1")
+        if self.stage1_epochs and self.mode == "cloud":
+            raise ConfigError("stage1_epochs (two-stage training of the edge) does not apply to mode 'cloud', "
+                              "which keeps the edge frozen")
         if self.total_epochs == 0:
             raise ConfigError("nothing to train: give --epochs N (or, in separate mode, --exit-epochs N to train only "
                               "the exits of --init)")
@@ -108,7 +118,7 @@ class TrainConfig:
 
     @property
     def total_epochs(self) -> int:
-        return self.epochs + (self.exit_epochs if self.mode == "separate" else 0)
+        return self.stage1_epochs + self.epochs + (self.exit_epochs if self.mode == "separate" else 0)
 
     def to_dict(self):
         d = dataclasses.asdict(self)
@@ -191,9 +201,11 @@ class Phase:
     outputs: Outputs  # x -> (logits of the trained outputs, mask of the samples that reach the cloud or None)
     only_train: nn.Module | None = None  # None: the whole model in train mode; else only this, the rest in eval
     counts_cloud: bool = False  # log the share of training samples that reach the cloud (``outputs`` gives the mask)
+    float_weights: bool = False  # two-stage training, stage 1: quantized convs use their latent float weights
 
     def set_modes(self, model: nn.Module) -> None:
         model.train()
+        set_float_weights(model, self.float_weights)
         if self.only_train is not None:
             model.eval()
             self.only_train.train()
@@ -228,10 +240,16 @@ def _cloud_phases(model: HybridNet, tcfg: TrainConfig, thresholds: tuple[float, 
 
 def _phases(model: HybridNet, fwd: nn.Module, tcfg: TrainConfig, thresholds: tuple[float, ...]) -> list[Phase]:
     if tcfg.mode == "separate":
-        return _separate_phases(model, fwd, tcfg)
-    if tcfg.mode == "cloud":
-        return _cloud_phases(model, tcfg, thresholds)
-    return _joint_phases(model, fwd, tcfg)
+        phases = _separate_phases(model, fwd, tcfg)
+    elif tcfg.mode == "cloud":
+        phases = _cloud_phases(model, tcfg, thresholds)
+    else:
+        phases = _joint_phases(model, fwd, tcfg)
+    if tcfg.stage1_epochs:  # two-stage training: the first phase, first with float weights (its own optimizer)
+        first = phases[0]
+        phases.insert(0, dataclasses.replace(first, name=f"{first.name}-stage1", epochs=tcfg.stage1_epochs,
+                                             float_weights=True))
+    return phases
 
 
 def _phase_at(phases: list[Phase], epoch: int) -> tuple[int, int]:
@@ -435,7 +453,9 @@ def build_model(net_cfg: HybridConfig, tcfg: TrainConfig) -> HybridNet:
         if bad or not shared:
             raise CheckpointError(f"--init {tcfg.init} does not fit {net_cfg.name}: "
                                   f"{'shape mismatch in ' + ', '.join(bad[:3]) if bad else 'no tensor in common'}")
-        ck.load_state_strict(model, shared, f"--init {tcfg.init}", allow_missing=("exits.",))
+        # so do the modules of recipe options (RSign, RPReLU) that the source lacks: they start as the identity
+        options = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, (ChannelShift, RPReLU)))
+        ck.load_state_strict(model, shared, f"--init {tcfg.init}", allow_missing=("exits.", *options))
     return model
 
 
@@ -458,6 +478,9 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     device = torch.device(device) if device else device_default()
     if tcfg.mode == "separate" and tcfg.exit_epochs and not net_cfg.exits:
         raise ConfigError("separate optimization with exit_epochs > 0 needs at least one exit")
+    if tcfg.stage1_epochs and (net_cfg.edge_bits == 32 or net_cfg.edge_layers == 0):
+        raise ConfigError("stage1_epochs trains a quantized edge with float weights first: this network has no "
+                          "quantized layers (give --edge-layers and --edge-bits below 32)")
     tcfg.weights(len(net_cfg.exits))  # refuse a wrong number of lambdas before any work
     net_cfg = net_cfg.replace(mean=tuple(ds.mean), std=tuple(ds.std))  # preprocessing travels with the model
     train_split, val_split, val_ids = _train_val(out_dir, ds, tcfg, resume)
@@ -492,6 +515,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         val_acc = evaluate_outputs(model, val_split, device=device)
         wall += time.time() - t0
         rec = {"epoch": epoch + 1, "phase": phases[i].name, "train_acc": fields["train_acc"], "val_acc": val_acc,
+               **({"float_weights": True} if phases[i].float_weights else {}),
                **({"cloud_share": fields["cloud_share"]} if "cloud_share" in fields else {}),
                "epoch_s": round(time.time() - t0, 1), "wall_s": round(wall, 1)}
         history.append(rec)
