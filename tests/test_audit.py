@@ -37,6 +37,11 @@ def test_clean_stream_audit_changes_no_decision():
     assert [r["prediction"] for r in recs] == torch.where(exited, preds[:, 0], final).tolist()
     assert all(r["thresholds"] == [0.6] for r in recs)
     assert ctl.audits == sum(r["audited"] for r in recs) and 0.03 < ctl.audits / int(exited.sum()) < 0.07
+    est = ctl.estimate()  # the running estimate: the last `window` audits and their exact upper bound
+    window = [r["disagrees"] for r in recs if r["audited"]][-500:]
+    assert est["audits"] == len(window) and est["disagreements"] == sum(window)
+    realized = float((final[exited] != 0).float().mean())
+    assert est["share"] <= est["upper_bound"] < EPS and realized <= est["upper_bound"]
 
 
 def test_shift_midway_is_detected_and_every_input_keeps_its_record():
@@ -104,7 +109,7 @@ def test_audited_edge_over_a_real_server(tmp_path):
     from hybridexit.hybrid import HybridNet
     from hybridexit.policy import write_policy
     from hybridexit.resnet import HybridConfig
-    from hybridexit.runtime.client import EdgeOptions, EdgeRunner
+    from hybridexit.runtime.client import CloudClient, EdgeOptions, EdgeRunner, Inputs, format_summary, run_edge
     from hybridexit.runtime.server import ServerSettings
 
     torch.manual_seed(0)
@@ -128,16 +133,16 @@ def test_audited_edge_over_a_real_server(tmp_path):
         calm = EdgeRunner(model, meta["policy"], fingerprint(path),
                           EdgeOptions(srv.url, audit_rate=1.0, audit_eps=0.99)).run(images.images, images.labels)
         assert [(r["prediction"], r["decided_at"]) for r in calm] == [(r["prediction"], r["decided_at"]) for r in plain]
-        runner = EdgeRunner(model, meta["policy"], fingerprint(path), EdgeOptions(srv.url, audit_rate=1.0))
-        recs = runner.run(images.images, images.labels)
-        stats = runner.cloud.stats()
+        summary, recs = run_edge(path, Inputs(images.images, images.labels), EdgeOptions(srv.url, audit_rate=1.0))
+        stats = CloudClient(srv.url).stats()
     finally:
         srv.stop()
     assert [r["index"] for r in recs] == list(range(N_IMAGES))
-    ctl = runner.audit
-    assert ctl.settings.eps == 0.05 and ctl.level == 0 and [a.index for a in ctl.adaptations] == [9]
+    assert summary["audit_eps"] == 0.05 and summary["audit_level"] == 0 and summary["adaptations"] == 1
+    assert summary["audit_events"][0]["index"] == 9 and "disagreement now" in format_summary(summary)
+    assert summary["audits"] == 10 and summary["free_audits"] == N_IMAGES - 10 and summary["audit_cloud_uj"] > 0
     for r, p, f in zip(recs, [r["prediction"] for r in plain], full):
-        assert r["thresholds"] == list(ctl.levels[r["audit_level"]]) and r["audited"]  # rate 1: every exit
+        assert r["thresholds"] == ([9.0, 9.0] if r["audit_level"] else [0.0, 0.0]) and r["audited"]  # rate 1
         if r["audit_level"] > 0:
             assert r["audit_disagrees"] == (p != f) and r["prediction"] == p and r["decided_at"] == "exit:0"
         else:  # no exits: the cloud answers

@@ -72,6 +72,15 @@ class Adaptation:
         return dict(self.__dict__)
 
 
+def upper_bound(k: int, n: int, delta: float) -> float:
+    """The largest p with P(Binomial(n, p) <= k) >= delta (one-sided Clopper-Pearson), by bisection."""
+    lo, hi = k / n, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if binom_cdf(k, n, mid) > delta else (lo, mid)
+    return hi
+
+
 def ladder(policy) -> list[tuple[float, ...]]:
     """Levels 1..L of a policy (strict -> lenient, last = the policy's thresholds)."""
     g = policy.guarantee or {}
@@ -197,13 +206,20 @@ class AuditController:
         self._enter(to)
         return a
 
+    def estimate(self) -> dict:
+        """The running estimate at the current level: audits in the window, disagreements, their share, and the
+        one-sided exact binomial (Clopper-Pearson) upper bound at confidence 1 - delta (None without audits)."""
+        n, k = len(self._window), sum(self._window)
+        return {"level": self.level, "audits": n, "disagreements": k, "share": k / n if n else None,
+                "upper_bound": upper_bound(k, n, self.settings.delta) if n else None}
+
     def summary(self) -> dict:
         return {"audit_rate": self.settings.rate, "audit_eps": self.settings.eps, "audit_delta": self.settings.delta,
                 "audits": self.audits, "audit_disagreements": self.disagreements, "free_audits": self.free_audits,
                 "free_audit_disagreements": self.free_disagreements, "failed_audits": self.failed_audits,
                 "audit_request_bytes": self.request_bytes, "audit_response_bytes": self.response_bytes,
                 "adaptations": len(self.adaptations), "audit_level": self.level, "audit_top_level": self.top,
-                "audit_events": [a.to_dict() for a in self.adaptations]}
+                "audit_events": [a.to_dict() for a in self.adaptations], "audit_estimate": self.estimate()}
 
 
 def controller_for(policy, thresholds, options) -> AuditController:
@@ -233,7 +249,7 @@ def audit_batch(runner, images, preds, decided, start: int, level: int) -> dict[
     if not chosen:
         return out
     feats = runner.edge.forward(images[chosen].to(runner.device))
-    body = wire.encode(feats, runner.fingerprint, runner.opt.codec, runner.opt.compress)
+    body = wire.encode(feats, runner.fingerprint, runner.wire_codec, runner.opt.compress)
     edge_answers = [int(preds[i]) for i in chosen]
     headers = {"X-Hybridexit-Audit": ",".join(map(str, edge_answers)), "X-Hybridexit-Audit-Level": f"{level}/{ctl.top}"}
     try:

@@ -597,6 +597,10 @@ def format_summary(s: dict) -> str:
                                 f"{s['free_audits']} free at level 0), {s['adaptations']} adaptations, level "
                                 f"{s['audit_level']} of {s['audit_top_level']}; {s['audit_request_bytes']} B sent, "
                                 f"{s['audit_cloud_uj']:.1f} uJ in the cloud")))
+        est = s["audit_estimate"]
+        rows.append(("  disagreement now", "no audits at this level yet" if est["share"] is None else (
+            f"{_fmt_pct(est['share'])} of {est['audits']} audits (upper bound {_fmt_pct(est['upper_bound'])}; "
+            f"EPS {_fmt_pct(s['audit_eps'])})")))
     if "codec" in s:
         rows.append(("codec", f"{s['codec']}{' + zstd' if s['compressed'] else ''}, batch size {s['batch_size']}"))
     if "requests" in s:
