@@ -210,8 +210,8 @@ def test_version(capsys):
 
 def test_closed_stdout_is_a_quiet_exit():
     """``hybridexit summary | head -1``: the reader goes away; no BrokenPipeError traceback, status 141."""
-    p = subprocess.Popen([sys.executable, "-m", "hybridexit.cli", "summary", "--depth", "110", "--edge-layers", "20",
-                          "--edge-bits", "1", "--exits", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p = subprocess.Popen([sys.executable, "-m", "hybridexit.cli", "summary", "--edge-layers", "20", "--edge-bits", "1",
+                          "--exits", "20"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     p.stdout.close()
     assert p.wait(120) == 141 and p.stderr.read() == b""
 
