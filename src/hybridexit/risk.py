@@ -14,7 +14,9 @@ The risk of a threshold setting is the expectation of a per-sample loss in [0, 1
 Procedure (``ltt_policy``): the validation split is cut once, by a fixed seed, into a *fit* part (default 20 %)
 and a *test* part. On the fit part only: the exit temperatures (optional) and the threshold sequence, one joint
 sequence for all exits: lam in (0, 1] maps to, at every exit, the lam-quantile of that exit's (tempered) entropy
-on the fit part; lam runs from strict (small, few exits) to lenient. On the test part: for each lam the null
+on the fit part; lam runs from strict (small, few exits) to lenient. (Conditional form: the sequence starts at the
+first lam whose fit-part exit share promises the test part 5x the fewest exited samples any test can pass with,
+``_start``; stricter lam would end the sequence at once for want of samples.) On the test part: for each lam the null
 hypothesis H(lam): R(lam) > eps gets the Hoeffding-Bentkus p-value
     p(lam) = min( exp(-n h1(min(Rhat, eps), eps)),  e * P(Binomial(n, eps) <= n Rhat) ),
     h1(a, b) = a log(a / b) + (1 - a) log((1 - a) / (1 - b)),
