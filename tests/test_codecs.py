@@ -122,7 +122,7 @@ def test_named_frames_refuse_truncation_and_inconsistency(feats, learned_dir):
     b = bytearray(body)
     b[len(body) - n0 - n1] ^= 0xFF  # the first sample's payload no longer starts as a zstd frame
     cases["payload"] = (bytes(b), wire.CorruptPayload)
-    for name, (bad, err) in cases.items():
+    for _name, (bad, err) in cases.items():
         with pytest.raises(err):
             wire.decode(bad, FP, (None, *SHAPE))
 
@@ -173,3 +173,101 @@ def test_v1_frames_are_unchanged(feats):
     for name, cid in (("fp32", 1), ("fp16", 2), ("int8", 3)):
         body = codecs.frame(codecs.get(name), feats[:1], FP)
         assert body[6] == cid and body == wire.encode(feats[:1], FP, name)
+
+
+# ---------------------------------------------------------------------------------------------- over the network
+N_NET = 24
+
+
+@pytest.fixture(scope="module")
+def net_ckpts(tmp_path_factory):
+    """A tiny ResNet-8 hybrid (exit at layer 2, features 32x16x16) and a copy of it that carries a learned codec."""
+    import shutil
+
+    from hybridexit.checkpoint import save_model
+    from hybridexit.exits import entropy
+    from hybridexit.hybrid import HybridNet
+    from hybridexit.policy import ExitPolicy, write_policy
+    from hybridexit.resnet import HybridConfig
+
+    torch.manual_seed(0)
+    cfg = HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(2,), mean=(0.5,) * 3, std=(0.25,) * 3)
+    model = HybridNet(cfg)
+    g = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (N_NET, 3, 32, 32), dtype=torch.uint8, generator=g)
+    with torch.no_grad():
+        model.train()
+        for _ in range(3):
+            model(torch.randn(16, 3, 32, 32))
+        for lin in [h.fc for h in model.exits.values()] + [model.head.fc]:
+            lin.weight.normal_(0, 1.0)
+        model.eval()
+        thr = float(entropy(model(images)[0]).quantile(0.4))
+    root = tmp_path_factory.mktemp("net")
+    plain = root / "plain"
+    save_model(plain, model, {"data": {"name": "cifar10", "mean": [0.5] * 3, "std": [0.25] * 3,
+                                       "classes": [f"class{i}" for i in range(10)]}})
+    write_policy(plain, ExitPolicy((thr,)))
+    learned = root / "learned"
+    shutil.copytree(plain, learned)
+    edge, _ = model.split()
+    with torch.no_grad():
+        f = edge(images)
+    b = Bottleneck(32, 6, 2)
+    b.init_pca(f)
+    b.eval()
+    codecs.write_learned_codec(learned, b, codecs.ContextCoder.estimate(b.symbols(f), 4), (32, 16, 16))
+    return plain, learned, images, f
+
+
+def _server(checkpoint):
+    from test_runtime import ThreadServer  # the runtime tests' real loopback server (tests/ is on sys.path)
+
+    from hybridexit.runtime.server import ServerSettings
+
+    return ThreadServer(checkpoint, ServerSettings())
+
+
+@pytest.mark.parametrize("name", ["q2", "bn"])
+def test_edge_over_the_network_gives_the_in_process_records(net_ckpts, name):
+    from hybridexit.checkpoint import load_model
+    from hybridexit.data import Split
+    from hybridexit.records import Decision
+    from hybridexit.runtime.client import EdgeOptions, Inputs, run_edge
+
+    plain, learned, images, f = net_ckpts
+    ckpt = learned if name == "bn" else plain
+    labels = torch.arange(N_NET) % 10
+    model, meta = load_model(ckpt)
+    codec = codecs.get(name, checkpoint=ckpt, calibration=f)
+    want = codecs.evaluate_codec(model, Split(images, labels, "test"), meta["policy"].thresholds, codec, ckpt)
+    srv = _server(ckpt)
+    try:
+        summary, recs = run_edge(ckpt, Inputs(images, labels), EdgeOptions(srv.url, codec=name, batch_size=1),
+                                 codec_calibration=f)
+    finally:
+        srv.stop()
+    assert {r["decided_at"] for r in recs} == {"exit:0", "cloud"}
+    assert [r["prediction"] for r in recs] == want["predictions"].tolist()
+    assert [r["decided_at"] for r in recs] == [Decision.from_code(0, 0, int(d), ()).decided_at for d in want["decided_at"]]
+    assert [r["payload_bytes"] for r in recs] == want["payload_bytes"].tolist()  # the frame is the byte count
+    assert summary["payload_bytes_per_offloaded"] == pytest.approx(want["payload_bytes_per_offloaded"])
+    assert summary["fallback_fraction"] == 0 and summary["codec"] == name
+
+
+def test_a_cloud_behind_a_learned_codec_refuses_other_codecs(net_ckpts):
+    import httpx
+
+    plain, learned, images, f = net_ckpts
+    from hybridexit.checkpoint import fingerprint
+
+    srv = _server(learned)
+    try:
+        fp = fingerprint(learned)
+        r = httpx.post(srv.url + "/v1/infer", content=wire.encode(f[:1], fp, "fp32"))
+        assert r.status_code == 409 and r.json()["error"] == "wrong_codec"
+        ok = httpx.post(srv.url + "/v1/infer", content=codecs.frame(codecs.get("bn", checkpoint=learned), f[:1], fp))
+        assert ok.status_code == 200
+        assert httpx.get(srv.url + "/v1/info").json()["codecs"] == ["bn"]
+    finally:
+        srv.stop()

@@ -119,6 +119,7 @@ class BottleneckConfig:
     kd_temperature: float = 2.0
     seed: int = 0
     limit_train: int | None = None  # smoke tests: only the first N training images
+    init_from: str | None = None  # a previous run's best.pt (bottleneck + cloud) to start from instead of PCA
 
     def __post_init__(self):
         if self.epochs < 1 or self.views < 1 or self.batch_size < 1:
@@ -220,6 +221,10 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     bneck = Bottleneck(vf.shape[1], bcfg.code_channels, bcfg.bits)
     bneck.init_pca(torch.from_numpy(views[0][0][:2000].astype(np.float32)))
     _, cloud = model.split()
+    if bcfg.init_from:
+        st = torch.load(bcfg.init_from, weights_only=False)
+        bneck.load_state_dict(st["bottleneck"])
+        cloud.load_state_dict(st["cloud"])
     k = bcfg.match_blocks
     tuned = cloud.blocks[:k] if k else cloud  # the part of the cloud that learns; the rest stays as it is
     params = [{"params": list(bneck.parameters()), "lr": bcfg.lr},
@@ -235,7 +240,7 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
         torch.set_rng_state(st["rng"])
     else:
         acc, acc_off = _val_accuracy(bneck, cloud, vf, val_split.labels, offloaded)
-        log({"event": "pca_init", "val_cloud_acc": acc, "val_offloaded_acc": acc_off})
+        log({"event": "init", "from": bcfg.init_from or "pca", "val_cloud_acc": acc, "val_offloaded_acc": acc_off})
     n = len(train_split)
     steps = bcfg.epochs * math.ceil(n / bcfg.batch_size)
     for epoch in range(start, bcfg.epochs):
@@ -304,3 +309,55 @@ def _offloaded(edge, split, policy) -> torch.Tensor:
             r = edge.decide(split.images[i:i + 500], policy.thresholds, policy.temperatures or None)
             out.append(r.decided_at == CLOUD)
     return torch.cat(out)
+
+
+def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000) -> dict:
+    """A new checkpoint from a bottleneck run's ``best.pt``: the init checkpoint's files, its cloud half replaced
+    by the fine-tuned one (the edge and exit tensors are checked bit-identical), and the learned codec
+    (``codec.json``, ``codec.safetensors``) whose coder tables are estimated on the symbols of the first
+    ``tables_from`` images of the cached training view (``cache_dir``, default the run's folder: training split)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from .codecs import ContextCoder, write_learned_codec
+
+    run, out = Path(run_dir), Path(out_dir)
+    cfg = json.loads((run / "config.json").read_text())
+    init, bcfg = cfg["init"], BottleneckConfig(**cfg["bottleneck"])
+    best = torch.load(run / "best.pt", weights_only=False)
+    if out.exists():
+        raise ConfigError(f"{out} exists: choose another output folder")
+    shutil.copytree(init, out)
+    from .checkpoint import load_model
+    from .resnet import edge_feature_shape
+
+    net_cfg = load_model(init)[0].cfg
+    eb = net_cfg.edge_blocks
+    old = load_file(str(Path(init) / "model.safetensors"))
+    new = dict(old)
+    for k, v in best["cloud"].items():  # CloudNet keys: blocks.j (= block eb + j of the whole network), head.*
+        if k.startswith("blocks."):
+            j, rest = k[len("blocks."):].split(".", 1)
+            k = f"blocks.{eb + int(j)}.{rest}"
+        if k not in old or old[k].shape != v.shape:
+            raise ConfigError(f"fine-tuned cloud tensor {k} does not fit {init}")
+        new[k] = v.detach().clone().contiguous()
+    edge_keys = [k for k in old if not (k.startswith("head.") or (k.startswith("blocks.") and int(k.split(".")[1]) >= eb))]
+    if not all(torch.equal(old[k], new[k]) for k in edge_keys):
+        raise ConfigError("edge or exit tensors changed: the exits' thresholds would no longer be valid")
+    save_file(new, str(out / "model.safetensors"))
+    b = Bottleneck(best["spec"]["channels"], best["spec"]["code_channels"], best["spec"]["bits"])
+    b.load_state_dict(best["bottleneck"])
+    b.eval()
+    feats = np.load(Path(cache_dir or run) / "view0.f16", mmap_mode="r")
+    sym = torch.cat([b.symbols(torch.from_numpy(feats[i:i + 1000].astype(np.float32)))
+                     for i in range(0, min(tables_from, len(feats)), 1000)])
+    probs = ContextCoder.estimate(sym, b.levels)
+    extra = {"trained": {"run": str(run), "init": init, "config": asdict(bcfg), "chosen_epoch": best["epoch"],
+                         "val_at_choice": best["val"], "tables_from_train_samples": int(len(sym)),
+                         "edge_and_exits_bit_identical": True, "edge_tensors_checked": len(edge_keys)}}
+    write_learned_codec(out, b, probs, edge_feature_shape(net_cfg), extra)
+    if (run / "log.jsonl").exists():
+        shutil.copy(run / "log.jsonl", out / "codec_log.jsonl")
+    return extra

@@ -108,6 +108,14 @@ def _energy_args(p):
     g.add_argument("--mem-pj-per-bit", type=non_negative_float, default=2.5, help="memory access, per bit")
 
 
+def _link_args(p):
+    g = p.add_argument_group("communication energy (docs/codecs.md)")
+    g.add_argument("--link", default=None, choices=["ble", "wifi", "lte", "5g"],
+                   help="radio link of the edge: report its transmit energy per image and the total")
+    g.add_argument("--uj-per-bit", type=non_negative_float, default=None,
+                   help="override the link's energy per transmitted bit (microjoules)")
+
+
 def _cfg_or_ckpt(a):
     if getattr(a, "checkpoint", None):
         from .checkpoint import load_model
@@ -150,6 +158,15 @@ def cmd_energy(a):
     report = energy_report(_cfg_or_ckpt(a), _energy_table(a))
     rates = a.exit_rate if a.exit_rate is not None else [0.0] * len(report.config.exits)
     d = report.to_dict(rates)
+    if a.link:
+        from .links import link, transmit_report
+        from .resnet import edge_feature_shape
+        from .runtime.wire import frame_bytes
+
+        per_off = a.bytes_per_offloaded
+        if per_off is None:  # what the runtime's default codec (fp32, one sample per frame) sends
+            per_off = frame_bytes((1, *edge_feature_shape(report.config)), "fp32")
+        d["link"] = transmit_report(report, rates, per_off, link(a.link, a.uj_per_bit), image_bytes=a.image_bytes)
     if a.json:
         print(json.dumps(d))
         return
@@ -159,6 +176,16 @@ def cmd_energy(a):
     print(f"  {'reduction':<12}{d['reduction']:10.2f} x")
     m = d["memory_uj"]
     print(f"  memory access (separate): fp32 {m['fp32']:.1f} uJ, expected {m['expected']:.1f} uJ per image")
+    if a.link:
+        t = d["link"]
+        img = t["send_image"]
+        be = t["break_even_exit_rate"]
+        print(f"  link {t['link']} ({t['uj_per_bit']} uJ/bit), {t['bytes_per_offloaded']:.0f} B per offloaded sample: "
+              f"edge compute {t['edge_compute_uj']:.2f} + transmit {t['transmit_uj']:.2f} = {t['edge_total_uj']:.2f} uJ "
+              f"per image; cloud {t['cloud_compute_uj']:.2f}; total {t['expected_total_uj']:.2f} uJ")
+        print(f"  sending the image instead ({img['bytes']:.0f} B): edge {img['edge_uj']:.2f} uJ, cloud {img['cloud_uj']:.2f} "
+              f"uJ; the hybrid's edge spends less from an exit rate of "
+              + ("never (its compute alone costs more)" if be is None else f"{100 * be:.1f} %"))
 
 
 def _load_data_for(meta, a):
@@ -192,11 +219,15 @@ def cmd_evaluate(a):
                                                 progress=not a.json, engine=a.engine)
     if bool((split.labels < 0).any()):  # unlabelled images: no accuracy to report
         summary["cloud_accuracy"] = None
+    coded = _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary)
     summary = {"checkpoint": a.checkpoint, "split": where, "engine": a.engine, **summary}
     if a.out:
+        def extra(i):
+            return {"prediction": int(coded["predictions"][i]), "payload_bytes": int(coded["payload_bytes"][i])} \
+                if coded else {}
         with open(a.out, "w") as f:
-            f.writelines(json.dumps({**r.to_json(classes), **({"path": paths[r.index]} if paths else {})}) + "\n"
-                         for r in recs)
+            f.writelines(json.dumps({**r.to_json(classes), **extra(r.index), **({"path": paths[r.index]} if paths else {})})
+                         + "\n" for r in recs)
     if a.json:
         print(json.dumps(summary))
     else:
@@ -207,6 +238,39 @@ def cmd_export(a):
     from .engines.export import export_checkpoint
 
     print(json.dumps(export_checkpoint(a.checkpoint, a.format, a.out)))
+
+
+def _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary) -> dict | None:
+    """evaluate --codec / --link: the offloaded features through a feature codec (docs/codecs.md), and the edge's
+    transmit energy per image over a named link. Updates ``summary``; returns the codec run (or None)."""
+    from . import codecs, links
+    from .energy import energy_report
+    from .errors import ConfigError
+    from .runtime import wire
+
+    required = codecs.required_codec(a.checkpoint)
+    name = a.codec or required
+    if required and name != required:
+        raise ConfigError(f"{a.checkpoint}'s cloud half was trained behind the codec {required}: use --codec {required}")
+    coded = None
+    if name:
+        from .checkpoint import split_of
+
+        val = split_of(a.checkpoint, _load_data_for(meta, a), "val") if name in codecs.QUANT_NAMES else None
+        coded = codecs.codec_summary(model, split, thresholds, temperatures, name, a.checkpoint, val)
+        summary["accuracy_without_codec"] = None if required else summary["accuracy"]
+        if required:  # the final classifier alone was run on features the codec never saw: not meaningful
+            summary["cloud_accuracy"] = None
+        summary.update({k: v for k, v in coded.items() if k not in ("predictions", "payload_bytes")})
+    if a.link:
+        lk = links.link(a.link, a.uj_per_bit)
+        per_off = coded["payload_bytes_per_offloaded"] if coded else wire.frame_bytes((1, *model.split()[0].feature_shape),
+                                                                                     "fp32")
+        t = links.transmit_report(energy_report(model.cfg), summary["exit_fraction"], per_off or 0, lk,
+                                  coded["codec_edge_macs"] if coded else 0, coded["codec_cloud_macs"] if coded else 0)
+        summary.update({"link": t, "transmit_uj": t["transmit_uj"], "edge_total_uj": t["edge_total_uj"],
+                        "expected_total_uj": t["expected_total_uj"]})
+    return coded
 
 
 def cmd_calibrate(a):
@@ -326,6 +390,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "energy":
             e.add_argument("--exit-rate", type=fraction, nargs="*", default=None,
                            help="fraction exiting at each exit (default: 0 for each)")
+            _link_args(e)
+            e.add_argument("--bytes-per-offloaded", type=non_negative_float, default=None,
+                           help="bytes each offloaded sample sends (default: an fp32 frame of the features)")
+            e.add_argument("--image-bytes", type=non_negative_float, default=3072,
+                           help="bytes of the image the 'send the image' alternative sends (default: raw CIFAR)")
             e.add_argument("--json", action="store_true", help=JSON_HELP)
         e.set_defaults(func=fn)
 
@@ -344,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--out", type=output_file, default=None, help="write one JSON record per image (JSONL)")
     v.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
                    help="engine of the edge half (onnx, packed: CPU); the cloud half runs in torch")
+    v.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8", "fp32+zstd", "fp16+zstd", "int8+zstd",
+                                                     "q1", "q2", "q3", "q4", "bn"],
+                   help="send the offloaded features through this codec as wire frames and report the bytes "
+                        "(docs/codecs.md); default: none, or the checkpoint's learned codec")
+    _link_args(v)
     v.add_argument("--json", action="store_true", help=JSON_HELP)
     v.set_defaults(func=cmd_evaluate)
 

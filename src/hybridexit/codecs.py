@@ -30,27 +30,22 @@ import json
 import math
 import struct
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ConfigError
-from .runtime.wire import CorruptPayload, UnknownCodec, WireError, WrongShape
+from .runtime.wire import CodecMismatch, CorruptPayload, UnknownCodec, WrongShape
 
 V1_NAMES = ("fp32", "fp16", "int8")
 QUANT_NAMES = ("q1", "q2", "q3", "q4")
 LEARNED = "bn"
 NAMES = (*V1_NAMES, *QUANT_NAMES, LEARNED)
 CODEC_FILE, CODEC_TENSORS = "codec.json", "codec.safetensors"
+DEFAULT_CLIP_P = 0.005  # q codecs: clip at the 0.5 % / 99.5 % quantiles (best of 0.5-5 % on validation, docs/codecs.md)
 ZSTD_LEVEL = 19
-
-
-class CodecMismatch(WireError):
-    """The frame's learned codec is not the one this side holds (other weights or tables)."""
-
-    code = "wrong_codec"
-    http_status = 409
 
 
 class Codec:
@@ -407,7 +402,7 @@ def write_learned_codec(directory, bottleneck, probs: torch.Tensor, feature_shap
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def get(name: str, checkpoint=None, calibration: torch.Tensor | None = None, clip_p: float = 0.005) -> Codec:
+def get(name: str, checkpoint=None, calibration: torch.Tensor | None = None, clip_p: float = DEFAULT_CLIP_P) -> Codec:
     """The codec called ``name``. ``fp32``/``fp16``/``int8`` take ``+zstd``; ``q1``..``q4`` need
     ``calibration`` (validation features) for their clip ranges; ``bn`` needs the ``checkpoint`` that carries it."""
     base, _, extra = name.partition("+")
@@ -422,6 +417,19 @@ def get(name: str, checkpoint=None, calibration: torch.Tensor | None = None, cli
             raise ConfigError("codec bn is the learned bottleneck of a checkpoint: give the checkpoint")
         return LearnedCodec.load(checkpoint)
     raise UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(NAMES)} (fp32/fp16/int8 also with +zstd)")
+
+
+def check_name(name: str) -> str:
+    """``name`` if the registry knows it (without building the codec), else ``UnknownCodec``."""
+    base, _, extra = name.partition("+")
+    if (base in V1_NAMES and extra in ("", "zstd")) or (base in (*QUANT_NAMES, LEARNED) and not extra):
+        return name
+    raise UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(NAMES)} (fp32/fp16/int8 also with +zstd)")
+
+
+def required_codec(checkpoint) -> str | None:
+    """``bn`` when the checkpoint carries a learned codec (its cloud half reads only the codec's output)."""
+    return LEARNED if (Path(checkpoint) / CODEC_FILE).is_file() else None
 
 
 def from_frame(name: str, params: bytes, held: dict | None = None) -> Codec:
@@ -457,48 +465,92 @@ def frame(codec: Codec, x: torch.Tensor, fingerprint: str) -> bytes:
     return wire.encode_named(x, fingerprint, codec)
 
 
+@dataclass
+class EdgePass:
+    """The edge half's decisions on a split, and the features of the samples it offloads (computed once)."""
+
+    predictions: torch.Tensor  # (N,) the last exit's answer
+    decided_at: torch.Tensor  # (N,)
+    remaining: torch.Tensor  # (R,) indices of the offloaded samples
+    features: torch.Tensor  # (R, C, H, W)
+    labels: torch.Tensor  # (N,)
+
+
 @torch.no_grad()
-def evaluate_codec(model, split, policy, codec: Codec, checkpoint, batch_size: int = 500) -> dict:
-    """Conditional run with the offloaded features sent through ``codec`` as one-sample wire frames and decoded
-    by the receiver's side (its own copy of a learned codec, loaded from ``checkpoint``).
+def edge_pass(model, split, thresholds, temperatures=None, batch_size: int = 500) -> EdgePass:
+    edge, _ = model.split()
+    edge.eval()
+    preds, decided, rem, feats = [], [], [], []
+    for i in range(0, len(split), batch_size):
+        r = edge.decide(split.images[i:i + batch_size], thresholds, temperatures)
+        preds.append(r.predictions)
+        decided.append(r.decided_at)
+        rem.append(r.remaining + i)
+        feats.append(r.features.contiguous())
+    return EdgePass(torch.cat(preds), torch.cat(decided), torch.cat(rem), torch.cat(feats), split.labels.clone())
+
+
+@torch.no_grad()
+def apply_codec(model, ep: EdgePass, codec: Codec, checkpoint) -> dict:
+    """The cloud's answers for the offloaded samples of ``ep`` after their features went through ``codec`` as
+    one-sample wire frames, decoded by the receiver's side (its own copy of a learned codec, from ``checkpoint``).
 
     Returns accuracy, edge fraction, bytes per offloaded sample (whole frames) and per input, encode / decode
-    time per offloaded sample, the codec's MACs, and per-sample ``predictions``, ``decided_at``, ``payload_bytes``."""
+    time per offloaded sample, the codec's MACs, and per-sample ``predictions`` and ``payload_bytes``."""
     from .checkpoint import fingerprint as model_fingerprint
-    from .hybrid import CLOUD
     from .runtime import wire
 
     fp = model_fingerprint(checkpoint)
     held = held_codecs(checkpoint)
-    edge, cloud = model.split()
-    edge, cloud = edge.eval(), cloud.eval()
-    temps = (policy.temperatures or None) if policy is not None else None
-    preds, decided, sizes = [], [], []
+    _, cloud = model.split()
+    cloud.eval()
+    shape = tuple(ep.features.shape[1:])
+    n, off = len(ep.labels), len(ep.remaining)
+    sizes = torch.zeros(n, dtype=torch.long)
+    back = []
     t_enc = t_dec = 0.0
-    shape = tuple(edge.feature_shape)
-    for i in range(0, len(split), batch_size):
-        images = split.images[i:i + batch_size]
-        r = edge.decide(images, policy.thresholds, temps)
-        p, size = r.predictions.clone(), torch.zeros(len(images), dtype=torch.long)
-        if r.remaining.numel():
-            back = []
-            for j in range(len(r.remaining)):
-                t0 = time.perf_counter()
-                body = frame(codec, r.features[j:j + 1], fp)
-                t1 = time.perf_counter()
-                back.append(wire.decode(body, fp, (1, *shape), codecs=held))
-                t_dec += time.perf_counter() - t1
-                t_enc += t1 - t0
-                size[r.remaining[j]] = len(body)
-            p[r.remaining] = cloud(torch.cat(back)).argmax(1)
-        preds.append(p)
-        decided.append(r.decided_at)
-        sizes.append(size)
-    preds, decided, sizes = torch.cat(preds), torch.cat(decided), torch.cat(sizes)
-    n, off = len(split), int((decided == CLOUD).sum())
-    return {"n": n, "accuracy": int((preds == split.labels).sum()) / n, "edge_fraction": 1 - off / n,
+    for j in range(off):
+        t0 = time.perf_counter()
+        body = frame(codec, ep.features[j:j + 1], fp)
+        t1 = time.perf_counter()
+        back.append(wire.decode(body, fp, (1, *shape), codecs=held))
+        t_dec += time.perf_counter() - t1
+        t_enc += t1 - t0
+        sizes[ep.remaining[j]] = len(body)
+    preds = ep.predictions.clone()
+    if off:
+        x = torch.cat(back)
+        preds[ep.remaining] = torch.cat([cloud(x[i:i + 500]).argmax(1) for i in range(0, off, 500)])
+    return {"n": n, "accuracy": int((preds == ep.labels).sum()) / n, "edge_fraction": 1 - off / n,
             "payload_bytes_per_offloaded": int(sizes.sum()) / off if off else None,
             "payload_bytes_per_input": int(sizes.sum()) / n,
             "encode_ms_per_sample": 1000 * t_enc / max(off, 1), "decode_ms_per_sample": 1000 * t_dec / max(off, 1),
             "codec_edge_macs": codec.edge_macs(shape), "codec_cloud_macs": codec.cloud_macs(shape),
-            "predictions": preds, "decided_at": decided, "payload_bytes": sizes}
+            "predictions": preds, "payload_bytes": sizes}
+
+
+def calibration_features(model, val_split, thresholds, temperatures=None) -> torch.Tensor:
+    """What a q codec chooses its clip ranges on: the edge features of the validation samples it would offload."""
+    return edge_pass(model, val_split, thresholds, temperatures).features
+
+
+def codec_summary(model, split, thresholds, temperatures, name: str, checkpoint, val_split=None) -> dict:
+    """``hybridexit evaluate --codec NAME``: the conditional run with the codec applied to the offloaded features.
+    Keys: codec, accuracy (with the codec), payload bytes per offloaded sample / per input, raw image bytes,
+    encode / decode ms per sample, the codec's MACs; ``predictions`` and ``payload_bytes`` per sample."""
+    from .links import RAW_IMAGE_BYTES
+
+    calib = None
+    if name in QUANT_NAMES:
+        if val_split is None:
+            raise ConfigError(f"codec {name} chooses its clip ranges on the validation split: it is needed")
+        calib = calibration_features(model, val_split, thresholds, temperatures)
+    r = evaluate_codec(model, split, thresholds, get(name, checkpoint=checkpoint, calibration=calib), checkpoint,
+                       temperatures)
+    return {"codec": name, "raw_image_bytes": RAW_IMAGE_BYTES, **{k: v for k, v in r.items() if k != "decided_at"}}
+
+
+def evaluate_codec(model, split, thresholds, codec: Codec, checkpoint, temperatures=None, batch_size: int = 500) -> dict:
+    """Conditional run of ``model`` on ``split`` with the offloaded features sent through ``codec``."""
+    ep = edge_pass(model, split, thresholds, temperatures, batch_size)
+    return {**apply_codec(model, ep, codec, checkpoint), "decided_at": ep.decided_at}

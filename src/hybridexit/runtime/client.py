@@ -91,7 +91,11 @@ class EdgeOptions:
     audit_seed: int = 0
 
     def __post_init__(self):
-        wire.check_codec(self.codec)
+        from ..codecs import V1_NAMES, check_name
+
+        check_name(self.codec)  # fp32/fp16/int8 (with --compress), or a named codec (hybridexit.codecs)
+        if self.compress and self.codec not in V1_NAMES:
+            raise ConfigError(f"codec {self.codec} codes its own payload: --compress applies to fp32/fp16/int8 only")
         if self.on_cloud_failure not in FAILURE_POLICIES:
             raise ConfigError(f"on_cloud_failure={self.on_cloud_failure!r}: use one of {', '.join(FAILURE_POLICIES)}")
         if self.batch_size < 1:
@@ -270,8 +274,10 @@ class EdgeRunner:
     """Runs the edge half of a checkpoint and talks to the cloud for the samples that do not exit."""
 
     def __init__(self, model, policy, fingerprint: str, options: EdgeOptions, cloud: CloudClient | None = None,
-                 classes: list[str] | None = None):
+                 classes: list[str] | None = None, feature_codec=None):
         self.opt = options
+        # what goes on the wire: a named codec object (hybridexit.codecs), or the name of a version-1 codec
+        self.wire_codec = feature_codec if feature_codec is not None else options.codec
         self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         edge, _ = model.split()
         from ..engines import get_engine
@@ -331,7 +337,7 @@ class EdgeRunner:
         sent = [0] * len(labels)
         errors: dict[int, str] = {}
         if remaining:
-            body = wire.encode(r.features, self.fingerprint, self.opt.codec, self.opt.compress)
+            body = wire.encode(r.features, self.fingerprint, self.wire_codec, self.opt.compress)
             try:
                 reply = self.cloud.infer(body, self.fingerprint, self.cfg.num_classes)
             except CloudError as e:
@@ -618,18 +624,23 @@ def format_summary(s: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- one call
 def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progress: bool = False,
-             on_record=None) -> tuple[dict, list[dict]]:
+             on_record=None, codec_calibration: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
     """Load the checkpoint, check the cloud, run every input, write ``out`` (JSONL, streamed), summarize.
 
-    ``on_record(record)`` is called after each record is produced (progress, tests)."""
+    ``on_record(record)`` is called after each record is produced (progress, tests). ``codec_calibration``: the
+    validation features a q codec chooses its clip ranges on (``codecs.get``)."""
     import json
 
+    from .. import codecs
     from ..checkpoint import fingerprint, load_model
     from ..energy import energy_report
 
     model, meta = load_model(checkpoint)
+    named = None
+    if options.codec not in codecs.V1_NAMES:
+        named = codecs.get(options.codec, checkpoint=checkpoint, calibration=codec_calibration)
     runner = EdgeRunner(model, meta["policy"], fingerprint(checkpoint), options,
-                        classes=meta.get("data", {}).get("classes"))
+                        classes=meta.get("data", {}).get("classes"), feature_codec=named)
     recs: list[dict] = []
     with open(out, "w") if out else contextlib.nullcontext() as f, runner.cloud:
         runner.check_cloud()

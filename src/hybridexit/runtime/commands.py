@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 
@@ -21,9 +22,14 @@ from ..cli_types import (
     port,
     positive_float,
     positive_int,
+    refused,
     threshold,
 )
+from ..codecs import LEARNED, QUANT_NAMES
 from ..errors import HybridExitError
+
+TOKEN_ON_COMMAND_LINE = ("a command line is visible to every user in ps; put the token in a file and pass "
+                         "--token-file FILE, or set HYBRIDEXIT_TOKEN")
 
 
 class MissingDependency(HybridExitError):
@@ -62,6 +68,20 @@ def _inputs(a, meta: dict):
     return Inputs(split.images, split.labels, None, f"{ds.name} {a.split}")
 
 
+def _codec_calibration(a, meta):
+    """Edge features of the checkpoint's validation split: a q codec chooses its clip ranges on them."""
+    import torch
+
+    from ..checkpoint import load_model, split_of
+    from ..data import load_cifar
+
+    ds = load_cifar(meta.get("data", {}).get("name", "cifar10"), a.data_dir)
+    val = split_of(a.checkpoint, ds, "val")
+    edge, _ = load_model(a.checkpoint)[0].split()
+    with torch.no_grad():
+        return torch.cat([edge.eval()(val.images[i:i + 500]) for i in range(0, len(val), 500)])
+
+
 def cmd_edge(a) -> None:
     _require("httpx")
     if a.compress:
@@ -88,7 +108,8 @@ def cmd_edge(a) -> None:
 
         resolve_thresholds(network_config(meta), a.thresholds)
     inputs = _inputs(a, meta)
-    summary, _ = run_edge(a.checkpoint, inputs, opts, out=a.out, progress=not a.json)
+    calibration = _codec_calibration(a, meta) if a.codec in QUANT_NAMES else None
+    summary, _ = run_edge(a.checkpoint, inputs, opts, out=a.out, progress=not a.json, codec_calibration=calibration)
     summary = {"checkpoint": a.checkpoint, "inputs": inputs.description, "cloud": a.cloud, **summary}
     if a.json:
         print(json.dumps(summary))
@@ -106,6 +127,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--port", type=port, default=8000, help="port (0: any free port, printed at start-up)")
     s.add_argument("--token-file", type=existing_file, default=None,
                    help="file holding the bearer token clients must send (default: $HYBRIDEXIT_TOKEN)")
+    s.add_argument("--token", action=refused(TOKEN_ON_COMMAND_LINE), help=argparse.SUPPRESS)
     s.add_argument("--tls-cert", type=existing_file, default=None, help="serve HTTPS with this certificate chain (PEM)")
     s.add_argument("--tls-key", type=existing_file, default=None,
                    help="private key of --tls-cert (PEM; not needed when inside the certificate file)")
@@ -131,6 +153,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--cloud", type=http_url, required=True, help="server URL, e.g. https://cloud.example:8443")
     e.add_argument("--token-file", type=existing_file, default=None,
                    help="file holding the server's bearer token (default: $HYBRIDEXIT_TOKEN)")
+    e.add_argument("--token", action=refused(TOKEN_ON_COMMAND_LINE), help=argparse.SUPPRESS)
     e.add_argument("--ca", type=existing_file, default=None,
                    help="CA certificate (PEM) that signed the server's certificate (default: the system's CAs)")
     e.add_argument("--data-dir", type=existing_dir, default=None,
@@ -140,8 +163,10 @@ def add_parsers(sub) -> None:
                    help="a folder of image files instead of the dataset: FOLDER/*.png or FOLDER/<class>/*.png")
     e.add_argument("--limit", type=positive_int, default=None, help="the first N inputs")
     e.add_argument("--out", type=output_file, default=None, help="write one JSON record per input (JSONL)")
-    e.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8"], help="feature codec on the wire")
-    e.add_argument("--compress", action="store_true", help="zstd-compress the payload")
+    e.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8", *QUANT_NAMES, LEARNED],
+                   help="feature codec on the wire (docs/codecs.md): q1-q4 choose their clip ranges on the validation "
+                        "split (needs the dataset); bn is the learned codec of a checkpoint that carries one")
+    e.add_argument("--compress", action="store_true", help="zstd-compress the payload (fp32, fp16, int8)")
     e.add_argument("--batch-size", type=positive_int, default=1,
                    help="inputs processed together (1: streaming, per-sample latency and bytes)")
     e.add_argument("--thresholds", type=threshold, nargs="*", default=None,

@@ -34,6 +34,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from ..codecs import QUANT_NAMES
 from ..errors import HybridExitError
 from . import wire
 from .auth import TOKEN_ENV
@@ -82,14 +83,19 @@ class CloudModel:
         from ..energy import energy_report
 
         self.cloud_uj = energy_report(cloud.cfg).cloud_uj  # per sample: what an audit costs here
+        self.codecs: dict = {}  # learned codecs of the checkpoint (hybridexit.codecs.held_codecs)
+        self.required_codec: str | None = None  # a cloud half trained behind a learned codec reads only it
 
     @classmethod
     def from_checkpoint(cls, path, device=None) -> CloudModel:
         from ..checkpoint import fingerprint, load_model
+        from ..codecs import held_codecs, required_codec
 
         model, _ = load_model(path)
         _, cloud = model.split()
-        return cls(cloud, fingerprint(path), model.cfg.name, device)
+        out = cls(cloud, fingerprint(path), model.cfg.name, device)
+        out.codecs, out.required_codec = held_codecs(path), required_codec(path)
+        return out
 
     @torch.inference_mode()
     def forward(self, x: torch.Tensor, max_batch: int) -> torch.Tensor:
@@ -328,7 +334,8 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         check_token(request)
         return {"model": model.name, "fingerprint": model.fingerprint, "protocol": wire.PROTOCOL_VERSION,
                 "feature_shape": list(model.feature_shape), "num_classes": model.num_classes,
-                "codecs": list(wire.CODECS), "compression": ["zstd"], "device": str(model.device),
+                "codecs": [model.required_codec] if model.required_codec else [*wire.CODECS, *QUANT_NAMES],
+                "compression": ["zstd"], "device": str(model.device),
                 "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                 "max_request_bytes": settings.max_request_bytes, "request_timeout_s": settings.request_timeout_s}
 
@@ -347,7 +354,8 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         except asyncio.TimeoutError:
             raise RequestFailed(408, "timeout", f"the body did not arrive within {budget} s") from None
         x = wire.decode(body, fingerprint=model.fingerprint, shape=(None, *model.feature_shape),
-                        max_decoded_bytes=settings.max_request_bytes)
+                        max_decoded_bytes=settings.max_request_bytes, codecs=model.codecs,
+                        require_codec=model.required_codec)
         fut = state["batcher"].submit(x)
         left = budget - (time.perf_counter() - t_start)
         try:

@@ -100,6 +100,13 @@ class FingerprintMismatch(WireError):
     http_status = 409
 
 
+class CodecMismatch(WireError):
+    """The frame's codec is not one this side accepts (another learned codec, or not the checkpoint's own)."""
+
+    code = "wrong_codec"
+    http_status = 409
+
+
 class FrameTooLarge(WireError):
     code = "too_large"
     http_status = 413
@@ -332,15 +339,20 @@ def _decompress(data: bytes, expected: int) -> bytes:
 
 
 def decode(body: bytes, fingerprint: str | None = None, shape: tuple | None = None,
-           max_decoded_bytes: int | None = None, codecs: dict | None = None) -> torch.Tensor:
+           max_decoded_bytes: int | None = None, codecs: dict | None = None,
+           require_codec: str | None = None) -> torch.Tensor:
     """A frame back to a float32 tensor, checking it against what the receiver expects.
 
     ``fingerprint``: the receiver's model fingerprint (mismatch -> ``FingerprintMismatch``). ``shape``: the
     expected shape, ``None`` entries matching any size (e.g. ``(None, 64, 8, 8)``). ``max_decoded_bytes``:
     refuse frames whose decompressed payload would be larger (``FrameTooLarge``). ``codecs``: the receiver's
-    checkpoint-bound named codecs (``codecs.held_codecs``), for frames of a learned codec.
+    checkpoint-bound named codecs (``codecs.held_codecs``), for frames of a learned codec. ``require_codec``:
+    refuse frames of any other codec (a cloud half trained behind a learned codec reads only its output).
     """
     h = parse_header(body)
+    if require_codec is not None and h.codec != require_codec:
+        raise CodecMismatch(f"this cloud half was trained behind the codec {require_codec!r}: frames with codec "
+                            f"{h.codec!r} are refused (run the edge with --codec {require_codec})")
     if fingerprint is not None and h.fingerprint != fingerprint:
         raise FingerprintMismatch(
             f"model fingerprint {h.fingerprint} does not match this side's {fingerprint}: edge and cloud must "

@@ -1,0 +1,238 @@
+"""Feature codecs against "send the image" -> results/codecs.json.
+
+    python benchmarks/codecs.py [--part images|features|all] [--data-dir data] [--limit N] [--out results/codecs.json]
+
+images: every CIFAR-10 test image encoded as raw uint8, PNG (Pillow, optimize), WebP and JPEG at a few qualities,
+  decoded and classified by the float network (``checkpoints/c10-r32-fp32``): bytes per image (the encoded file)
+  and accuracy on the full test set.
+features: for each hybrid checkpoint (the 20E main one, the 16E joint one where it exists, and the 20E checkpoint
+  that carries the learned codec) and each codec: the real conditional run (edge, exits, cloud on the samples
+  that did not exit), with the offloaded features sent through the codec as wire frames of one sample each
+  (``codecs.conditional_with_codec``): bytes per offloaded sample (the whole frame a batch-size-1 edge sends),
+  bytes per input, test accuracy and its change against the fp32 codec, encode and decode time per sample (one
+  thread, measured while other jobs share the machine: compare within a row set, not across machines).
+  The q codecs choose their clip quantile on the checkpoint's VALIDATION split (accuracy of the offloaded
+  samples, ties to the smaller payload), then run once on test.
+energy: per link (links.LINKS), the edge's energy per image (compute + transmit) for each codec at the measured
+  exit rate, against sending each image format, and the exit rate above which the hybrid's edge spends less.
+Parts are merged into the existing JSON, so they can run separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+FP32 = "checkpoints/c10-r32-fp32"
+HYBRIDS = ["checkpoints/c10-r32-e20-b1-x20", "checkpoints/c10-r32-e16-b1-x16-joint"]
+IMAGE_FORMATS = [("raw", None), ("png", None), ("webp", 50), ("webp", 75), ("webp", 90), ("webp", "lossless"),
+                 ("jpeg", 50), ("jpeg", 75), ("jpeg", 90)]
+FEATURE_CODECS = ["fp32", "fp32+zstd", "fp16+zstd", "int8+zstd", "q4", "q3", "q2", "q1"]
+CLIP_P = (0.0005, 0.002, 0.005, 0.01)
+
+
+def _encode_image(img: np.ndarray, fmt: str, quality) -> bytes:
+    from PIL import Image
+
+    if fmt == "raw":
+        return img.tobytes()
+    im = Image.fromarray(img)
+    buf = io.BytesIO()
+    if fmt == "png":
+        im.save(buf, "PNG", optimize=True)
+    elif fmt == "webp":
+        opts = {"lossless": True} if quality == "lossless" else {"quality": quality}
+        im.save(buf, "WEBP", method=6, **opts)
+    else:
+        im.save(buf, "JPEG", quality=quality, optimize=True)
+    return buf.getvalue()
+
+
+def _decode_image(data: bytes, fmt: str) -> np.ndarray:
+    from PIL import Image
+
+    if fmt == "raw":
+        return np.frombuffer(data, np.uint8).reshape(32, 32, 3)
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+@torch.no_grad()
+def _accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
+    preds = torch.cat([model(images[i:i + 500])[-1].argmax(1) for i in range(0, len(images), 500)])
+    return int((preds == labels).sum()) / len(labels)
+
+
+def part_images(ds, limit) -> dict:
+    from hybridexit.checkpoint import load_model
+
+    model, _ = load_model(FP32)
+    test = ds.test.limit(limit)
+    hwc = test.images.permute(0, 2, 3, 1).contiguous().numpy()
+    rows = []
+    for fmt, q in IMAGE_FORMATS:
+        t0 = time.perf_counter()
+        blobs = [_encode_image(im, fmt, q) for im in hwc]
+        t_enc = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        dec = np.stack([_decode_image(b, fmt) for b in blobs])
+        t_dec = time.perf_counter() - t0
+        x = torch.from_numpy(dec).permute(0, 3, 1, 2).contiguous()
+        lossless = bool(fmt in ("raw", "png") or q == "lossless")
+        if lossless and not torch.equal(x, test.images):
+            raise SystemExit(f"{fmt} is supposed to be lossless but changed pixels")
+        if lossless and rows:  # the same pixels as the raw image: the same predictions
+            acc = rows[0]["accuracy"]
+        else:
+            acc = _accuracy(model, x, test.labels)
+        name = fmt if q is None else f"{fmt}-{q}"
+        sizes = np.array([len(b) for b in blobs])
+        rows.append({"format": name, "bytes_mean": float(sizes.mean()), "bytes_median": float(np.median(sizes)),
+                     "accuracy": acc, "lossless": lossless,
+                     "encode_ms_per_image": 1000 * t_enc / len(blobs), "decode_ms_per_image": 1000 * t_dec / len(blobs)})
+        print(f"  {name:<14}{sizes.mean():8.0f} B  accuracy {100 * acc:.2f} %", file=sys.stderr, flush=True)
+    return {"network": FP32, "n": len(test), "rows": rows}
+
+
+def _choose_clip(name, ckpt, model, ep_val) -> tuple[float, dict]:
+    """Clip quantile of a q codec, chosen on the validation split (offloaded accuracy, then payload)."""
+    from hybridexit import codecs
+
+    best, seen = None, {}
+    for p in CLIP_P:
+        codec = codecs.get(name, calibration=ep_val.features, clip_p=p)
+        r = codecs.apply_codec(model, ep_val, codec, ckpt)
+        seen[str(p)] = {"accuracy": r["accuracy"], "payload_bytes_per_offloaded": r["payload_bytes_per_offloaded"]}
+        key = (r["accuracy"], -r["payload_bytes_per_offloaded"])
+        if best is None or key > best[0]:
+            best = (key, p)
+    return best[1], seen
+
+
+def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
+    """Every codec on each hybrid checkpoint; the edge runs once per split, the codecs on its offloaded features."""
+    from hybridexit import codecs
+    from hybridexit.checkpoint import load_model, read_val_ids
+    from hybridexit.data import get_split
+
+    out = []
+    ckpts = [c for c in HYBRIDS if (ROOT / c).is_dir()] + sorted(
+        str(p.relative_to(ROOT)) for p in (ROOT / "checkpoints").glob("*") if (p / codecs.CODEC_FILE).is_file())
+    ckpts = [c for c in ckpts if not only or c in only]
+    for ckpt in ckpts:
+        model, meta = load_model(ckpt)
+        policy = meta["policy"]
+        temps = policy.temperatures or None
+        learned = codecs.required_codec(ckpt) is not None
+        ep_test = codecs.edge_pass(model, ds.test.limit(limit), policy.thresholds, temps)
+        ep_val = None
+        if not learned:  # the q codecs' clip ranges come from the offloaded validation features
+            ep_val = codecs.edge_pass(model, get_split(ds, "val", val_ids=read_val_ids(ckpt)), policy.thresholds, temps)
+        rows, base = [], None
+        for name in [codecs.LEARNED] if learned else (names or FEATURE_CODECS):
+            chosen = None
+            if name in codecs.QUANT_NAMES:  # the default clip quantile; --sweep also records the others on val
+                p, seen = codecs.DEFAULT_CLIP_P, None
+                if sweep:
+                    p, seen = _choose_clip(name, ckpt, model, ep_val)
+                codec, chosen = codecs.get(name, calibration=ep_val.features, clip_p=p), {"clip_p": p, "val_sweep": seen}
+            else:
+                codec = codecs.get(name, checkpoint=ckpt)
+            r = codecs.apply_codec(model, ep_test, codec, ckpt)
+            if name == "fp32":
+                base = r["accuracy"]
+            row = {"codec": name, **{k: r[k] for k in ("n", "accuracy", "edge_fraction", "payload_bytes_per_offloaded",
+                                                        "payload_bytes_per_input", "encode_ms_per_sample",
+                                                        "decode_ms_per_sample", "codec_edge_macs", "codec_cloud_macs")}}
+            if chosen:
+                row["clip_chosen_on_val"] = chosen
+            rows.append(row)
+            print(f"  {ckpt} {name:<10}{r['payload_bytes_per_offloaded']:8.0f} B/offloaded  {100 * r['accuracy']:.2f} %",
+                  file=sys.stderr, flush=True)
+        against = ckpt
+        if learned:  # compared with the fp32 codec of the checkpoint it was trained from (same edge, same exits)
+            against = json.loads((ROOT / ckpt / codecs.CODEC_FILE).read_text())["trained"]["init"]
+            base = next((r["accuracy"] for e in out if e["checkpoint"] == against for r in e["rows"]
+                         if r["codec"] == "fp32"), None)
+        for row in rows:
+            row["accuracy_change_vs_fp32_points"] = None if base is None else 100 * (row["accuracy"] - base)
+        out.append({"checkpoint": ckpt, "split_at_layer": model.cfg.edge_layers, "thresholds": list(policy.thresholds),
+                    "fp32_reference": against, "rows": rows})
+    return {"checkpoints": out}
+
+
+def part_energy(res: dict) -> dict:
+    if "features" not in res or "images" not in res:
+        return {}
+    from hybridexit import links
+    from hybridexit.checkpoint import load_model
+    from hybridexit.energy import energy_report
+    from hybridexit.links import transmit_report
+
+    fp32_uj = energy_report(load_model(FP32)[0].cfg).fp32_uj
+    out = []
+    for entry in res["features"]["checkpoints"]:
+        model, _ = load_model(entry["checkpoint"])
+        report = energy_report(model.cfg)
+        for row in entry["rows"]:
+            for name in links.LINKS:
+                lk = links.link(name)
+                t = transmit_report(report, [row["edge_fraction"]], row["payload_bytes_per_offloaded"] or 0, lk,
+                                    row["codec_edge_macs"], row["codec_cloud_macs"])
+                img = {r["format"]: r["bytes_mean"] for r in res["images"]["rows"]}
+                out.append({"checkpoint": entry["checkpoint"], "codec": row["codec"], "link": name, **t,
+                            "send_image_edge_uj": {f: lk.transmit_uj(b) for f, b in img.items()},
+                            "break_even_exit_rate": {f: t_break(report, row, lk, b) for f, b in img.items()},
+                            "fp32_cloud_uj": fp32_uj})
+    return {"rows": out}
+
+
+def t_break(report, row, lk, image_bytes):
+    from hybridexit.links import break_even_exit_rate
+
+    return break_even_exit_rate(report, row["payload_bytes_per_offloaded"] or 0, lk, image_bytes, row["codec_edge_macs"])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", default="all", choices=["images", "features", "energy", "all"])
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--limit", type=int, default=None, help="first N test images (smoke runs only)")
+    ap.add_argument("--out", default="results/codecs.json")
+    ap.add_argument("--checkpoints", nargs="*", default=None, help="only these hybrid checkpoints")
+    ap.add_argument("--codecs", nargs="*", default=None, help=f"only these codecs (default {' '.join(FEATURE_CODECS)})")
+    ap.add_argument("--sweep", action="store_true", help="choose each q codec's clip quantile on val (slow)")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    from hybridexit.data import load_cifar
+
+    ds = load_cifar("cifar10", a.data_dir)
+    out = Path(a.out)
+    images = part_images(ds, a.limit) if a.part in ("images", "all") else None
+    new = part_features(ds, a.limit, a.checkpoints, a.codecs, a.sweep) if a.part in ("features", "all") else None
+    res = json.loads(out.read_text()) if out.exists() else {}  # read at the end: parts may run side by side
+    if images is not None:
+        res["images"] = images
+    if new is not None:
+        keep = [e for e in res.get("features", {}).get("checkpoints", [])
+                if e["checkpoint"] not in {n["checkpoint"] for n in new["checkpoints"]}]
+        res["features"] = {"checkpoints": keep + new["checkpoints"]}
+    res["energy"] = part_energy(res)
+    res["machine"] = {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
+                      "threads": 1, "note": "2 shared CPU cores, other jobs running: timings are indicative"}
+    res["generated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    res["command"] = "python benchmarks/codecs.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    out.write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
