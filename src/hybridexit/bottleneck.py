@@ -188,7 +188,7 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     """Train a bottleneck + the cloud half of checkpoint ``init`` (edge and exits frozen), resumable from
     ``run_dir``. Writes ``state.pt`` (every epoch) and ``best.pt`` (best val accuracy of the offloaded samples).
     ``cache_dir`` (default ``run_dir``) holds the cached views; runs with the same init, seed and views share it."""
-    from .checkpoint import load_model
+    from .checkpoint import load_model, read_val_ids
     from .data import get_split, load_cifar
 
     run = Path(run_dir)
@@ -205,8 +205,9 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     edge.eval()
     cloud0.eval()
     ds = load_cifar(d["name"], data_dir)
-    train_split = get_split(ds, "train", d["val_size"], d["split_seed"]).limit(bcfg.limit_train)
-    val_split = get_split(ds, "val", d["val_size"], d["split_seed"])
+    ids = read_val_ids(init)  # the checkpoint's own hold-out, found by content (positions when it has no record)
+    train_split = get_split(ds, "train", d.get("val_size", 5000), d.get("split_seed", 0), ids).limit(bcfg.limit_train)
+    val_split = get_split(ds, "val", d.get("val_size", 5000), d.get("split_seed", 0), ids)
     cfg_path = run / "config.json"
     want = {"init": init, "bottleneck": asdict(bcfg)}
     if cfg_path.exists() and json.loads(cfg_path.read_text()) != want:
