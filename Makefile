@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e '.[runtime,dev,onnx,packed,ray]'
+	$(PIP) install -q -e '.[runtime,codecs,dev,onnx,packed,ray]'
 	touch $@
 
 setup: $(VENV)/.installed
