@@ -235,6 +235,8 @@ DOCS = {
     "architecture.md": "which module owns what, and where the code departs from the paper",
     "wire-format.md": "the edge-cloud protocol, `hybridexit serve` and `hybridexit edge`",
     "deploy.md": "the cloud server for real (token file, TLS certificate, systemd units) and the edge against it",
+    "codecs.md": "feature codecs under 1 KB per offloaded sample (learned bottleneck, quantizers), 'send the image' "
+                 "baselines, and communication energy per link",
 }
 
 
