@@ -239,6 +239,21 @@ def test_engines_refuse_the_options():
                 get_engine(name, edge)
 
 
+def test_packed_engine_runs_wider_exits_as_torch():
+    """The packed engine runs its exits as torch modules: any pool and hidden width decide as the torch edge."""
+    pytest.importorskip("hybridexit.engines.native").kernels()
+    torch.manual_seed(0)
+    model = HybridNet(HybridConfig(**EDGE, exit_hidden=16, exit_pool="k2")).train()
+    for seed in range(3):  # BatchNorm statistics away from their initial values
+        model(images(32, seed))
+    edge, _ = model.eval().split()
+    assert "packed" in available_engines(edge.cfg)
+    x = images(64, 7)
+    want, got = edge.decide(x, (0.5, 1.0)), get_engine("packed", edge).decide(x, (0.5, 1.0))
+    assert torch.equal(want.decided_at, got.decided_at) and torch.equal(want.predictions, got.predictions)
+    assert torch.allclose(want.entropies.nan_to_num(-1), got.entropies.nan_to_num(-1), atol=1e-5)
+
+
 # ---- two-stage training ----------------------------------------------------------------------------------------
 
 @pytest.fixture
