@@ -97,6 +97,7 @@ def main(argv=None) -> dict:
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--out", default="results/edge_speed.json")
+    p.add_argument("--note", default="", help="how the machine was shared during the run (stored with the results)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     model, meta = load_model(a.checkpoint)
@@ -134,7 +135,8 @@ def main(argv=None) -> dict:
                               for n in engines},
         "edge_bytes": artifact_sizes(engines, edge, fedge),
         "agreement": agreement(engines, cloud, images, thr, temps),
-        "cpu": cpu_name(),
+        "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
+        "note": a.note,
         "isa": {n: e.isa_name for n, e in engines.items() if hasattr(e, "isa_name")},
         "torch": torch.__version__,
         "command": "python benchmarks/edge_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),

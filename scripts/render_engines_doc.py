@@ -1,0 +1,95 @@
+"""Render the figures section of docs/engines.md from results/edge_speed.json and results/edge_agreement.json.
+
+    python scripts/render_engines_doc.py [--check]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "engines.md"
+BEGIN, END = "<!-- engines:figures -->", "<!-- /engines:figures -->"
+
+
+def speed_section(s: dict) -> list[str]:
+    engines = list(s["hybrid_img_s"])
+    out = ["## Speed (`results/edge_speed.json`)", "",
+           f"One thread, {s['cpu']}, torch {s['torch']}, the first {s['images']} CIFAR-10 test images, each variant's "
+           f"fastest of {s['rounds']} interleaved rounds; `{s['command'].strip()}`. {s.get('note', '')} "
+           "Images per second (speedup against the float row above it):", "",
+           "| variant | batch 1 | batch 64 |", "| --- | ---: | ---: |",
+           f"| FP32 ResNet-32, PyTorch | {s['fp32_img_s']['b1']} | {s['fp32_img_s']['b64']} |"]
+    for e in engines:
+        h, x = s["hybrid_img_s"][e], s["hybrid_speedup"][e]
+        out.append(f"| hybrid, edge on {e}, cloud PyTorch | {h['b1']} ({x['b1']}x) | {h['b64']} ({x['b64']}x) |")
+    f = s["edge_img_s"]["float"]
+    out.append(f"| edge half alone, same layers in float PyTorch | {f['b1']} | {f['b64']} |")
+    for e in engines:
+        h, x = s["edge_img_s"][e], s["edge_half_speedup"][e]
+        out.append(f"| edge half alone on {e} | {h['b1']} ({x['b1']}x) | {h['b64']} ({x['b64']}x) |")
+    b = s["edge_bytes"]
+    out += ["", f"Hybrid vs FP32 at batch 1 with the best engine ({s['engine']}): **{s['speedup']}x** (floor 2x, goal 3x); "
+            f"exit fraction on these images {s['agreement']['exit_fraction']:.3f} at threshold {s['thresholds']}.",
+            "Edge artifact bytes: " + ", ".join(f"{k} {v:,}" for k, v in b.items()) +
+            " (float and torch: safetensors state dicts of the float edge and of the binary edge's latent float weights).",
+            ""]
+    return out
+
+
+def agreement_section(a: dict) -> list[str]:
+    out = ["## Agreement with the torch engine (`results/edge_agreement.json`)", "",
+           f"`hybridexit evaluate {a['checkpoint']} --data-dir data --split {a['split']} --engine E --json --out E.jsonl`, "
+           f"then `python benchmarks/edge_agreement.py`; {a['n']:,} images.", "",
+           "| engine | same decision | same prediction | accuracy | causes of disagreement |",
+           "| --- | ---: | ---: | ---: | --- |",
+           f"| torch | | | {100 * a['accuracy']['torch']:.2f} % | |"]
+    for e, d in a["engines"].items():
+        causes = Counter(x["cause"] for x in d["disagreements"])
+        c = "; ".join(f"{n}: {k}" for k, n in causes.items()) or "none"
+        out.append(f"| {e} | {d['same_decision']:,} ({100 * d['same_decision'] / a['n']:.2f} %) | "
+                   f"{d['same_prediction']:,} ({100 * d['same_prediction'] / a['n']:.2f} %) | "
+                   f"{100 * a['accuracy'][e]:.2f} % | {c} |")
+    sat = a["engines"].get("onnx", {}).get("saturation")
+    if sat:
+        out += ["", f"ONNX `QLinearConv` saturation (sums outside [-256, 254]) on the first {sat['images']} test images: "
+                f"{sat['saturated_sums']:,} of {sat['binary_conv_sums']:,} binary conv sums "
+                f"({sat['images_with_saturated_sums']} images affected)."]
+    zmax = max((max(abs(f["z_torch"]), abs(f["z_engine"])) for d in a["engines"].values() for x in d["disagreements"]
+                for f in x["first_flips"]), default=None)
+    if zmax is not None:
+        out += ["", f"Largest pre-sign value at a first flip: {zmax:.2g} (BatchNorm outputs are of order 1)."]
+    out += ["", "Each disagreement is traced by running the torch engine and an exact emulation of the engine's "
+            "arithmetic side by side on that image (the emulation reproduces the engine's features); the first "
+            "binary conv input whose sign differs is listed with both pre-sign values.", ""]
+    return out
+
+
+def render() -> str:
+    text = DOC.read_text()
+    body = []
+    for name, fn in (("edge_speed.json", speed_section), ("edge_agreement.json", agreement_section)):
+        f = ROOT / "results" / name
+        if f.exists():
+            body += fn(json.loads(f.read_text()))
+    head, rest = text.split(BEGIN, 1)
+    return head + BEGIN + "\n" + "\n".join(body) + END + rest.split(END, 1)[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--check", action="store_true", help="exit 1 if docs/engines.md is not the rendering")
+    a = p.parse_args()
+    new = render()
+    if a.check:
+        return 0 if DOC.read_text() == new else 1
+    DOC.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
