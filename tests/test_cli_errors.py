@@ -96,7 +96,8 @@ CASES = [
     ("serve CK --max-request-bytes 100", "at least 1024"),
     ("serve CK --token-file MISSING", "no such file"),
     ("serve CK --token-file BLANK", "one token on one line"),
-    ("serve CK --token MYSECRET", "unrecognized arguments"),
+    ("serve CK --token MYSECRET", "--token is not accepted: a command line is visible to every user in ps"),
+    ("edge CK --cloud http://127.0.0.1:9 --token MYSECRET", "put the token in a file"),
     ("serve CK --tls-cert MISSING", "no such file"),
     ("serve CK --tls-cert PEM", "cannot use TLS certificate"),
     ("serve CK --tls-key PEM", "--tls-key needs --tls-cert"),
@@ -153,7 +154,7 @@ def test_bad_argument_is_one_line_exit_2_and_nothing_done(paths, line, fragment,
     assert out == ""
     assert err.count("\n") == 1 and err.endswith("\n"), err
     assert "error:" in err and fragment in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "MYSECRET" not in err
     # refused before any work: nothing was created where the command line pointed
     assert not os.path.exists(paths["MISSING"]) and not os.path.exists(os.path.dirname(paths["OUT_MISSING"]))
 

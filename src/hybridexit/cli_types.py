@@ -40,6 +40,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def refused(why: str):
+    """An action for an option that no longer exists: refuses with ``why`` without echoing the value given."""
+
+    class Refused(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            parser.error(f"{option_string} is not accepted: {why}")
+
+    return Refused
+
+
 # ---------------------------------------------------------------------------------------------- numbers
 def _number(v: str, kind=float):
     try:
