@@ -271,3 +271,23 @@ def test_a_cloud_behind_a_learned_codec_refuses_other_codecs(net_ckpts):
         assert httpx.get(srv.url + "/v1/info").json()["codecs"] == ["bn"]
     finally:
         srv.stop()
+
+
+def test_evaluate_command_reports_the_codec_and_the_link(net_ckpts, tiny_cifar, capsys):
+    import json
+
+    from hybridexit.cli import main
+
+    plain, learned, images, f = net_ckpts
+    assert main(["evaluate", str(plain), "--data-dir", str(tiny_cifar), "--limit", "12", "--codec", "int8+zstd",
+                 "--link", "ble", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["codec"] == "int8+zstd" and d["raw_image_bytes"] == 3072
+    off = round(12 * (1 - d["edge_fraction"]))
+    if off:
+        assert d["payload_bytes_per_input"] == pytest.approx(d["payload_bytes_per_offloaded"] * off / 12)
+        assert d["transmit_uj"] == pytest.approx(d["payload_bytes_per_input"] * 8 * 0.153)
+    assert d["edge_total_uj"] == pytest.approx(d["link"]["edge_compute_uj"] + d["transmit_uj"])
+    assert d["accuracy_without_codec"] is not None
+    assert main(["evaluate", str(learned), "--data-dir", str(tiny_cifar), "--limit", "4", "--codec", "fp32"]) == 2
+    assert "use --codec bn" in capsys.readouterr().err

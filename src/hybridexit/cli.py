@@ -204,6 +204,7 @@ def cmd_evaluate(a):
     thresholds = a.thresholds if a.thresholds is not None else (policy.thresholds if policy else None)
     temperatures = policy.temperatures or None if policy else None
     resolve_thresholds(model.cfg, thresholds)  # none or a wrong count: refused before the data is read
+    _codec_choice(a)  # so is a codec the checkpoint's cloud half cannot read
     paths = None
     if a.images:  # an image folder (FOLDER/<class>/*.png, classes named as the checkpoint's) instead of a split
         from .data import Split
@@ -240,18 +241,26 @@ def cmd_export(a):
     print(json.dumps(export_checkpoint(a.checkpoint, a.format, a.out)))
 
 
+def _codec_choice(a) -> str | None:
+    """evaluate's codec: --codec, else the checkpoint's learned codec; another one than that is refused."""
+    from .codecs import required_codec
+    from .errors import ConfigError
+
+    required = required_codec(a.checkpoint)
+    if required and a.codec and a.codec != required:
+        raise ConfigError(f"{a.checkpoint}'s cloud half was trained behind the codec {required}: use --codec {required}")
+    return a.codec or required
+
+
 def _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary) -> dict | None:
     """evaluate --codec / --link: the offloaded features through a feature codec (docs/codecs.md), and the edge's
     transmit energy per image over a named link. Updates ``summary``; returns the codec run (or None)."""
     from . import codecs, links
     from .energy import energy_report
-    from .errors import ConfigError
     from .runtime import wire
 
     required = codecs.required_codec(a.checkpoint)
-    name = a.codec or required
-    if required and name != required:
-        raise ConfigError(f"{a.checkpoint}'s cloud half was trained behind the codec {required}: use --codec {required}")
+    name = _codec_choice(a)
     coded = None
     if name:
         from .checkpoint import split_of
