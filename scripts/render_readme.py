@@ -237,6 +237,8 @@ DOCS = {
     "deploy.md": "the cloud server for real (token file, TLS certificate, systemd units) and the edge against it",
     "codecs.md": "feature codecs under 1 KB per offloaded sample (learned bottleneck, quantizers), 'send the image' "
                  "baselines, and communication energy per link",
+    "trust.md": "exits with a stated guarantee (temperature scaling, Learn then Test: `calibrate --risk`), the edge "
+                "that audits its exits online (`edge --audit-rate`), your own image folders, and CIFAR-10 under shift",
 }
 
 
