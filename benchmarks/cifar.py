@@ -147,6 +147,7 @@ def main():
     paper, default = spec["paper"], list(spec["paper"])
     ds = load_cifar(a.dataset, a.data_dir)
     out = Path(a.out or f"results/{a.dataset}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)  # calibration plots go beside it, before it is written
     old = json.loads(out.read_text()) if out.exists() else {"points": []}
     # rows whose checkpoint left checkpoints/ are dropped (their figures live in results/history-<dataset>.json)
     points = {pt["name"]: pt for pt in old["points"] if (Path(pt["checkpoint"]) / "config.json").exists()}
@@ -197,8 +198,8 @@ def write_results(out: Path, dataset: str, spec: dict, ds, fp32_val, points: dic
                       "gets an '@ exit target' row at that edge fraction (its thresholds are not written into the "
                       "checkpoint). Energy is computational (MACs and adds), per "
                       "image, from the measured exit fractions; the paper's Table I constants."}
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
+
 
 if __name__ == "__main__":
     main()
