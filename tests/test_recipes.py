@@ -33,6 +33,13 @@ def test_lists_become_tuples_and_description_is_not_an_option(tmp_path):
     assert TrainConfig(**kw).exit_weights == (0.2, 0.3, 0.5)
 
 
+@pytest.mark.parametrize("line,msg", [("lr = -1", "lr=-1"), ("momentum = 1.5", "momentum"),
+                                      ("kd_temperature = 0", "kd_temperature"), ("weight_decay = -0.1", "weight_decay")])
+def test_out_of_range_recipe_values_are_refused_like_flags(tmp_path, line, msg):
+    with pytest.raises(ConfigError, match=msg):
+        TrainConfig(**load_recipe(_write(tmp_path / "r.toml", line + "\n")))
+
+
 def _train_args(tmp_path, *argv):
     return build_parser().parse_args(["train", "--out", str(tmp_path / "out"), *argv])
 

@@ -105,6 +105,21 @@ class TrainConfig:
             raise ConfigError(f"easy_weight={self.easy_weight} must be in [0, 1]")
         if self.easy_weight != 1 and self.mode != "cloud":
             raise ConfigError("easy_weight weights samples by the frozen exits' decisions: it needs mode 'cloud'")
+        self._check_ranges()
+
+    def _check_ranges(self):
+        """Numeric ranges, checked here so a recipe file is held to the same limits as the command line."""
+        def need(ok: bool, what: str):
+            if not (ok and all(math.isfinite(float(v)) for v in (self.lr, self.exit_lr, self.weight_decay))):
+                raise ConfigError(f"{what} (check the recipe file or the command line)")
+        need(self.lr > 0 and self.exit_lr > 0, f"lr={self.lr} and exit_lr={self.exit_lr} must be > 0")
+        need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
+        need(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
+        need(self.warmup_epochs >= 0, f"warmup_epochs={self.warmup_epochs} must be >= 0")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing={self.label_smoothing} must be in [0, 1)")
+        need(0 <= self.kd_alpha <= 1 and self.kd_temperature > 0,
+             f"kd_alpha={self.kd_alpha} must be in [0, 1] and kd_temperature={self.kd_temperature} > 0")
+        need(self.val_size >= 0, f"val_size={self.val_size} must be >= 0")
 
     def weights(self, num_exits: int) -> list[float]:
         if self.exit_weights:
