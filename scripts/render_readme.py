@@ -239,6 +239,8 @@ DOCS = {
                  "baselines, and communication energy per link",
     "trust.md": "exits with a stated guarantee (temperature scaling, Learn then Test: `calibrate --risk`), the edge "
                 "that audits its exits online (`edge --audit-rate`), your own image folders, and CIFAR-10 under shift",
+    "sweep.md": "the design space as one command (`hybridexit sweep`: edge layers x bits x exits x mode, on a laptop, "
+                "with workers, on Ray or a GPU) and `hybridexit report`: the paper's Fig. 4, Fig. 5 and Tables II-IV",
 }
 
 
