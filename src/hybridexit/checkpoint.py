@@ -26,9 +26,16 @@ MODEL_FILE, CONFIG_FILE, STATE_FILE, STATE_JSON, LOG_FILE, VAL_FILE = (
 
 
 def _recover(path: Path) -> None:
+    """Writers only: an interrupted swap left NAME.old and no NAME; put it back before writing."""
     old = path.with_name(path.name + ".old")
     if not path.exists() and old.exists():
         os.replace(old, path)
+
+
+def _readable(path: Path) -> Path:
+    """Readers never rename (a writer may be between its two renames): NAME, or NAME.old while NAME is absent."""
+    old = path.with_name(path.name + ".old")
+    return old if not path.exists() and old.exists() else path
 
 
 def write_checkpoint(path, files: dict[str, bytes | dict | None], tensors: dict[str, dict[str, torch.Tensor]]):
@@ -58,8 +65,7 @@ def write_checkpoint(path, files: dict[str, bytes | dict | None], tensors: dict[
 
 def read_config(path) -> dict:
     path = Path(path)
-    _recover(path)
-    cfg_file = path / CONFIG_FILE
+    cfg_file = _readable(path) / CONFIG_FILE
     if not cfg_file.is_file():
         raise CheckpointError(f"{path} is not a checkpoint: {CONFIG_FILE} is missing")
     try:
@@ -72,7 +78,7 @@ def read_config(path) -> dict:
 
 
 def read_tensors(path, name=MODEL_FILE) -> dict[str, torch.Tensor]:
-    f = Path(path) / name
+    f = _readable(Path(path)) / name
     if not f.is_file():
         raise CheckpointError(f"{f} is missing")
     try:
@@ -83,7 +89,7 @@ def read_tensors(path, name=MODEL_FILE) -> dict[str, torch.Tensor]:
 
 def read_val_ids(path):
     """The checkpoint's record of its validation images by content (``data.image_ids``), or None if it has none."""
-    f = Path(path) / VAL_FILE
+    f = _readable(Path(path)) / VAL_FILE
     return read_tensors(path, VAL_FILE)["val_ids"] if f.is_file() else None
 
 
@@ -165,5 +171,5 @@ def fingerprint(path) -> str:
 
     net = network_config(read_config(path)).to_dict()
     h = hashlib.sha256(json.dumps(net, sort_keys=True).encode())
-    h.update((Path(path) / MODEL_FILE).read_bytes())
+    h.update((_readable(Path(path)) / MODEL_FILE).read_bytes())
     return h.hexdigest()[:16]
