@@ -3,9 +3,9 @@ from pathlib import Path
 
 import pytest
 
-from hybridexit import ConfigError
+from hybridexit import ConfigError, HybridConfig
 from hybridexit.cli import _train_config, build_parser
-from hybridexit.recipes import load_recipe, recipe_fields
+from hybridexit.recipes import load_recipe, read_recipe, recipe_fields
 from hybridexit.train import TrainConfig
 
 RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
@@ -19,7 +19,9 @@ def _write(path, text):
 def test_every_committed_recipe_is_a_valid_training_config():
     assert RECIPES
     for path in RECIPES:  # --init comes from the command line (a cloud recipe needs one)
-        TrainConfig(**{"init": "checkpoints/some-hybrid", **load_recipe(path)})
+        train, network = read_recipe(path)  # network options (docs/recipes.md) on a binary edge with an exit
+        TrainConfig(**{"init": "checkpoints/some-hybrid", **train})
+        HybridConfig(depth=32, edge_layers=20, edge_bits=1, exits=(20,), **network)
 
 
 def test_unknown_key_is_refused(tmp_path):

@@ -55,13 +55,13 @@ def _net_cfg(a, recipe_network: dict | None = None):
                         exits=tuple(a.exits), **kw)
 
 
-def _train_config(a, recipe_train: dict):
-    """The recipe file's training options, overridden by the options given on the command line; what neither
-    sets keeps the library default (every training option's argparse default is None)."""
-    from .recipes import recipe_fields
+def _train_config(a):
+    """The recipe file's training options (if ``--recipe``), overridden by the options given on the command line;
+    what neither sets keeps the library default (every training option's argparse default is None)."""
+    from .recipes import read_recipe, recipe_fields
     from .train import TrainConfig
 
-    kw = dict(recipe_train)
+    kw = read_recipe(a.recipe)[0] if a.recipe else {}
     kw.update({k: getattr(a, k) for k in recipe_fields() if getattr(a, k, None) is not None})
     if "exit_weights" in kw:
         kw["exit_weights"] = tuple(kw["exit_weights"])
@@ -84,9 +84,8 @@ def cmd_train(a):
     from .train import train
 
     a.classes = DATASETS[a.dataset]["num_classes"]
-    recipe_train, recipe_network = read_recipe(a.recipe) if a.recipe else ({}, {})
-    net = _net_cfg(a, recipe_network)  # the network and the recipe are checked before any data is read
-    tcfg = _train_config(a, recipe_train)
+    net = _net_cfg(a, read_recipe(a.recipe)[1] if a.recipe else {})  # network and recipe checked before the data
+    tcfg = _train_config(a)
     ds = load_cifar(a.dataset, a.data_dir)
     meta = train(a.out, net, tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
@@ -360,6 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     opt = lambda flag, help, **kw: _train_option(t, flag, help, **kw)  # noqa: E731
     opt("--epochs", "training epochs (separate mode: of the backbone)", type=non_negative_int)
     opt("--exit-epochs", "separate mode: epochs for exits on the frozen backbone", type=non_negative_int)
+    opt("--stage1-epochs", "two-stage training: epochs with binary activations and float weights before --epochs "
+        "(docs/recipes.md)", type=non_negative_int)
     opt("--mode", "cloud: fine-tune only the cloud half of --init on its frozen edge", choices=["joint", "separate", "cloud"])
     opt("--exit-weights", "loss weights, one per exit then the final classifier, summing to 1 (default: 0.6 shared by "
         "the exits, 0.4 final)", type=non_negative_float, nargs="*")
