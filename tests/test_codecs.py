@@ -291,3 +291,16 @@ def test_evaluate_command_reports_the_codec_and_the_link(net_ckpts, tiny_cifar, 
     assert d["accuracy_without_codec"] is not None
     assert main(["evaluate", str(learned), "--data-dir", str(tiny_cifar), "--limit", "4", "--codec", "fp32"]) == 2
     assert "use --codec bn" in capsys.readouterr().err
+
+
+def test_the_edge_stops_at_start_when_the_cloud_cannot_decode_its_codec(net_ckpts):
+    from hybridexit.runtime.client import CloudRejected, EdgeOptions, Inputs, run_edge
+
+    plain, learned, images, f = net_ckpts
+    srv = _server(learned)
+    try:
+        with pytest.raises(CloudRejected, match="decodes the codecs bn"):
+            run_edge(learned, Inputs(images[:2], torch.zeros(2, dtype=torch.long)),
+                     EdgeOptions(srv.url, codec="int8", on_cloud_failure="fallback"))
+    finally:
+        srv.stop()

@@ -321,6 +321,9 @@ class EdgeRunner:
         if tuple(info.get("feature_shape", ())) != tuple(self.edge.feature_shape):
             raise CloudRejected(f"the cloud expects features {info.get('feature_shape')}, the edge produces "
                                 f"{list(self.edge.feature_shape)}", 409, wire.WrongShape.code)
+        if "codecs" in info and self.opt.codec not in info["codecs"]:
+            raise CloudRejected(f"the cloud decodes the codecs {', '.join(info['codecs'])}, not {self.opt.codec}: run "
+                                f"the edge with one of them", 409, wire.CodecMismatch.code)
         return info
 
     def run_batch(self, images: torch.Tensor, labels: torch.Tensor, start: int) -> list[dict]:
