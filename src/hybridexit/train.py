@@ -112,7 +112,7 @@ class TrainConfig:
         def need(ok: bool, what: str):
             if not (ok and all(math.isfinite(float(v)) for v in (self.lr, self.exit_lr, self.weight_decay))):
                 raise ConfigError(f"{what} (check the recipe file or the command line)")
-        need(self.lr > 0 and self.exit_lr > 0, f"lr={self.lr} and exit_lr={self.exit_lr} must be > 0")
+        need(self.lr >= 0 and self.exit_lr >= 0, f"lr={self.lr} and exit_lr={self.exit_lr} must be >= 0")
         need(self.weight_decay >= 0, f"weight_decay={self.weight_decay} must be >= 0")
         need(0 <= self.momentum < 1, f"momentum={self.momentum} must be in [0, 1)")
         need(self.warmup_epochs >= 0, f"warmup_epochs={self.warmup_epochs} must be >= 0")
