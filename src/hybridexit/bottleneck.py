@@ -188,6 +188,8 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     """Train a bottleneck + the cloud half of checkpoint ``init`` (edge and exits frozen), resumable from
     ``run_dir``. Writes ``state.pt`` (every epoch) and ``best.pt`` (best val accuracy of the offloaded samples).
     ``cache_dir`` (default ``run_dir``) holds the cached views; runs with the same init, seed and views share it."""
+    # Over 60 lines: set-up, resume and the epoch loop of a training run on cached features. It is a second training
+    # loop beside train.py's (which runs on images); folding it into train.py's phases is left to do (issue 19).
     from .checkpoint import load_model, read_val_ids
     from .data import get_split, load_cifar
 
@@ -223,7 +225,7 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     bneck.init_pca(torch.from_numpy(views[0][0][:2000].astype(np.float32)))
     _, cloud = model.split()
     if bcfg.init_from:
-        st = torch.load(bcfg.init_from, weights_only=False)
+        st = torch.load(bcfg.init_from, weights_only=True)  # tensors and plain data only: nothing unpickled
         bneck.load_state_dict(st["bottleneck"])
         cloud.load_state_dict(st["cloud"])
     k = bcfg.match_blocks
@@ -233,7 +235,7 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     opt = torch.optim.AdamW(params, weight_decay=bcfg.weight_decay)
     start, history = 0, []
     if (run / "state.pt").exists():
-        st = torch.load(run / "state.pt", weights_only=False)
+        st = torch.load(run / "state.pt", weights_only=True)
         bneck.load_state_dict(st["bottleneck"])
         cloud.load_state_dict(st["cloud"])
         opt.load_state_dict(st["opt"])
@@ -326,7 +328,7 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     run, out = Path(run_dir), Path(out_dir)
     cfg = json.loads((run / "config.json").read_text())
     init, bcfg = cfg["init"], BottleneckConfig(**cfg["bottleneck"])
-    best = torch.load(run / "best.pt", weights_only=False)
+    best = torch.load(run / "best.pt", weights_only=True)
     if out.exists():
         raise ConfigError(f"{out} exists: choose another output folder")
     shutil.copytree(init, out)

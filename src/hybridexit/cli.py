@@ -342,6 +342,7 @@ def cmd_report(a):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long by nature: one declaration per option, each with its type (validation) and help beside it.
     from . import __version__
 
     p = Parser(prog="hybridexit", description="Conditionally deep hybrid networks across edge and cloud: train, "

@@ -42,15 +42,20 @@ def load_recipe(path) -> dict:
     return train
 
 
-def read_recipe(path) -> tuple[dict, dict]:
-    """(``TrainConfig`` keyword arguments, ``HybridConfig`` options of ``NETWORK_KEYS``) a recipe file sets."""
+def read_toml(path, what: str, example: str) -> dict:
+    """A TOML data file (a recipe, a sweep) as a dict; a missing or malformed file is a one-line ConfigError."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"recipe {path} not found: give a TOML file such as recipes/paper-xnor.toml")
+        raise ConfigError(f"{what} {path} not found: give a TOML file such as {example}")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"recipe {path}: not valid TOML ({e})") from None
+        raise ConfigError(f"{what} {path}: not valid TOML ({e})") from None
+
+
+def read_recipe(path) -> tuple[dict, dict]:
+    """(``TrainConfig`` keyword arguments, ``HybridConfig`` options of ``NETWORK_KEYS``) a recipe file sets."""
+    data = read_toml(path, "recipe", "recipes/paper-xnor.toml")
     fields = recipe_fields()
     unknown = sorted(set(data) - set(fields) - set(META_KEYS) - set(NETWORK_KEYS))
     if unknown:

@@ -28,18 +28,12 @@ import itertools
 import json
 import os
 import shutil
-import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import ConfigError, HybridExitError, SweepError
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 KINDS = ("calibrated", "paper threshold", "without exit")
 SPEC_KEYS = {"name", "description", "dataset", "recipe", "init", "teacher", "reference", "depth", "paper_threshold",
@@ -163,15 +157,10 @@ def _calibration(table: dict, path, has_reference: bool) -> Calibration:
 def load_sweep(path) -> SweepSpec:
     """Read and validate a sweep file: every grid point's network and training config is built once here."""
     from .data import DATASETS
-    from .recipes import load_recipe
+    from .recipes import load_recipe, read_toml
 
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} not found: give a TOML file such as sweeps/paper-cifar10.toml")
-    try:
-        d = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"sweep {path}: not valid TOML ({e})") from None
+    d = read_toml(path, "sweep file", "sweeps/paper-cifar10.toml")
     unknown = sorted(set(d) - SPEC_KEYS)
     missing = [k for k in ("dataset", "recipe", "paper_threshold", "calibrate", "grid") if k not in d]
     if unknown or missing:

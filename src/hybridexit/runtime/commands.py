@@ -119,6 +119,7 @@ def cmd_edge(a) -> None:
 
 
 def add_parsers(sub) -> None:
+    # Long by nature: the serve/edge option declarations, each with its type and help beside it.
     s = sub.add_parser("serve", help="cloud server: the cloud half of a checkpoint over HTTP, dynamic batching",
                        description="Serve the CloudNet of a checkpoint (POST /v1/infer, GET /healthz, /v1/info, "
                                    "/v1/stats). See docs/wire-format.md.")

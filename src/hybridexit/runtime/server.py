@@ -248,6 +248,7 @@ def is_loopback(host: str) -> bool:
 
 def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
     """The FastAPI application serving ``model``. ``on_ready()`` is called once the batcher runs."""
+    # Long by nature: the routes and error handlers are closures over one app's model, settings, stats and batcher.
 
     stats = Stats()
     state: dict = {}
