@@ -96,13 +96,13 @@ def test_validation_split_found_by_content_in_a_reordered_copy(tiny_cifar):
         warnings.simplefilter("ignore")
         ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
     val = get_split(ds, "val", 50, 0)
-    ids = image_ids(val.images)
+    ids = image_ids(val.images, val.labels)
     perm = torch.randperm(len(ds.train), generator=torch.Generator().manual_seed(3))
     ds.train = Split(ds.train.images[perm], ds.train.labels[perm], "train")  # another copy, another order
     val2, tr2 = get_split(ds, "val", val_ids=ids), get_split(ds, "train", val_ids=ids)
-    assert sorted(image_ids(val2.images).tolist()) == sorted(ids.tolist()) and len(tr2) == 150
-    assert set(image_ids(tr2.images).tolist()).isdisjoint(ids.tolist())
-    pos = image_ids(ds.train.images).tolist().index(int(ids[0]))
+    assert sorted(image_ids(val2.images, val2.labels).tolist()) == sorted(ids.tolist()) and len(tr2) == 150
+    assert set(image_ids(tr2.images, tr2.labels).tolist()).isdisjoint(ids.tolist())
+    pos = image_ids(ds.train.images, ds.train.labels).tolist().index(int(ids[0]))
     ds.train.images[pos] ^= 1  # one validation image is not in this copy
     with pytest.raises(DatasetError, match="not in this copy"):
         get_split(ds, "val", val_ids=ids)
@@ -146,3 +146,21 @@ def test_image_folder(tmp_path):
     assert s.images.shape == (4, 3, 32, 32) and s.labels.tolist() == [0, 0, 1, 1]
     with pytest.raises(DatasetError, match="not found"):
         load_image_folder(tmp_path, "train")
+
+
+def test_identical_images_under_different_labels_are_different_samples(tiny_cifar):
+    """CIFAR-100's training set holds identical images under different labels: a validation record must keep them
+    apart, or a held-out sample is swapped for a training one."""
+    from hybridexit.data import Split, image_ids
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
+    ds.train.images[1] = ds.train.images[0]
+    ds.train.labels[1] = (ds.train.labels[0] + 1) % 10
+    assert image_ids(ds.train.images[:2]).unique().numel() == 1
+    ids = image_ids(ds.train.images[:1], ds.train.labels[:1])  # the first sample is the held-out one
+    assert int(get_split(ds, "val", val_ids=ids).labels[0]) == int(ds.train.labels[0])
+    tr = get_split(ds, "train", val_ids=ids)
+    assert int(ds.train.labels[1]) in tr.labels[(tr.images == ds.train.images[0]).flatten(1).all(1)].tolist()
+    assert isinstance(tr, Split)

@@ -263,8 +263,9 @@ def test_training_never_sees_a_validation_image(tmp_path, ds, monkeypatch):
     cfg = tcfg(mode="separate", epochs=1, exit_epochs=1)  # both phases, interrupted and resumed in between
     train(tmp_path / "s", NET, cfg, ds, progress=False, stop_after_epochs=1)
     train(tmp_path / "s", NET, cfg, ds, progress=False, resume=True)
-    val = set(read_val_ids(tmp_path / "s").tolist())  # the validation images the checkpoint says it held out
-    assert len(val) == cfg.val_size
+    held_out = get_split(ds, "val", val_ids=read_val_ids(tmp_path / "s"))  # what the checkpoint says it held out
+    val = set(image_ids(held_out.images).tolist())
+    assert len(held_out) == cfg.val_size
     trained = torch.cat(seen).tolist()
     assert not val & set(trained)
     # and every other training image was used, once per epoch

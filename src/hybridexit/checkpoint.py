@@ -88,7 +88,7 @@ def read_tensors(path, name=MODEL_FILE) -> dict[str, torch.Tensor]:
 
 
 def read_val_ids(path):
-    """The checkpoint's record of its validation images by content (``data.image_ids``), or None if it has none."""
+    """The checkpoint's record of its validation samples by content (``data.image_ids`` with labels), or None."""
     f = _readable(Path(path)) / VAL_FILE
     return read_tensors(path, VAL_FILE)["val_ids"] if f.is_file() else None
 

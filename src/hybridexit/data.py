@@ -234,10 +234,14 @@ class DataWarning(UserWarning):
     """A dataset that loads but is not the official content."""
 
 
-def image_ids(images: torch.Tensor) -> torch.Tensor:
-    """A 64-bit content hash of each image (uint8 pixels), as int64: finds the same image in any copy, any order."""
+def image_ids(images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    """A 64-bit content hash of each image (uint8 pixels, and its label when given), as int64: finds the same
+    sample in any copy, any order. Give the labels to identify samples: CIFAR-100's training set holds identical
+    images under different labels."""
     arr = images.contiguous().numpy().reshape(len(images), -1)
-    ids = [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little", signed=True) for row in arr]
+    tags = [b""] * len(arr) if labels is None else [int(v).to_bytes(8, "little", signed=True) for v in labels.tolist()]
+    ids = [int.from_bytes(hashlib.blake2b(row.tobytes() + t, digest_size=8).digest(), "little", signed=True)
+           for row, t in zip(arr, tags)]
     return torch.tensor(ids, dtype=torch.int64)
 
 
@@ -305,9 +309,9 @@ def train_val_split(train: Split, val_size: int = 5000, seed: int = 0) -> tuple[
 
 
 def find_images(pool: Split, ids: torch.Tensor, what: str) -> torch.Tensor:
-    """Indices in ``pool`` of the images whose content hashes are ``ids`` (each pool image used once)."""
+    """Indices in ``pool`` of the samples whose content hashes (``image_ids`` with labels) are ``ids``."""
     where: dict[int, list[int]] = {}
-    for i, v in enumerate(image_ids(pool.images).tolist()):
+    for i, v in enumerate(image_ids(pool.images, pool.labels).tolist()):
         where.setdefault(v, []).append(i)
     idx, missing = [], 0
     for v in ids.tolist():

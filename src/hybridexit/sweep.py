@@ -354,7 +354,7 @@ def _record_val_split(ck_dir: Path, ds) -> None:
         return
     data = ck.read_config(ck_dir)["data"]
     val = get_split(ds, "val", data.get("val_size", 5000), data.get("split_seed", 0))
-    ck.write_checkpoint(ck_dir, {}, {ck.VAL_FILE: {"val_ids": image_ids(val.images)}})
+    ck.write_checkpoint(ck_dir, {}, {ck.VAL_FILE: {"val_ids": image_ids(val.images, val.labels)}})
 
 
 def _train_or_resume(spec, point, tcfg, ck_dir: Path, ds, task) -> str | None:

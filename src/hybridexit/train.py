@@ -450,7 +450,7 @@ def _train_val(out_dir: Path, ds: Dataset, tcfg: TrainConfig, resume: bool):
     a resumed run finds them again by that record (so a copy of the data in another order gives the same split)."""
     train_split = get_split(ds, "train", tcfg.val_size, tcfg.split_seed)
     val = get_split(ds, "val", tcfg.val_size, tcfg.split_seed)
-    ids = image_ids(val.images)
+    ids = image_ids(val.images, val.labels)
     recorded = ck.read_val_ids(out_dir) if resume and (out_dir / ck.VAL_FILE).exists() else None
     if recorded is not None and not torch.equal(recorded, ids):  # another copy of the data: find them by content
         ids, train_split, val = recorded, get_split(ds, "train", val_ids=recorded), get_split(ds, "val", val_ids=recorded)
