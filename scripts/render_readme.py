@@ -235,6 +235,11 @@ DOCS = {
     "architecture.md": "which module owns what, and where the code departs from the paper",
     "wire-format.md": "the edge-cloud protocol, `hybridexit serve` and `hybridexit edge`",
     "deploy.md": "the cloud server for real (token file, TLS certificate, systemd units) and the edge against it",
+    "engines.md": "the edge half as real integer code: bit-packed XNOR-popcount kernels (`--engine packed`) and ONNX "
+                  "Runtime's QLinearConv (`--engine onnx`, `hybridexit export`), their agreement with torch on the test "
+                  "set and their measured speed against float",
+    "recipes.md": "the binary-edge recipe options (RSign, RPReLU, ApproxSign, two-stage training, wider exits), what "
+                  "each costs in energy, and the one command that trains the new recipe",
     "codecs.md": "feature codecs under 1 KB per offloaded sample (learned bottleneck, quantizers), 'send the image' "
                  "baselines, and communication energy per link",
     "trust.md": "exits with a stated guarantee (temperature scaling, Learn then Test: `calibrate --risk`), the edge "
