@@ -68,3 +68,15 @@ def write_tiny_checkpoint(path, exits=(4,), thresholds=(0.5,), seed=0):
     save_model(path, model, {"data": {"name": "cifar10", "classes": [f"class{i}" for i in range(10)]}})
     write_policy(path, ExitPolicy(tuple(thresholds)))
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small tensors, in-thread servers and clients on a shared CPU: one torch thread each is faster than contending
+    for several. A module opts in with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

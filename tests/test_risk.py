@@ -16,14 +16,7 @@ from hybridexit.risk import (
     risk_counts,
 )
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small tensors on a shared CPU: one torch thread is faster than contending for several."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 GRID = torch.linspace(0.05, 1.0, 96).tolist()  # thresholds = lambdas: entropy ~ U(0, 1) below

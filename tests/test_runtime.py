@@ -42,13 +42,7 @@ MAX_BODY = 256 * 1024  # 7 samples of 32x16x16 float32 features
 N_IMAGES = 48
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Client and in-thread servers share two cores with whatever else runs: one torch thread each."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
