@@ -80,3 +80,15 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def ds(tiny_cifar):
+    """The tiny CIFAR-10 of ``tiny_cifar``, loaded (it is not the official content: the warning is expected)."""
+    import warnings
+
+    from hybridexit.data import load_cifar
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return load_cifar("cifar10", tiny_cifar, download_ok=False)

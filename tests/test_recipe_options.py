@@ -3,7 +3,6 @@ training; their energy; and that with every option off a network, its config and
 
 import importlib.util
 import json
-import warnings
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,6 @@ import torch.nn.functional as F
 from hybridexit import ConfigError, HybridConfig
 from hybridexit.checkpoint import fingerprint, load_model, read_tensors, save_model
 from hybridexit.cli import build_parser
-from hybridexit.data import load_cifar
 from hybridexit.energy import EnergyTable, count_layers, energy_report
 from hybridexit.engines import available_engines, get_engine
 from hybridexit.errors import EngineError
@@ -255,13 +253,6 @@ def test_packed_engine_runs_wider_exits_as_torch():
 
 
 # ---- two-stage training ----------------------------------------------------------------------------------------
-
-@pytest.fixture
-def ds(tiny_cifar):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_cifar("cifar10", tiny_cifar, download_ok=False)
-
 
 def two_stage(**kw):
     base = dict(stage1_epochs=1, epochs=1, batch_size=32, val_size=40, lr=0.05, warmup_epochs=0.0)

@@ -1,6 +1,5 @@
 import json
 import math
-import warnings
 
 import pytest
 import torch
@@ -8,18 +7,11 @@ import torch.nn.functional as F
 
 from hybridexit import CheckpointError, ConfigError, HybridConfig
 from hybridexit.checkpoint import STATE_FILE, load_model, read_tensors, read_val_ids
-from hybridexit.data import augment, batches, get_split, image_ids, load_cifar
+from hybridexit.data import augment, batches, get_split, image_ids
 from hybridexit.hybrid import HybridNet
 from hybridexit.train import TrainConfig, _per_sample_loss, train
 
 NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
-
-
-@pytest.fixture
-def ds(tiny_cifar):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_cifar("cifar10", tiny_cifar, download_ok=False)
 
 
 def tcfg(**kw):
