@@ -95,13 +95,7 @@ def read_val_ids(path):
 
 def validation_split(path, ds):
     """The checkpoint's own validation split (never the test split), found by content in this copy of the data."""
-    from .data import get_split
-
-    ids = read_val_ids(path)
-    if ids is None:
-        raise CheckpointError(f"{path} has no record of its validation images ({VAL_FILE}): it cannot be calibrated "
-                              f"or evaluated on 'val' without risking images it trained on")
-    return get_split(ds, "val", val_ids=ids)
+    return split_of(path, ds, "val")
 
 
 def split_of(path, ds, name: str):
@@ -110,8 +104,11 @@ def split_of(path, ds, name: str):
 
     if name == "test":
         return ds.test
-    val = validation_split(path, ds)
-    return val if name == "val" else get_split(ds, name, val_ids=read_val_ids(path))
+    ids = read_val_ids(path)
+    if ids is None:
+        raise CheckpointError(f"{path} has no record of its validation images ({VAL_FILE}): it cannot be calibrated "
+                              f"or evaluated on 'val' without risking images it trained on")
+    return get_split(ds, name, val_ids=ids)
 
 
 def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str, allow_missing=()) -> None:
