@@ -1,4 +1,7 @@
-"""The learned bottleneck: quantizer, PCA start, training with the edge frozen, export as a checkpoint with a codec."""
+"""The learned bottleneck: quantizer, PCA start, training with the edge frozen, export as a checkpoint with a codec;
+a codec recipe run in two stages (train_codec, hybridexit train-codec / export-codec)."""
+
+import json
 
 import numpy as np
 import pytest
@@ -6,7 +9,8 @@ import torch
 from safetensors.torch import load_file
 
 from hybridexit import codecs
-from hybridexit.bottleneck import Bottleneck, BottleneckConfig, export_checkpoint, train_bottleneck
+from hybridexit.bottleneck import Bottleneck, BottleneckConfig, export_checkpoint, train_bottleneck, train_codec
+from hybridexit.cli import main
 
 
 def test_symbols_are_what_the_forward_pass_quantizes():
@@ -87,3 +91,88 @@ def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cif
     assert np.isfinite(r["accuracy"])
     with pytest.raises(codecs.ConfigError):
         train_bottleneck(str(tiny_ckpt), run, BottleneckConfig(code_channels=5, epochs=2), data_dir=tiny_cifar)
+
+
+# stage 2's learning rates are tiny, so its weights stay those it started from: stage 1's best
+TWO_STAGES = """[stage1]
+code_channels = 4
+bits = 2
+epochs = 1
+batch_size = 32
+limit_train = 64
+[stage2]
+epochs = 1
+views = 2
+match_blocks = 0
+batch_size = 32
+limit_train = 64
+lr = 1e-9
+cloud_lr = 1e-9
+"""
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_train_codec_runs_both_stages_resumes_and_exports(tiny_ckpt, tiny_cifar, tmp_path, capsys):
+    recipe, run = tmp_path / "codec.toml", tmp_path / "codec-run"
+    recipe.write_text(TWO_STAGES)
+    hist = train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar)
+    assert list(hist) == ["stage1", "stage2"] and [len(h) for h in hist.values()] == [1, 1]
+    assert (run / "recipe.toml").read_text() == TWO_STAGES
+    cfg2 = json.loads((run / "stage2" / "config.json").read_text())["bottleneck"]
+    assert (cfg2["code_channels"], cfg2["bits"], cfg2["init_from"]) == (4, 2, str(run / "stage1" / "best.pt"))
+    # stage 2 started from stage 1's best: same validation accuracy at its start, same weights (tiny lr)
+    best1, best2 = (torch.load(run / s / "best.pt", weights_only=True) for s in ("stage1", "stage2"))
+    start2 = next(r for r in _lines(run / "stage2" / "log.jsonl") if r.get("event") == "init")
+    assert start2["from"] == cfg2["init_from"] and start2["val_offloaded_acc"] == best1["val"]["val_offloaded_acc"]
+    for k in ("reduce.weight", "expand.weight", "log_step"):
+        torch.testing.assert_close(best2["bottleneck"][k], best1["bottleneck"][k], atol=1e-6, rtol=0)
+    # the stages share the cached view 0 (same images, same seed): stage 2 computed only view 1
+    assert [r["view"] for r in _lines(run / "stage2" / "log.jsonl") if r.get("event") == "cached_view"] == [1]
+    assert sorted(p.name for p in (run / "views" / "first64-seed0").glob("*.f16")) == ["view0.f16", "view1.f16"]
+
+    logs = {s: (run / s / "log.jsonl").read_text() for s in ("stage1", "stage2")}
+    assert train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar) == hist  # finished: nothing retrained
+    assert {s: (run / s / "log.jsonl").read_text() for s in logs} == logs
+    (run / "stage2" / "state.pt").unlink()  # as if stage 2 had been interrupted before its first epoch ended
+    assert train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar)["stage1"] == hist["stage1"]
+    assert (run / "stage1" / "log.jsonl").read_text() == logs["stage1"]  # stage 1 skipped, stage 2 trained again
+    assert len((run / "stage2" / "log.jsonl").read_text()) > len(logs["stage2"])
+    recipe.write_text(TWO_STAGES.replace("epochs = 1\nbatch_size", "epochs = 2\nbatch_size", 1))
+    with pytest.raises(codecs.ConfigError, match="another recipe"):
+        train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar)
+
+    out = tmp_path / "with-codec"  # the command exports the recipe's last stage
+    assert main(["export-codec", str(run), "--out", str(out)]) == 0
+    assert "epoch 1" in capsys.readouterr().out
+    assert codecs.required_codec(out) == "bn" and (out / "codec_recipe.toml").read_text() == TWO_STAGES
+    trained = json.loads((out / codecs.CODEC_FILE).read_text())["trained"]
+    assert (trained["stage"], trained["run"], trained["tables_from_train_samples"]) == ("stage2", str(run / "stage2"), 64)
+    export_checkpoint(run / "stage1", tmp_path / "stage1-codec")  # one stage folder: its views are found too
+    assert codecs.required_codec(tmp_path / "stage1-codec") == "bn"
+
+
+def test_train_codec_command_prints_each_stage_and_export_refuses_an_unfinished_run(tiny_ckpt, tiny_cifar, tmp_path,
+                                                                                     capsys):
+    recipe, run = tmp_path / "codec.toml", tmp_path / "run"
+    recipe.write_text("[stage1]\ncode_channels = 2\nbits = 1\nepochs = 1\nbatch_size = 32\nlimit_train = 32\n")
+    assert main(["train-codec", str(tiny_ckpt), "--recipe", str(recipe), "--out", str(run), "--data-dir",
+                 str(tiny_cifar), "--cache-dir", str(tmp_path / "cache")]) == 0
+    out = capsys.readouterr().out
+    assert "stage1: 1 epochs, best validation accuracy of the offloaded samples" in out and "stage2" not in out
+    assert (tmp_path / "cache" / "first32-seed0" / "view0.f16").is_file() and not (run / "views").exists()
+    assert main(["export-codec", str(run), "--out", str(tmp_path / "ck")]) == 0  # the recorded cache folder
+    assert codecs.required_codec(tmp_path / "ck") == "bn"
+    capsys.readouterr()
+
+    recipe.write_text(recipe.read_text() + "[stage2]\nepochs = 1\n")  # a run whose last stage never started
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("recipe.toml", "codec_run.json"):
+        (bare / name).write_text((run / name).read_text() if name != "recipe.toml" else recipe.read_text())
+    assert main(["export-codec", str(bare), "--out", str(tmp_path / "ck2")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "stage2 is not finished (0 of 1 epochs)" in err
+    assert not (tmp_path / "ck2").exists()

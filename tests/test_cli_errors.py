@@ -79,6 +79,16 @@ CASES = [
     ("train --out MISSING --edge-bits 3", "unsupported bit width"),
     ("train --out MISSING --mode cloud", "give init"),
     ("train --lr 0.1", "--out"),
+    # train-codec, export-codec
+    ("train-codec CK --recipe MISSING --out MISSING", "no such file"),
+    ("train-codec CK --out MISSING", "--recipe"),
+    ("train-codec CK --recipe FILE --out MISSING", "not valid TOML"),
+    ("train-codec MISSING --recipe FILE --out MISSING", "not a checkpoint"),
+    ("train-codec CK --recipe FILE --out MISSING --data-dir FILE", "is a file, not a folder"),
+    ("train-codec CK --recipe FILE --out FILE", "is a file"),
+    ("export-codec MISSING --out MISSING", "no such folder"),
+    ("export-codec CK --out MISSING", "is not a codec run"),
+    ("export-codec EMPTY", "--out"),
     # summary, energy
     ("summary --mac32-pj -1", "--mac32-pj: -1 is not allowed"),
     ("summary --checkpoint MISSING", "not a checkpoint"),
@@ -174,6 +184,7 @@ def test_nonexistent_data_dir_is_not_created(paths, capsys):
     ("evaluate CK --limit 0", "--limit: 0 is not allowed"),
     ("serve CK --port 99999", "not a TCP port"),
     ("evaluate NOTOBJ", "not a hybridexit checkpoint config"),
+    ("train-codec CK --recipe MISSING --out MISSING", "no such file"),
 ])
 def test_no_traceback_reaches_the_terminal(paths, line, fragment):
     r = subprocess.run([sys.executable, "-m", "hybridexit.cli", *_argv(line, paths)], capture_output=True, text=True,

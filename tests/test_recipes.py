@@ -8,7 +8,8 @@ from hybridexit.cli import _train_config, build_parser
 from hybridexit.recipes import load_recipe, read_recipe, recipe_fields
 from hybridexit.train import TrainConfig
 
-RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("*.toml"))
+RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.toml") if not p.name.startswith("codec-"))
+CODEC_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("codec-*.toml"))  # tests/test_codec_recipe.py
 
 
 def _write(path, text):
@@ -22,6 +23,12 @@ def test_every_committed_recipe_is_a_valid_training_config():
         train, network = read_recipe(path)  # network options (docs/recipes.md) on a binary edge with an exit
         TrainConfig(**{"init": "checkpoints/some-hybrid", **train})
         HybridConfig(depth=32, edge_layers=20, edge_bits=1, exits=(20,), **network)
+
+
+def test_a_codec_recipe_is_not_a_training_recipe():
+    assert CODEC_RECIPES
+    with pytest.raises(ConfigError, match="train-codec"):
+        read_recipe(CODEC_RECIPES[0])
 
 
 def test_unknown_key_is_refused(tmp_path):

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -281,6 +282,74 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     return {"history": history}
 
 
+# ---------------------------------------------------------------------------------------------- recipes
+CODEC_RUN = "codec_run.json"  # a train-codec run folder: the checkpoint and cache folder it was run with
+RECIPE_COPY = "recipe.toml"  # ... and the recipe it runs, copied
+
+
+def _views_dir(root: Path, bcfg: BottleneckConfig) -> Path:
+    """A train-codec stage's cached views: one folder per training subset and seed under ``root``, so stages on the
+    same images share their views (view v of a subset and seed is the same for every stage) and others never meet."""
+    subset = "all" if bcfg.limit_train is None else f"first{bcfg.limit_train}"
+    return root / f"{subset}-seed{bcfg.seed}"
+
+
+def _stage_state(stage: Path) -> dict | None:
+    return torch.load(stage / "state.pt", weights_only=True) if (stage / "state.pt").is_file() else None
+
+
+def _check_init(init: str, stages: dict) -> None:
+    """Refuse, before any data is read, a recipe whose bottleneck the checkpoint cannot carry."""
+    from .checkpoint import load_model
+    from .resnet import edge_feature_shape
+
+    model, meta = load_model(init)
+    channels = edge_feature_shape(model.cfg)[0]
+    if stages["stage1"].code_channels > channels:
+        raise ConfigError(f"code_channels = {stages['stage1'].code_channels}: {init} sends {channels} channels; "
+                          f"give at most {channels} in [stage1]")
+    if meta["policy"] is None:
+        raise ConfigError(f"{init} has no exit policy: calibrate it first (hybridexit calibrate)")
+
+
+def train_codec(init: str, recipe_path, run_dir, data_dir=None, cache_dir=None) -> dict:
+    """Run a codec recipe (``codec_recipe.read_codec_recipe``) on checkpoint ``init``: stage 1 in ``run_dir/stage1``,
+    stage 2 (from stage 1's ``best.pt``) in ``run_dir/stage2``, each a ``train_bottleneck`` run. Resumable: the same
+    call skips finished stages and continues an interrupted one. The recipe is copied to ``run_dir/recipe.toml``; a
+    run folder of another recipe or checkpoint is refused. Cached views go to ``cache_dir`` (default
+    ``run_dir/views``), one sub-folder per training subset and seed. Returns ``{stage: history}``."""
+    import shutil
+
+    from .codec_recipe import read_codec_recipe
+
+    stages = read_codec_recipe(recipe_path)
+    init, run = os.path.normpath(init), Path(os.path.normpath(run_dir))
+    _check_init(init, stages)
+    if (run / RECIPE_COPY).is_file() and read_codec_recipe(run / RECIPE_COPY) != stages:
+        raise ConfigError(f"{run} holds a run of another recipe ({run / RECIPE_COPY}): give that recipe, or "
+                          f"choose another run folder")
+    if (run / CODEC_RUN).is_file() and json.loads((run / CODEC_RUN).read_text())["init"] != init:
+        raise ConfigError(f"{run} holds a run on another checkpoint ({run / CODEC_RUN}): choose another run folder")
+    run.mkdir(parents=True, exist_ok=True)
+    if not (run / RECIPE_COPY).is_file():
+        shutil.copyfile(recipe_path, run / RECIPE_COPY)
+    (run / CODEC_RUN).write_text(json.dumps({"init": init, "cache_dir": None if cache_dir is None else str(cache_dir)},
+                                            indent=2) + "\n")
+    root = Path(cache_dir) if cache_dir else run / "views"
+    out, prev = {}, None
+    for name, bcfg in stages.items():
+        if prev is not None:
+            bcfg = replace(bcfg, init_from=str(run / prev / "best.pt"))
+        stage = run / name
+        cfg_path, st = stage / "config.json", _stage_state(stage)
+        done = (st is not None and st["epoch"] >= bcfg.epochs and cfg_path.is_file()
+                and json.loads(cfg_path.read_text()) == {"init": init, "bottleneck": asdict(bcfg)})
+        out[name] = st["history"] if done else train_bottleneck(init, stage, bcfg, data_dir,
+                                                                 _views_dir(root, bcfg))["history"]
+        prev = name
+    return out
+
+
 def _match_loss(bneck, cloud0, tuned, f, k: int):
     """MSE between the tuned first k cloud blocks on the bottleneck's output and the original's on ``f``,
     relative to the target's mean square."""
@@ -318,16 +387,23 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     """A new checkpoint from a bottleneck run's ``best.pt``: the init checkpoint's files, its cloud half replaced
     by the fine-tuned one (the edge and exit tensors are checked bit-identical), and the learned codec
     (``codec.json``, ``codec.safetensors``) whose coder tables are estimated on the symbols of the first
-    ``tables_from`` images of the cached training view (``cache_dir``, default the run's folder: training split)."""
+    ``tables_from`` images of the cached training view (``cache_dir``, default the run's folder: training split).
+    ``run_dir``: a ``train_bottleneck`` run, a ``train_codec`` run (its recipe's last stage, which must be finished)
+    or one stage of it; ``cache_dir``: the one the run was trained with (a ``train_codec`` run recorded its own)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     from .codecs import ContextCoder, write_learned_codec
 
-    run, out = Path(run_dir), Path(out_dir)
+    run, views, codec_run = _export_source(Path(run_dir), cache_dir)
+    out = Path(out_dir)
     cfg = json.loads((run / "config.json").read_text())
     init, bcfg = cfg["init"], BottleneckConfig(**cfg["bottleneck"])
+    if not (run / "best.pt").is_file():
+        raise ConfigError(f"{run} has no best.pt: train it for at least one epoch first")
+    if not (views / "view0.f16").is_file():
+        raise ConfigError(f"no cached training view {views / 'view0.f16'}: give the cache folder {run} was trained with")
     best = torch.load(run / "best.pt", weights_only=True)
     if out.exists():
         raise ConfigError(f"{out} exists: choose another output folder")
@@ -353,14 +429,51 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     b = Bottleneck(best["spec"]["channels"], best["spec"]["code_channels"], best["spec"]["bits"])
     b.load_state_dict(best["bottleneck"])
     b.eval()
-    feats = np.load(Path(cache_dir or run) / "view0.f16", mmap_mode="r")
+    feats = np.load(views / "view0.f16", mmap_mode="r")
     sym = torch.cat([b.symbols(torch.from_numpy(feats[i:i + 1000].astype(np.float32)))
                      for i in range(0, min(tables_from, len(feats)), 1000)])
     probs = ContextCoder.estimate(sym, b.levels)
     extra = {"trained": {"run": str(run), "init": init, "config": asdict(bcfg), "chosen_epoch": best["epoch"],
                          "val_at_choice": best["val"], "tables_from_train_samples": int(len(sym)),
                          "edge_and_exits_bit_identical": True, "edge_tensors_checked": len(edge_keys)}}
+    if codec_run is not None:  # the recipe it was run from travels with the codec
+        extra["trained"].update({"codec_run": str(codec_run), "stage": run.name,
+                                 "recipe": (codec_run / RECIPE_COPY).read_text()})
+        shutil.copy(codec_run / RECIPE_COPY, out / "codec_recipe.toml")
     write_learned_codec(out, b, probs, edge_feature_shape(net_cfg), extra)
     if (run / "log.jsonl").exists():
         shutil.copy(run / "log.jsonl", out / "codec_log.jsonl")
     return extra
+
+
+def _is_bottleneck_run(path: Path) -> bool:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(cfg, dict) and "bottleneck" in cfg and "init" in cfg
+
+def _export_source(path: Path, cache_dir) -> tuple[Path, Path, Path | None]:
+    """(stage folder, folder of its cached views, the train-codec run it belongs to or None) of what
+    ``export_checkpoint`` was given: a train-codec run (its recipe's last stage, which must be finished), one stage
+    of it, or a ``train_bottleneck`` run."""
+    from .codec_recipe import read_codec_recipe
+
+    if (path / CODEC_RUN).is_file():
+        stages = read_codec_recipe(path / RECIPE_COPY)
+        last = list(stages)[-1]
+        stage, codec_run, st = path / last, path, _stage_state(path / last)
+        done = 0 if st is None else st["epoch"]
+        if done < stages[last].epochs:
+            raise ConfigError(f"{stage} is not finished ({done} of {stages[last].epochs} epochs): run the same "
+                              f"train-codec command again to finish it, or export one stage folder ({path / 'stage1'})")
+    elif _is_bottleneck_run(path):
+        stage = path
+        codec_run = path.parent if (path.parent / CODEC_RUN).is_file() else None
+    else:
+        raise ConfigError(f"{path} is not a codec run: give a train-codec run folder or one of its stage folders")
+    if codec_run is None:
+        return stage, Path(cache_dir) if cache_dir else stage, None
+    recorded = json.loads((codec_run / CODEC_RUN).read_text())["cache_dir"]
+    bcfg = BottleneckConfig(**json.loads((stage / "config.json").read_text())["bottleneck"])
+    return stage, _views_dir(Path(cache_dir or recorded or codec_run / "views"), bcfg), codec_run

@@ -240,6 +240,28 @@ def cmd_export(a):
     print(json.dumps(export_checkpoint(a.checkpoint, a.format, a.out)))
 
 
+def cmd_train_codec(a):
+    from .bottleneck import train_codec
+
+    stages = train_codec(a.checkpoint, a.recipe, a.out, a.data_dir, a.cache_dir)
+    print(f"codec run {a.out} (recipe {a.recipe}, checkpoint {a.checkpoint})")
+    for name, hist in stages.items():
+        best = max(hist, key=lambda h: (h["val_offloaded_acc"], h["epoch"]))  # best.pt: the last of the best
+        print(f"  {name}: {len(hist)} epochs, best validation accuracy of the offloaded samples "
+              f"{100 * best['val_offloaded_acc']:.2f} % (epoch {best['epoch']})")
+    print(f"export it: hybridexit export-codec {a.out} --out CHECKPOINT")
+
+
+def cmd_export_codec(a):
+    from .bottleneck import export_checkpoint
+
+    t = export_checkpoint(a.run, a.out)["trained"]
+    c = t["config"]
+    print(f"{a.out}: learned codec ({c['code_channels']} channels x {c['bits']} bits) from {t['run']}, epoch "
+          f"{t['chosen_epoch']}, validation accuracy of the offloaded samples "
+          f"{100 * t['val_at_choice']['val_offloaded_acc']:.2f} %; evaluate it with --codec bn")
+
+
 def _codec_choice(a) -> str | None:
     """evaluate's codec: --codec, else the checkpoint's learned codec; another one than that is refused."""
     from .codecs import required_codec
@@ -438,6 +460,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="onnx: edge.onnx + cloud.onnx (ONNX Runtime); packed: edge.packed.safetensors (1-bit weights)")
     x.add_argument("--out", required=True, help="output folder (created)")
     x.set_defaults(func=cmd_export)
+
+    k = sub.add_parser("train-codec", help="train a learned feature codec for a checkpoint from a codec recipe "
+                       "(docs/codecs.md); the same command resumes")
+    k.add_argument("checkpoint", type=checkpoint_dir, help="calibrated checkpoint whose edge and exits stay frozen")
+    k.add_argument("--recipe", type=existing_file, required=True,
+                   help="codec recipe, a TOML file with [stage1] and optionally [stage2] (recipes/codec-*.toml)")
+    k.add_argument("--out", type=output_dir, required=True,
+                   help="run folder (stage1/, stage2/, a copy of the recipe); an interrupted run there is continued")
+    k.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
+    k.add_argument("--cache-dir", type=output_dir, default=None,
+                   help="folder for the cached edge features of the training views (default: OUT/views)")
+    k.set_defaults(func=cmd_train_codec)
+
+    xc = sub.add_parser("export-codec", help="a new checkpoint carrying the learned codec of a train-codec run")
+    xc.add_argument("run", type=existing_dir,
+                    help="train-codec run folder (its recipe's last stage, finished) or one of its stage folders")
+    xc.add_argument("--out", type=output_dir, required=True, help="checkpoint folder to write (must not exist)")
+    xc.set_defaults(func=cmd_export_codec)
 
     c = sub.add_parser("calibrate", help="choose exit thresholds on the validation split for a target")
     c.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")

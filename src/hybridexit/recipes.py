@@ -57,6 +57,9 @@ def read_recipe(path) -> tuple[dict, dict]:
     """(``TrainConfig`` keyword arguments, ``HybridConfig`` options of ``NETWORK_KEYS``) a recipe file sets."""
     data = read_toml(path, "recipe", "recipes/paper-xnor.toml")
     fields = recipe_fields()
+    if isinstance(data.get("stage1"), dict):  # codec_recipe's format
+        raise ConfigError(f"{path} is a codec recipe ([stage1]): run it with `hybridexit train-codec CHECKPOINT "
+                          f"--recipe {path} --out RUN`")
     unknown = sorted(set(data) - set(fields) - set(META_KEYS) - set(NETWORK_KEYS))
     if unknown:
         raise ConfigError(f"recipe {path}: unknown keys {unknown}; known: {sorted([*fields, *NETWORK_KEYS])}")
