@@ -176,3 +176,22 @@ def test_train_codec_command_prints_each_stage_and_export_refuses_an_unfinished_
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "stage2 is not finished (0 of 1 epochs)" in err
     assert not (tmp_path / "ck2").exists()
+
+
+def test_a_cached_view_of_other_data_or_order_is_refused(tiny_ckpt, tiny_cifar, tmp_path):
+    """Cached features line up with the labels by position: a view cached for another sample order (or data, or
+    edge) would silently train the cloud on wrong labels, so it is refused."""
+    import json
+
+    cache = tmp_path / "cache"
+    bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=1, batch_size=32, match_blocks=1)
+    train_bottleneck(str(tiny_ckpt), tmp_path / "a", bcfg, data_dir=tiny_cifar, cache_dir=cache)
+    key = json.loads((cache / "view0.json").read_text())
+    assert key["n"] > 0 and len(key["split_sha256"]) == 64 and len(key["model_sha256"]) == 64
+    train_bottleneck(str(tiny_ckpt), tmp_path / "b", bcfg, data_dir=tiny_cifar, cache_dir=cache)  # same: reused
+    (cache / "view0.json").write_text(json.dumps({**key, "split_sha256": "0" * 64}))
+    with pytest.raises(codecs.ConfigError, match="another checkpoint, data or sample order"):
+        train_bottleneck(str(tiny_ckpt), tmp_path / "c", bcfg, data_dir=tiny_cifar, cache_dir=cache)
+    (cache / "view0.json").unlink()  # a view without its record (cached before records existed) is refused too
+    with pytest.raises(codecs.ConfigError, match="remove"):
+        train_bottleneck(str(tiny_ckpt), tmp_path / "d", bcfg, data_dir=tiny_cifar, cache_dir=cache)

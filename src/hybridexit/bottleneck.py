@@ -140,14 +140,31 @@ def _edge_features(edge, images: torch.Tensor, batch: int = 500) -> torch.Tensor
     return torch.cat(out)
 
 
-def _cache_views(run: Path, edge, cloud0, split, bcfg: BottleneckConfig, log) -> list[tuple]:
-    """Edge features (float16, memory-mapped) and the original cloud's logits of ``views`` augmented views."""
+def _view_key(init: str, split, seed: int, v: int) -> dict:
+    """What a cached view holds: the edge of ``init`` (its weights' sha256) on view ``v`` of ``split`` (its images
+    and labels in this order). Features are matched to labels by position, so the order is part of the key."""
+    import hashlib
+
+    from .data import checksum
+
+    weights = hashlib.sha256((Path(init) / "model.safetensors").read_bytes()).hexdigest()
+    return {"model_sha256": weights, "split_sha256": checksum(split), "n": len(split), "seed": seed, "view": v}
+
+
+def _cache_views(run: Path, edge, cloud0, split, bcfg: BottleneckConfig, log, init: str) -> list[tuple]:
+    """Edge features (float16, memory-mapped) and the original cloud's logits of ``views`` augmented views.
+    Each view's ``view{v}.json`` names what it holds; a view made for other data, another order or another edge
+    is refused (its features would no longer line up with the labels)."""
     from .data import augment
 
     n, shape = len(split), tuple(edge.feature_shape)
     out = []
     for v in range(bcfg.views):
-        fpath, lpath = run / f"view{v}.f16", run / f"view{v}.logits.npy"
+        fpath, lpath, kpath = run / f"view{v}.f16", run / f"view{v}.logits.npy", run / f"view{v}.json"
+        key = _view_key(init, split, bcfg.seed, v)
+        if lpath.exists() and (not kpath.exists() or json.loads(kpath.read_text()) != key):
+            raise ConfigError(f"{fpath} was cached for another checkpoint, data or sample order: remove "
+                              f"{run}/view{v}.* or choose another cache folder")
         if not lpath.exists():
             t0 = time.time()
             gen = torch.Generator().manual_seed(1000 * bcfg.seed + v)
@@ -162,7 +179,8 @@ def _cache_views(run: Path, edge, cloud0, split, bcfg: BottleneckConfig, log) ->
             mm.flush()
             del mm
             Path(str(fpath) + ".tmp.npy").rename(fpath)
-            np.save(lpath, logits)
+            kpath.write_text(json.dumps(key, indent=2))
+            np.save(lpath, logits)  # last: its presence marks the view complete
             log({"event": "cached_view", "view": v, "seconds": round(time.time() - t0, 1)})
         out.append((np.load(fpath, mmap_mode="r"), torch.from_numpy(np.load(lpath))))
     return out
@@ -219,7 +237,7 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     torch.manual_seed(bcfg.seed)
     cache = Path(cache_dir) if cache_dir else run
     cache.mkdir(parents=True, exist_ok=True)
-    views = _cache_views(cache, edge, cloud0, train_split, bcfg, log)
+    views = _cache_views(cache, edge, cloud0, train_split, bcfg, log, init)
     vf = _edge_features(edge, val_split.images)
     offloaded = _offloaded(edge, val_split, meta["policy"])
     bneck = Bottleneck(vf.shape[1], bcfg.code_channels, bcfg.bits)
