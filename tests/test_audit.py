@@ -5,16 +5,27 @@ import torch
 
 from hybridexit.errors import ConfigError
 from hybridexit.policy import ExitPolicy
-from hybridexit.runtime.audit import AuditController, AuditSettings, ladder, policy_eps, simulate_audited
+from hybridexit.runtime.audit import (
+    HIGH_RATIOS,
+    LOW_RATIOS,
+    AuditController,
+    AuditSettings,
+    MixtureTest,
+    ShareCUSUM,
+    ladder,
+    policy_eps,
+    reference_share,
+    simulate_audited,
+)
 
 LEVELS = [(0.05,), (0.1,), (0.3,), (0.6,)]  # level 4 = the calibrated thresholds
 EPS = 0.05
 
 
-def _stream(n, slope, g):
-    """One exit with entropy h ~ U(0, 1) that predicts class 0; the full network says 1 (disagrees) with
-    probability slope * h. Share of disagreeing exits at threshold t: slope * t / 2."""
-    h = torch.rand(n, 1, generator=g)
+def _stream(n, slope, g, hmax=1.0):
+    """One exit with entropy h ~ U(0, hmax) that predicts class 0; the full network says 1 (disagrees) with
+    probability slope * h. Share of disagreeing exits at threshold t <= hmax: slope * t / 2; exit share t / hmax."""
+    h = torch.rand(n, 1, generator=g) * hmax
     final = (torch.rand(n, generator=g) < slope * h[:, 0]).long()
     return torch.zeros(n, 1, dtype=torch.long), final, h
 
@@ -52,7 +63,7 @@ def test_shift_midway_is_detected_and_every_input_keeps_its_record():
     recs = simulate_audited(preds, final, h, ctl)
     assert [r["index"] for r in recs] == list(range(20_000))  # one record per input, in order
     first = ctl.adaptations[0]
-    assert first.kind == "tighten" and 5000 <= first.index < 5000 + 1500  # stated: first step within 1500 inputs
+    assert first.kind == "tighten" and 5000 <= first.index < 5000 + 2000  # stated: first step within 2000 inputs
     last_tighten = max(a.index for a in ctl.adaptations if a.kind == "tighten")
     assert last_tighten < 5000 + 8000  # stated: settled (at level 2, 5 % disagreement) within 8000 inputs
     after = [r for r in recs[last_tighten + 1:] if r["decided_at"] >= 0]
@@ -82,6 +93,71 @@ def test_level_zero_stops_exiting_and_audits_for_free():
     assert all(r["prediction"] == f for r, f in zip(recs, final.tolist()) if r["level"] == 0)
     sent = sum(r["audited"] for r in recs if r["level"] > 0)
     assert ctl.audits == sent  # free audits are not counted as sent
+
+
+@pytest.mark.parametrize("ratios,p", [(HIGH_RATIOS, 0.05), (LOW_RATIOS, 0.05), (HIGH_RATIOS, 0.03)])
+def test_mixture_test_false_alarms_stay_under_delta(ratios, p):
+    """On the null's boundary (p = eps) and inside it, the mixture test ever reaches 1/delta over 2,000 outcomes in
+    at most delta of 300 seeded runs (plus three binomial standard deviations)."""
+    import math
+    import random
+
+    rng, fired, delta = random.Random(0), 0, 0.05
+    for _ in range(300):
+        m = MixtureTest(0.05, ratios)
+        for _ in range(2000):
+            m.update(rng.random() < (p if ratios is HIGH_RATIOS else 0.05))
+            if m.log_evidence() >= math.log(1 / delta):
+                fired += 1
+                break
+    assert fired / 300 <= delta + 3 * math.sqrt(delta * (1 - delta) / 300)
+
+
+def test_share_cusum_alarms_on_a_drop_and_not_on_the_reference():
+    g = torch.Generator().manual_seed(5)
+    cusum = ShareCUSUM(0.6, 0.15, 100_000)
+    assert not any(cusum.update(bool(x)) for x in (torch.rand(50_000, generator=g) < 0.6).tolist())
+    alarms = [i for i, x in enumerate((torch.rand(2000, generator=g) < 0.4).tolist()) if cusum.update(bool(x))]
+    assert alarms and alarms[0] < 300
+
+
+def _burst_run(seed, burst):
+    g = torch.Generator().manual_seed(10 + seed)
+    # 5,000 clean inputs (exit share 0.6, 1.5 % disagreement), then a shift: fewer exit (0.4) and those that do
+    # disagree 9 % of the time at the calibrated level (4.5 % at level 3)
+    preds, final, h = _cat(_stream(5000, 0.05, g), _stream(15_000, 0.3, g, hmax=1.5))
+    ctl = AuditController(list(LEVELS), AuditSettings(rate=0.05, eps=EPS, seed=seed, burst_rate=burst),
+                          reference_share=0.6 if burst else None)
+    return ctl, simulate_audited(preds, final, h, ctl)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_drift_burst_finds_a_mild_excess_that_the_base_rate_misses(seed):
+    """A 9 % disagreement (eps 5 %) at 5 % audits gives about 20 audits per 1,000 inputs: not enough to act within
+    15,000 inputs. The exit share dropping from 0.6 to 0.4 raises a drift alarm within 500 inputs, the burst (50 %)
+    audits, and the exits tighten within 3,000 inputs of the shift; every input keeps its record."""
+    plain, _ = _burst_run(seed, None)
+    assert plain.adaptations == []
+    ctl, recs = _burst_run(seed, 0.5)
+    assert [r["index"] for r in recs] == list(range(20_000))
+    assert len(ctl.drift_alarms) == 1 and 5000 <= ctl.drift_alarms[0] < 5500
+    first = ctl.adaptations[0]
+    assert first.kind == "tighten" and first.index < 8000 and ctl.burst_audits_taken == 600
+    assert sum(r.get("drift_alarm", False) for r in recs) == 1
+
+
+def test_a_burst_on_a_clean_stream_never_starts_and_needs_a_reference_share():
+    preds, final, h = _stream(20_000, 0.05, torch.Generator().manual_seed(7))
+    ctl = AuditController(list(LEVELS), AuditSettings(rate=0.05, eps=EPS, burst_rate=0.5), reference_share=0.6)
+    plain = simulate_audited(preds, final, h, _controller())
+    assert simulate_audited(preds, final, h, ctl) == plain and ctl.drift_alarms == []
+    with pytest.raises(ConfigError, match="exit share"):
+        AuditController(list(LEVELS), AuditSettings(rate=0.05, eps=EPS, burst_rate=0.5))
+    with pytest.raises(ConfigError, match="burst-rate"):
+        AuditSettings(rate=0.05, eps=EPS, burst_rate=0.01)
+    assert reference_share(ExitPolicy((0.6,), (), {"exit_fraction": 0.625})) == 0.625
+    assert reference_share(ExitPolicy((0.6, 0.3), (), {"exit_fraction": [0.4, 0.2]})) == pytest.approx(0.6)
+    assert reference_share(ExitPolicy((0.6,))) is None
 
 
 def test_ladder_and_eps_from_the_policy():
@@ -139,8 +215,9 @@ def test_audited_edge_over_a_real_server(tmp_path):
         srv.stop()
     assert [r["index"] for r in recs] == list(range(N_IMAGES))
     assert summary["audit_eps"] == 0.05 and summary["audit_level"] == 0 and summary["adaptations"] == 1
-    assert summary["audit_events"][0]["index"] == 9 and "disagreement now" in format_summary(summary)
-    assert summary["audits"] == 10 and summary["free_audits"] == N_IMAGES - 10 and summary["audit_cloud_uj"] > 0
+    # four disagreeing audits in a row take the mixture test past 2 / delta = 40 (mean of r^4 over HIGH_RATIOS: 146)
+    assert summary["audit_events"][0]["index"] == 3 and "disagreement now" in format_summary(summary)
+    assert summary["audits"] == 4 and summary["free_audits"] == N_IMAGES - 4 and summary["audit_cloud_uj"] > 0
     for r, p, f in zip(recs, [r["prediction"] for r in plain], full):
         assert r["thresholds"] == ([9.0, 9.0] if r["audit_level"] else [0.0, 0.0]) and r["audited"]  # rate 1
         if r["audit_level"] > 0:

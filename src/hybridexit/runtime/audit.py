@@ -11,23 +11,32 @@ edge features also go to the cloud; the answer given stays the edge's; the cloud
 disagreed with the full network. At level 0 nothing exits; the edge still computes where each input *would* have
 exited under level 1 and, since every input goes to the cloud anyway, every such input is a free audit of level 1.
 
-Test. The audits taken at the current level (at most the last ``window``) are tested every ``check_every`` audits
-with exact binomial tests against ``eps`` (the policy's EPS; the conditional disagreement share: audits are a
-uniform sample of the exited inputs, so their disagreement share estimates it without bias):
-- tighten (one level down) when, for one of the window's suffixes (the last 2, 4, 8, ... x ``check_every`` audits
-  and the whole window), P(Binomial(m, eps) >= k) <= alpha / (number of suffixes): disagreement above eps;
-- relax (one level up, towards the calibrated level) when P(Binomial(n, eps) <= k) <= alpha over the whole
-  window, n >= the level's ``relax_after`` audits: the current level is under eps. A relax that ends in a
-  tighten back to the same level doubles that level's ``relax_after`` (fewer useless probes).
-alpha = delta / (window / check_every): a block of ``window`` audits at a level holds that many checks. So, per
-``window`` audits at a level, the chance of a false tighten while its disagreement stays <= eps is at most delta,
-and the same for a false relax while it stays >= eps (a union bound over the checks and suffixes of a block; the
-audit outcomes are assumed independent). Over a long clean run of A audits at most delta * A / window false
-tightens are expected; each costs exits (never accuracy) until the relax test brings the level back.
+Tests. Two anytime-valid sequential tests run on the audits taken at the current level, each restarted when the
+level changes (and the tighten test also when a drift alarm starts a burst, below):
+- tighten (one level down) when the mixture likelihood ratio of "disagreement p1 = r x eps" against "p = eps",
+  averaged over r in ``HIGH_RATIOS``, reaches 1/delta. Under any audit stream whose disagreement probability stays
+  <= eps (each audit given the past) every component, hence their average, is a nonnegative supermartingale with
+  mean 1, so by Ville's inequality the test ever fires with probability at most delta: per test run, not per window
+  or per check, with no union bound over checks;
+- relax (one level up, towards the calibrated level) when the same mixture with r in ``LOW_RATIOS`` (p1 < eps)
+  reaches 1/delta and the level has seen at least its ``relax_after`` audits: the level is under eps, with the
+  same guarantee against a false relax while the disagreement stays >= eps. A relax that ends in a tighten back to
+  the same level doubles that level's ``relax_after`` (fewer useless probes).
+
+Drift bursts (optional, ``burst_rate``). Audits are few at a few percent, and a disagreement a few points above eps
+needs hundreds of them. But every input says, for free, whether it *would* exit under the calibrated thresholds,
+and the policy records how often that happened on validation (its exit share). A two-sided CUSUM on that
+indicator (alternatives reference +- ``drift_step``; threshold log ``drift_arl``: on data like the validation
+split, a false alarm on average at most once per ``drift_arl`` inputs) raises an alarm when the inputs stop
+looking like the validation split. An alarm starts a burst: the audit rate becomes ``burst_rate`` for the next
+``burst_audits`` audits and the tighten test restarts (fresh evidence; its delta holds per run). When the burst
+ends, the monitor takes the exit share seen since the alarm as its new reference, so a shift that the audits found
+harmless costs one burst, not a permanent higher rate.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections import deque
 from dataclasses import dataclass, field
@@ -39,15 +48,23 @@ from . import wire
 SCALED_LADDER = (0.25, 0.5, 0.75, 1.0)
 
 
+HIGH_RATIOS = (1.25, 1.5, 2.0, 3.0, 5.0)  # tighten test: alternatives p1 = r x eps above eps
+LOW_RATIOS = (0.8, 0.6, 0.4, 0.2)  # relax test: alternatives below eps
+
+
 @dataclass(frozen=True)
 class AuditSettings:
     rate: float  # probability that an exited input is audited
     eps: float  # the disagreement share the exits may have
-    delta: float = 0.05  # error budget of each of the two tests, over a whole run at one level
-    window: int = 500  # audits kept per level (the most recent)
-    check_every: int = 10  # audits between tests
+    delta: float = 0.05  # error budget of each test run (false tighten; false relax)
+    window: int = 500  # audits kept per level: the window test's span, and the running estimate's
+    check_every: int = 10  # audits between window tests
     relax_after: int = 50  # audits at a level before relaxing from it is considered (doubles after a bad probe)
     seed: int = 0
+    burst_rate: float | None = None  # audit rate during a drift burst (None: no drift monitor)
+    burst_audits: int = 600  # audits per burst
+    drift_step: float = 0.15  # the exit-share change the drift CUSUM is tuned to
+    drift_arl: float = 100_000.0  # inputs between false drift alarms on validation-like data (on average, at least)
 
     def __post_init__(self):
         if not 0 < self.rate <= 1:
@@ -56,6 +73,69 @@ class AuditSettings:
             raise ConfigError(f"audit eps {self.eps} and delta {self.delta} must be in (0, 1)")
         if self.window < self.check_every or self.check_every < 1 or self.relax_after < 1:
             raise ConfigError("audit window >= check_every >= 1 and relax_after >= 1 are required")
+        if self.burst_rate is not None and not self.rate <= self.burst_rate <= 1:
+            raise ConfigError(f"--audit-burst-rate {self.burst_rate}: must be in [--audit-rate, 1]")
+        if self.burst_audits < 1 or not 0 < self.drift_step < 0.5 or self.drift_arl <= 1:
+            raise ConfigError("burst_audits >= 1, 0 < drift_step < 0.5 and drift_arl > 1 are required")
+
+
+class MixtureTest:
+    """Anytime-valid sequential test on Bernoulli outcomes (1 = the exit disagreed): the average over simple
+    alternatives p1 = r x eps of the likelihood ratio against p = eps. With all r > 1 it tests H0: p <= eps; with
+    all r < 1, H0: p >= eps. Under H0 (each outcome's probability given the past on H0's side) the average is a
+    nonnegative supermartingale with mean 1: P(it ever reaches 1/delta) <= delta (Ville's inequality)."""
+
+    def __init__(self, eps: float, ratios: tuple[float, ...]):
+        self.p1 = [r * eps for r in ratios if 0 < r * eps < 1 and r != 1]
+        if not self.p1:  # eps near 1: halfway between eps and 1 (or 0) instead
+            self.p1 = [(eps + (1.0 if ratios[0] > 1 else 0.0)) / 2]
+        self._up = [math.log(p / eps) for p in self.p1]
+        self._down = [math.log((1 - p) / (1 - eps)) for p in self.p1]
+        self.reset()
+
+    def reset(self) -> None:
+        self.llr = [0.0] * len(self.p1)
+        self.n = self.k = 0
+
+    def update(self, x: bool) -> None:
+        self.n += 1
+        self.k += bool(x)
+        step = self._up if x else self._down
+        self.llr = [v + d for v, d in zip(self.llr, step)]
+
+    def log_evidence(self) -> float:
+        """log of the mixture likelihood ratio (0 at the start)."""
+        m = max(self.llr)
+        return m + math.log(sum(math.exp(v - m) for v in self.llr) / len(self.llr))
+
+
+class ShareCUSUM:
+    """Two-sided CUSUM on a stream of Bernoulli indicators against a reference share q0, tuned to a change of
+    +- ``step``: alarms when either side's accumulated log likelihood ratio (reset at 0) reaches log(2 arl), so on
+    a stream with share q0 a false alarm comes on average at most once per ``arl`` indicators (Lorden's bound)."""
+
+    def __init__(self, q0: float, step: float, arl: float):
+        self.h = math.log(2 * arl)
+        self.step = step
+        self.rebase(q0)
+
+    def rebase(self, q0: float) -> None:
+        q0 = min(max(q0, 0.01), 0.99)
+        self.q0 = q0
+        alts = [min(max(q0 + d, 0.005), 0.995) for d in (self.step, -self.step)]
+        self._llr = [(math.log(q1 / q0), math.log((1 - q1) / (1 - q0))) for q1 in alts]
+        self.s = [0.0, 0.0]
+        self.seen = self.hits = 0  # since the last rebase / alarm: the share the next rebase takes
+
+    def update(self, x: bool) -> bool:
+        """One indicator; True when it raises an alarm (the statistics then restart)."""
+        self.seen += 1
+        self.hits += bool(x)
+        self.s = [max(0.0, v + (up if x else down)) for v, (up, down) in zip(self.s, self._llr)]
+        if max(self.s) >= self.h:
+            self.s = [0.0, 0.0]
+            return True
+        return False
 
 
 @dataclass(frozen=True)
@@ -105,6 +185,7 @@ def policy_eps(policy, eps: float | None = None) -> float:
 class AuditController:
     levels: list[tuple[float, ...]]  # 1..L, strict -> lenient; level 0 (no exits) is added in front
     settings: AuditSettings
+    reference_share: float | None = None  # the calibrated level's exit share on validation (drift monitor)
     level: int = field(init=False)
     audits: int = 0  # audits answered: exited inputs (level >= 1) also answered by the cloud
     disagreements: int = 0  # among them, the exit's answer differed from the cloud's
@@ -113,16 +194,26 @@ class AuditController:
     failed_audits: int = 0  # audit requests the cloud did not answer (no outcome; the edge's answer stands)
     request_bytes: int = 0  # audit request bodies sent (runtime only)
     response_bytes: int = 0
+    burst_audits_taken: int = 0  # audits drawn at the burst rate
     adaptations: list[Adaptation] = field(default_factory=list)
+    drift_alarms: list[int] = field(default_factory=list)  # inputs whose indicator raised a drift alarm
 
     def __post_init__(self):
         if not self.levels:
             raise ConfigError("the audit needs at least one threshold level")
         k = len(self.levels[0])
         self.levels = [(0.0,) * k, *[tuple(lv) for lv in self.levels]]
-        self.level = self.top
-        self._rng = random.Random(self.settings.seed)
-        self._relax_after = [self.settings.relax_after] * len(self.levels)
+        s = self.settings
+        self._rng = random.Random(s.seed)
+        self._relax_after = [s.relax_after] * len(self.levels)
+        self._high, self._low = MixtureTest(s.eps, HIGH_RATIOS), MixtureTest(s.eps, LOW_RATIOS)
+        self._monitor = None
+        if s.burst_rate is not None:
+            if self.reference_share is None:
+                raise ConfigError("the drift monitor needs the policy's exit share on validation (chosen_by."
+                                  "exit_fraction): recalibrate, or run without --audit-burst-rate")
+            self._monitor = ShareCUSUM(self.reference_share, s.drift_step, s.drift_arl)
+        self._burst_left = 0
         self._enter(self.top)
 
     @property
@@ -145,15 +236,51 @@ class AuditController:
         """At level 0, every would-be exit is audited for free and answered by the cloud."""
         return self.level == 0
 
+    @property
+    def bursting(self) -> bool:
+        return self._burst_left > 0
+
+    @property
+    def rate(self) -> float:
+        """The audit rate now: the burst rate during a drift burst, else the base rate."""
+        return self.settings.burst_rate if self.bursting else self.settings.rate
+
     def draw(self) -> bool:
-        """Audit this exited input? (rate ``rate``; always at level 0)."""
-        return self.shadow or self._rng.random() < self.settings.rate
+        """Audit this exited input? (the current rate; always at level 0)."""
+        if self.shadow:
+            return True
+        hit = self._rng.random() < self.rate
+        if hit and self.bursting:
+            self.burst_audits_taken += 1
+            self._burst_left -= 1
+            if not self._burst_left:
+                self._monitor.rebase(self._monitor.hits / max(self._monitor.seen, 1))
+        return hit
+
+    def see(self, would_exit_calibrated: bool, index: int) -> bool:
+        """Every input, audited or not: would it exit under the calibrated thresholds? Feeds the drift monitor;
+        True when this input raised an alarm (a burst starts; the tighten test restarts)."""
+        m = self._monitor
+        if m is None:
+            return False
+        if self.bursting:  # no test during a burst; its share becomes the next reference
+            m.seen += 1
+            m.hits += bool(would_exit_calibrated)
+            return False
+        if not m.update(would_exit_calibrated):
+            return False
+        self.drift_alarms.append(index)
+        self._monitor.seen = self._monitor.hits = 0  # the next reference: the share seen during the burst
+        self._burst_left = self.settings.burst_audits
+        self._high.reset()
+        return True
 
     def _enter(self, level: int) -> None:
         self.level = level
         self._window: deque[bool] = deque(maxlen=self.settings.window)
         self._seen = 0  # audits at this level since it was entered
-        self._checks = 0
+        self._high.reset()
+        self._low.reset()
 
     def observe(self, level: int, disagrees: bool, index: int) -> Adaptation | None:
         """An audit's outcome for an input decided at ``level``; ignored (but counted) when the level has changed
@@ -168,10 +295,12 @@ class AuditController:
             return None
         self._window.append(bool(disagrees))
         self._seen += 1
-        return None if self._seen % self.settings.check_every else self._check(index)
+        self._high.update(disagrees)
+        self._low.update(disagrees)
+        return self._check(index)
 
     def _scales(self) -> list[int]:
-        """Suffix lengths of the window the tighten test looks at: a shift shows first in the latest audits."""
+        """Suffix lengths the window test looks at: an abrupt jump shows first in the latest audits."""
         s = self.settings
         out, m = [], s.check_every * 2
         while m < s.window:
@@ -179,25 +308,41 @@ class AuditController:
             m *= 2
         return [*out, s.window]
 
-    def _check(self, index: int) -> Adaptation | None:
+    def _window_test(self) -> tuple[int, int, float] | None:
+        """Every ``check_every`` audits: exact binomial tests of the window's suffixes against eps, at
+        alpha = (delta / 2) / (window / check_every) / (number of suffixes). Returns (m, k, p) of a suffix that
+        rejects p <= eps, or None."""
         s = self.settings
-        alpha = s.delta / max(s.window // s.check_every, 1)  # a block of `window` audits holds that many checks
         w = list(self._window)
+        if self._seen % s.check_every:
+            return None
+        scales = [m for m in self._scales() if m <= len(w)] or [len(w)]
+        alpha = s.delta / 2 / max(s.window // s.check_every, 1) / len(scales)
+        for m in scales:
+            k = sum(w[-m:])
+            p_high = 1.0 - binom_cdf(k - 1, m, s.eps)
+            if p_high <= alpha:
+                return m, k, p_high
+        return None
+
+    def _check(self, index: int) -> Adaptation | None:
+        bar = math.log(2 / self.settings.delta)  # delta / 2: the other half is the window test's
+        hit = None
         if self.level >= 1:
-            scales = [m for m in self._scales() if m <= len(w)] or [len(w)]
-            for m in scales:  # P(Bin(m, eps) >= k): small when the disagreement is above eps
-                k = sum(w[-m:])
-                p_high = 1.0 - binom_cdf(k - 1, m, s.eps)
-                if p_high <= alpha / len(scales):
-                    to = self.level - 1
-                    last = self.adaptations[-1] if self.adaptations else None
-                    if last is not None and last.kind == "relax" and last.from_level == to:  # a probe that failed
-                        self._relax_after[to] *= 2
-                    return self._move(index, "tighten", to, m, k, p_high)
-        n, k = len(w), sum(w)
-        p_low = binom_cdf(k, n, s.eps)  # P(Bin(n, eps) <= k): small when the disagreement is below eps
-        if self.level < self.top and n >= self._relax_after[self.level] and p_low <= alpha:
-            return self._move(index, "relax", self.level + 1, n, k, p_low)
+            if self._high.log_evidence() >= bar:  # sustained disagreement above eps
+                hit = self._high.n, self._high.k, math.exp(-self._high.log_evidence())
+            else:
+                hit = self._window_test()  # an abrupt jump
+        if hit is not None:
+            to = self.level - 1
+            last = self.adaptations[-1] if self.adaptations else None
+            if last is not None and last.kind == "relax" and last.from_level == to:  # a probe that failed
+                self._relax_after[to] *= 2
+            return self._move(index, "tighten", to, *hit)
+        if (self.level < self.top and self._low.n >= self._relax_after[self.level]
+                and self._low.log_evidence() >= math.log(1 / self.settings.delta)):  # disagreement below eps
+            return self._move(index, "relax", self.level + 1, self._low.n, self._low.k,
+                              math.exp(-self._low.log_evidence()))
         return None
 
     def _move(self, index, kind, to, n, k, p) -> Adaptation:
@@ -214,12 +359,22 @@ class AuditController:
                 "upper_bound": upper_bound(k, n, self.settings.delta) if n else None}
 
     def summary(self) -> dict:
-        return {"audit_rate": self.settings.rate, "audit_eps": self.settings.eps, "audit_delta": self.settings.delta,
+        s = self.settings
+        return {"audit_rate": s.rate, "audit_eps": s.eps, "audit_delta": s.delta, "audit_burst_rate": s.burst_rate,
                 "audits": self.audits, "audit_disagreements": self.disagreements, "free_audits": self.free_audits,
                 "free_audit_disagreements": self.free_disagreements, "failed_audits": self.failed_audits,
                 "audit_request_bytes": self.request_bytes, "audit_response_bytes": self.response_bytes,
                 "adaptations": len(self.adaptations), "audit_level": self.level, "audit_top_level": self.top,
+                "drift_alarms": len(self.drift_alarms), "burst_audits": self.burst_audits_taken,
                 "audit_events": [a.to_dict() for a in self.adaptations], "audit_estimate": self.estimate()}
+
+
+def reference_share(policy) -> float | None:
+    """The calibrated thresholds' exit share on validation, as the policy recorded it (None when it did not)."""
+    v = (policy.chosen_by or {}).get("exit_fraction") if policy is not None else None
+    if v is None:
+        return None
+    return float(sum(v)) if isinstance(v, (list, tuple)) else float(v)
 
 
 def controller_for(policy, thresholds, options) -> AuditController:
@@ -230,10 +385,21 @@ def controller_for(policy, thresholds, options) -> AuditController:
     if policy is None or tuple(policy.thresholds) != tuple(thresholds):
         policy = ExitPolicy(tuple(thresholds), (), {}, policy.guarantee if policy is not None else None)
     eps = policy_eps(policy, options.audit_eps)
-    return AuditController(ladder(policy), AuditSettings(rate=options.audit_rate, eps=eps, seed=options.audit_seed))
+    burst = getattr(options, "audit_burst_rate", None)
+    settings = AuditSettings(rate=options.audit_rate, eps=eps, seed=options.audit_seed, burst_rate=burst)
+    return AuditController(ladder(policy), settings, reference_share(policy) if burst is not None else None)
 
 
-def audit_batch(runner, images, preds, decided, start: int, level: int) -> dict[int, dict]:
+def would_exit(entropies, thresholds) -> list[bool]:
+    """Per input: would it exit under ``thresholds``? (Some exit's entropy below its threshold; NaN: not reached,
+    which happens only after an earlier exit fired at thresholds at least as strict.)"""
+    import torch
+
+    t = torch.as_tensor(thresholds, dtype=entropies.dtype)
+    return (entropies < t).any(1).tolist()
+
+
+def audit_batch(runner, images, preds, decided, entropies, start: int, level: int) -> dict[int, dict]:
     """The audits of one batch that the edge decided at ``level`` (``EdgeRunner.run_batch``): the chosen exited
     inputs' edge features go to the cloud in one request (headers ``X-Hybridexit-Audit``: the edge's answers,
     ``X-Hybridexit-Audit-Level``), each outcome goes to the controller. At level 0 the cloud's answer replaces the
@@ -245,6 +411,9 @@ def audit_batch(runner, images, preds, decided, start: int, level: int) -> dict[
     shadow = level == 0
     out = {i: {"thresholds": list(ctl.levels[level]), "audit_level": level, "audited": False}
            for i in range(len(preds))}
+    for i, w in enumerate(would_exit(entropies, ctl.levels[ctl.top])):  # the drift monitor sees every input
+        if ctl.see(w or bool(decided[i] >= 0), start + i):
+            out[i]["drift_alarm"] = True
     chosen = [i for i in (decided >= 0).nonzero().flatten().tolist() if ctl.draw()]
     if not chosen:
         return out
@@ -295,10 +464,13 @@ def simulate_audited(exit_preds, final_preds, entropies, controller: AuditContro
     per input. Record keys: index, level, thresholds (those that decided it), audited, disagrees (audited only),
     prediction, decided_at (exit index, or -1 for the cloud)."""
     out = []
+    calibrated = controller.levels[controller.top]
     for i, (e, p, f) in enumerate(zip(entropies.tolist(), exit_preds.tolist(), final_preds.tolist())):
         level, shadow, thr = controller.level, controller.shadow, controller.probe_thresholds
         j = next((j for j in range(len(e)) if e[j] < thr[j]), -1)  # Algorithm 1: the first exit below threshold
         rec = {"index": i, "level": level, "thresholds": list(controller.thresholds), "audited": False}
+        if controller.see(any(e[j] < calibrated[j] for j in range(len(e))), i):
+            rec["drift_alarm"] = True
         if j >= 0 and controller.draw():
             rec.update(audited=True, disagrees=p[j] != f)
             controller.observe(level, p[j] != f, i)

@@ -89,6 +89,7 @@ class EdgeOptions:
     audit_rate: float = 0.0  # share of exited inputs also sent to the cloud to measure disagreement (runtime/audit.py)
     audit_eps: float | None = None  # the disagreement the audit holds the exits to (default: the policy's EPS)
     audit_seed: int = 0
+    audit_burst_rate: float | None = None  # audit rate during a drift burst (runtime/audit.py)
 
     def __post_init__(self):
         from ..codecs import V1_NAMES, check_name
@@ -383,7 +384,7 @@ class EdgeRunner:
         if self.audit:
             from .audit import audit_batch
 
-            audited = audit_batch(self, images, preds, decided, start, level)
+            audited = audit_batch(self, images, preds, decided, r.entropies.cpu(), start, level)
         decisions = decisions_from(Decisions(preds, decided, r.entropies.cpu()), labels, start)
         recs = [d.to_json(self.classes) for d in decisions]
         for i, rec in enumerate(recs):

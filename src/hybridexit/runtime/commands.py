@@ -94,13 +94,18 @@ def cmd_edge(a) -> None:
 
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.audit_burst_rate is not None and not a.audit_rate:
+        from ..errors import ConfigError
+
+        raise ConfigError("--audit-burst-rate needs --audit-rate (the base rate of audits)")
     opts = EdgeOptions(cloud_url=a.cloud, token=resolve_token(a.token_file), ca=a.ca, codec=a.codec,
                        compress=a.compress,
                        batch_size=a.batch_size, timeout_s=a.timeout_s, retries=a.retries,
                        retry_backoff_ms=a.retry_backoff_ms, cooldown_s=a.cooldown_s,
                        on_cloud_failure=a.on_cloud_failure,
                        thresholds=tuple(a.thresholds) if a.thresholds is not None else None, device=a.device,
-                       engine=a.engine, audit_rate=a.audit_rate, audit_eps=a.audit_eps, audit_seed=a.audit_seed)
+                       engine=a.engine, audit_rate=a.audit_rate, audit_eps=a.audit_eps, audit_seed=a.audit_seed,
+                       audit_burst_rate=a.audit_burst_rate)
     meta = read_config(a.checkpoint)
     if a.thresholds is not None:  # a wrong count is refused before any input is read
         from ..checkpoint import network_config
@@ -190,5 +195,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--audit-eps", type=float, default=None, metavar="EPS",
                    help="with --audit-rate: the disagreement allowed (default: the exit policy's Learn-then-Test EPS)")
     e.add_argument("--audit-seed", type=int, default=0, help="with --audit-rate: seed of the audit draws")
+    e.add_argument("--audit-burst-rate", type=float, default=None, metavar="P",
+                   help="with --audit-rate: when the share of inputs that would exit drifts from the policy's "
+                        "validation share, audit at this rate for a burst (docs/trust.md)")
     e.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     e.set_defaults(func=cmd_edge)
