@@ -199,7 +199,7 @@ def test_audited_edge_over_a_real_server(tmp_path):
     path = tmp_path / "tiny"
     save_model(path, model, {"data": {"name": "cifar10", "mean": list(MEAN), "std": list(STD)}})
     # everything exits at exit 0; one certified level (so the audit's ladder is: level 1 = this, level 0 = no exits)
-    write_policy(path, ExitPolicy((9.0, 9.0), (), {}, {"eps": 0.05, "levels": [[9.0, 9.0]]}))
+    write_policy(path, ExitPolicy((9.0, 9.0), (), {"exit_fraction": 1.0}, {"eps": 0.05, "levels": [[9.0, 9.0]]}))
     full = outs[-1].argmax(1).tolist()
     srv = ThreadServer(path, ServerSettings(max_batch=16, max_wait_ms=1))
     try:
@@ -210,6 +210,8 @@ def test_audited_edge_over_a_real_server(tmp_path):
                           EdgeOptions(srv.url, audit_rate=1.0, audit_eps=0.99)).run(images.images, images.labels)
         assert [(r["prediction"], r["decided_at"]) for r in calm] == [(r["prediction"], r["decided_at"]) for r in plain]
         summary, recs = run_edge(path, Inputs(images.images, images.labels), EdgeOptions(srv.url, audit_rate=1.0))
+        bursty, _ = run_edge(path, Inputs(images.images, images.labels),  # every input exits, as on "validation"
+                             EdgeOptions(srv.url, audit_rate=0.5, audit_burst_rate=1.0, audit_eps=0.99))
         stats = CloudClient(srv.url).stats()
     finally:
         srv.stop()
@@ -224,7 +226,9 @@ def test_audited_edge_over_a_real_server(tmp_path):
             assert r["audit_disagrees"] == (p != f) and r["prediction"] == p and r["decided_at"] == "exit:0"
         else:  # no exits: the cloud answers
             assert r["decided_at"] == "cloud" and r["prediction"] == f
+    assert bursty["drift_alarms"] == 0 and bursty["burst_audits"] == 0 and "drift bursts" in format_summary(bursty)
     sent = sum(r["audited"] for r in recs)
-    assert stats["audit_samples"] == sent + sum(r["audited"] for r in calm)
-    assert stats["audit_disagreements"] == sum(r["audit_disagrees"] for r in recs + calm)
+    assert stats["audit_samples"] == sent + sum(r["audited"] for r in calm) + bursty["audits"]
+    assert stats["audit_disagreements"] == sum(r["audit_disagrees"] for r in recs + calm) + bursty[
+        "audit_disagreements"]
     assert stats["audit_levels"] and stats["audit_cloud_uj"] > 0

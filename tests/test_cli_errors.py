@@ -135,6 +135,7 @@ CASES = [
     ("edge CK --cloud http://[::1 --images EMPTY", "not a server URL"),
     ("edge CK --cloud http://127.0.0.1:99999", "not a server URL"),
     ("edge CK --cloud http://127.0.0.1:9 --device cpu:x", "not a torch device"),
+    ("edge CK --cloud http://127.0.0.1:9 --audit-burst-rate 0.5", "--audit-burst-rate needs --audit-rate"),
     ("train --out MISSING --device nonsense", "not a torch device"),
     # sweep, report
     ("sweep MISSING", "no such file"),

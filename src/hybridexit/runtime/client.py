@@ -609,6 +609,9 @@ def format_summary(s: dict) -> str:
                                 f"{s['free_audits']} free at level 0), {s['adaptations']} adaptations, level "
                                 f"{s['audit_level']} of {s['audit_top_level']}; {s['audit_request_bytes']} B sent, "
                                 f"{s['audit_cloud_uj']:.1f} uJ in the cloud")))
+        if s.get("audit_burst_rate") is not None:
+            rows.append(("  drift bursts", f"{s['drift_alarms']} alarms, {s['burst_audits']} audits at rate "
+                                           f"{s['audit_burst_rate']:g}"))
         est = s["audit_estimate"]
         rows.append(("  disagreement now", "no audits at this level yet" if est["share"] is None else (
             f"{_fmt_pct(est['share'])} of {est['audits']} audits (upper bound {_fmt_pct(est['upper_bound'])}; "
