@@ -30,6 +30,22 @@ def test_rounding_passes_gradients_to_the_reduction_and_the_step():
     assert b.reduce.weight.grad.abs().sum() > 0 and b.log_step.grad.abs().sum() > 0
 
 
+def test_refinement_starts_as_the_plain_bottleneck_and_is_counted():
+    torch.manual_seed(0)
+    plain, refined = Bottleneck(8, 3, 2).eval(), Bottleneck(8, 3, 2, refine=True).eval()
+    missing, unexpected = refined.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and all(k.startswith(("enc.", "dec.")) for k in missing)
+    f = torch.randn(4, 8, 5, 5) * 3
+    torch.testing.assert_close(refined(f), plain(f))  # zero-initialized: the same function at the start
+    assert torch.equal(refined.symbols(f), plain.symbols(f))
+    with torch.no_grad():
+        refined.enc.weight.normal_()
+    assert not torch.equal(refined.symbols(f), plain.symbols(f))
+    torch.testing.assert_close(refined.from_symbols(refined.symbols(f)), refined(f))
+    assert refined.spec() == {**plain.spec(), "refine": True} and "refine" not in plain.spec()
+    assert refined.edge_macs(5, 5) - plain.edge_macs(5, 5) == 9 * 8 * 8 * 25 == refined.cloud_macs(5, 5) - plain.cloud_macs(5, 5)
+
+
 def test_pca_start_reconstructs_low_rank_features():
     g = torch.Generator().manual_seed(0)
     basis = torch.randn(3, 8, generator=g)
@@ -68,12 +84,13 @@ def tiny_ckpt(tmp_path, tiny_cifar):
     return path
 
 
-def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cifar, tmp_path):
+@pytest.mark.parametrize("refine", [False, True])
+def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cifar, tmp_path, refine):
     from hybridexit.checkpoint import load_model
     from hybridexit.data import get_split, load_cifar
 
     run = tmp_path / "run"
-    bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=2, batch_size=32, match_blocks=1)
+    bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=2, batch_size=32, match_blocks=1, refine=refine)
     hist = train_bottleneck(str(tiny_ckpt), run, bcfg, data_dir=tiny_cifar)["history"]
     assert [h["epoch"] for h in hist] == [1, 2] and (run / "best.pt").is_file()
     assert train_bottleneck(str(tiny_ckpt), run, bcfg, data_dir=tiny_cifar)["history"] == hist  # resumed: done

@@ -42,7 +42,18 @@ def test_stage2_may_repeat_stage1s_bottleneck(tmp_path):
     assert (stages["stage2"].code_channels, stages["stage2"].bits, stages["stage2"].epochs) == (8, 2, 2)
 
 
+def test_refine_is_a_switch_that_stage2_keeps_or_adds(tmp_path):
+    added = read_codec_recipe(_write(tmp_path, "[stage1]\nepochs = 1\n[stage2]\nrefine = true\n"))
+    assert (added["stage1"].refine, added["stage2"].refine) == (False, True)
+    kept = read_codec_recipe(_write(tmp_path, "[stage1]\nrefine = true\n[stage2]\nepochs = 2\n"))
+    assert kept["stage2"].refine
+    refined = read_codec_recipe(Path(__file__).parents[1] / "recipes" / "codec-c16b2-refine.toml")
+    assert refined["stage2"].refine and not refined["stage1"].refine
+
+
 @pytest.mark.parametrize("text,fragment", [
+    ("[stage1]\nrefine = 1\n", "refine = 1: give true or false"),
+    ("[stage1]\nrefine = true\n[stage2]\nrefine = false\n", "stage 2 keeps it"),
     ("[stage1]\nlrr = 0.1\n", "unknown keys ['lrr']"),
     ("[stage1]\n[stage3]\nepochs = 1\n", "unknown keys ['stage3']"),
     ("epochs = 3\n[stage1]\n", "unknown keys ['epochs']"),

@@ -38,9 +38,12 @@ GAUSS_STEP = {1: 1.596, 2: 0.9957, 3: 0.5860, 4: 0.3352}
 
 class Bottleneck(nn.Module):
     """``forward(f)`` = expand(dequantize(quantize(reduce(f)))); ``symbols(f)`` / ``from_symbols(sym)`` split it
-    at the wire. ``channels``: C of the edge features; ``code_channels``: c; ``bits``: 1 to 4."""
+    at the wire. ``channels``: C of the edge features; ``code_channels``: c; ``bits``: 1 to 4. ``refine``: a
+    residual 3x3 conv on each side (edge: ``f + conv(relu(f))`` before the reduction; cloud: ``g + conv(relu(g))``
+    after the expansion), zero-initialized so that a refined bottleneck starts as the plain one; it lets the code
+    use each position's neighbourhood."""
 
-    def __init__(self, channels: int, code_channels: int, bits: int):
+    def __init__(self, channels: int, code_channels: int, bits: int, refine: bool = False):
         super().__init__()
         if bits not in GAUSS_STEP:
             raise ConfigError(f"bottleneck bits={bits}: use 1 to 4")
@@ -52,9 +55,22 @@ class Bottleneck(nn.Module):
         self.bn = nn.BatchNorm2d(code_channels)
         self.log_step = nn.Parameter(torch.full((code_channels,), math.log(GAUSS_STEP[bits])))
         self.expand = nn.Conv2d(code_channels, channels, 1, bias=True)
+        self.refine = bool(refine)
+        if self.refine:
+            self.enc = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+            self.dec = nn.Conv2d(channels, channels, 3, padding=1, bias=True)
+            for conv in (self.enc, self.dec):
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
 
     def pre_quant(self, f: torch.Tensor) -> torch.Tensor:
+        if self.refine:
+            f = f + self.enc(F.relu(f))
         return self.bn(self.reduce(f))
+
+    def _expand(self, q: torch.Tensor) -> torch.Tensor:
+        g = self.expand(q)
+        return g + self.dec(F.relu(g)) if self.refine else g
 
     def _index(self, z: torch.Tensor) -> torch.Tensor:
         """Signed level index in [-L/2, L/2 - 1] (float), straight-through in training."""
@@ -66,7 +82,7 @@ class Bottleneck(nn.Module):
         return (index + 0.5) * self.log_step.exp()[None, :, None, None]
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.expand(self.dequantize(self._index(self.pre_quant(f))))
+        return self._expand(self.dequantize(self._index(self.pre_quant(f))))
 
     @torch.no_grad()
     def symbols(self, f: torch.Tensor) -> torch.Tensor:
@@ -77,16 +93,21 @@ class Bottleneck(nn.Module):
     def from_symbols(self, sym: torch.Tensor) -> torch.Tensor:
         """Cloud side: symbols back to a (N, C, H, W) feature map."""
         idx = sym.to(torch.float32) - self.levels // 2
-        return self.expand(self.dequantize(idx))
+        return self._expand(self.dequantize(idx))
 
     def spec(self) -> dict:
-        return {"channels": self.channels, "code_channels": self.code_channels, "bits": self.bits}
+        """What rebuilds it (``Bottleneck(**spec)``); ``refine`` only when set, so plain codecs keep their record."""
+        out = {"channels": self.channels, "code_channels": self.code_channels, "bits": self.bits}
+        return {**out, "refine": True} if self.refine else out
+
+    def _refine_macs(self, h: int, w: int) -> int:
+        return 9 * self.channels * self.channels * h * w if self.refine else 0
 
     def edge_macs(self, h: int, w: int) -> int:
-        return self.channels * self.code_channels * h * w
+        return self.channels * self.code_channels * h * w + self._refine_macs(h, w)
 
     def cloud_macs(self, h: int, w: int) -> int:
-        return self.channels * self.code_channels * h * w
+        return self.channels * self.code_channels * h * w + self._refine_macs(h, w)
 
     @torch.no_grad()
     def init_pca(self, feats: torch.Tensor) -> None:
@@ -121,6 +142,7 @@ class BottleneckConfig:
     seed: int = 0
     limit_train: int | None = None  # smoke tests: only the first N training images
     init_from: str | None = None  # a previous run's best.pt (bottleneck + cloud) to start from instead of PCA
+    refine: bool = False  # a zero-initialized residual 3x3 conv on each side of the code (Bottleneck)
 
     def __post_init__(self):
         if self.epochs < 1 or self.views < 1 or self.batch_size < 1:
@@ -240,12 +262,15 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
     views = _cache_views(cache, edge, cloud0, train_split, bcfg, log, init)
     vf = _edge_features(edge, val_split.images)
     offloaded = _offloaded(edge, val_split, meta["policy"])
-    bneck = Bottleneck(vf.shape[1], bcfg.code_channels, bcfg.bits)
+    bneck = Bottleneck(vf.shape[1], bcfg.code_channels, bcfg.bits, bcfg.refine)
     bneck.init_pca(torch.from_numpy(views[0][0][:2000].astype(np.float32)))
     _, cloud = model.split()
     if bcfg.init_from:
         st = torch.load(bcfg.init_from, weights_only=True)  # tensors and plain data only: nothing unpickled
-        bneck.load_state_dict(st["bottleneck"])
+        missing, unexpected = bneck.load_state_dict(st["bottleneck"], strict=False)
+        if unexpected or any(not k.startswith(("enc.", "dec.")) for k in missing):  # a plain start may gain refine
+            raise ConfigError(f"{bcfg.init_from} does not fit this bottleneck: missing {missing}, unexpected "
+                              f"{unexpected}")
         cloud.load_state_dict(st["cloud"])
     k = bcfg.match_blocks
     tuned = cloud.blocks[:k] if k else cloud  # the part of the cloud that learns; the rest stays as it is
@@ -444,7 +469,7 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     if not all(torch.equal(old[k], new[k]) for k in edge_keys):
         raise ConfigError("edge or exit tensors changed: the exits' thresholds would no longer be valid")
     save_file(new, str(out / "model.safetensors"))
-    b = Bottleneck(best["spec"]["channels"], best["spec"]["code_channels"], best["spec"]["bits"])
+    b = Bottleneck(**best["spec"])
     b.load_state_dict(best["bottleneck"])
     b.eval()
     feats = np.load(views / "view0.f16", mmap_mode="r")

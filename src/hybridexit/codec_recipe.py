@@ -45,6 +45,10 @@ def stage_keys() -> dict[str, type]:
 
 def _value(path, stage: str, key: str, v, kind: type):
     where = f"codec recipe {path} [{stage}] {key} = {v!r}"
+    if kind is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}: give true or false")
+        return v
     if kind is int and (isinstance(v, bool) or not isinstance(v, int)):
         raise ConfigError(f"{where}: give a whole number")
     if kind is float:
@@ -97,7 +101,11 @@ def read_codec_recipe(path) -> dict[str, BottleneckConfig]:
             if k in s2 and s2[k] != getattr(first, k):
                 raise ConfigError(f"codec recipe {path} [stage2] {k} = {s2[k]}: stage 2 keeps stage 1's bottleneck "
                                   f"({k} = {getattr(first, k)}); remove {k} from [stage2]")
-        out["stage2"] = replace(_config(path, "stage2", s2), **{k: getattr(first, k) for k in INHERITED})
+        if first.refine and s2.get("refine") is False:
+            raise ConfigError(f"codec recipe {path} [stage2] refine = false: stage 1's bottleneck has the 3x3 "
+                              f"refinement, stage 2 keeps it; remove refine from [stage2]")
+        out["stage2"] = replace(_config(path, "stage2", s2), **{k: getattr(first, k) for k in INHERITED},
+                                refine=first.refine or s2.get("refine", False))
     return out
 
 

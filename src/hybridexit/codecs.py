@@ -328,7 +328,7 @@ class LearnedCodec(Codec):
         if meta.get("format") != cls.FORMAT:
             raise ConfigError(f"{d / CODEC_FILE}: codec format {meta.get('format')} is not supported")
         spec = meta["bottleneck"]
-        b = Bottleneck(spec["channels"], spec["code_channels"], spec["bits"])
+        b = Bottleneck(spec["channels"], spec["code_channels"], spec["bits"], spec.get("refine", False))
         t = load_file(str(d / CODEC_TENSORS))
         b.load_state_dict({k[len("bottleneck."):]: v for k, v in t.items() if k.startswith("bottleneck.")})
         digest = hashlib.sha256(raw_json + raw_t).digest()[:8]
