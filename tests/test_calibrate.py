@@ -42,6 +42,7 @@ def test_calibration_never_touches_test_split_and_writes_the_policy_only_when_as
     policy = read_policy(path)
     assert list(policy.thresholds) == res["thresholds"] and policy.chosen_by["target"] == "max_drop"
     assert policy.chosen_by["split"] == "val" and policy.chosen_by["data_checksum"] == ds.content
+    assert policy.chosen_by["exit_fraction"] == res["exit_fraction"]  # the audit's drift reference (bursts)
     assert res["accuracy"] >= res["cloud_accuracy"] - 1e-9
     again = calibrate_checkpoint(path, ds, "exit_fraction", 0.9, write=True)  # the previous policy is kept
     assert again["previous_thresholds"] == res["thresholds"]

@@ -163,7 +163,8 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
         plot(points, best, report, stats.cloud_accuracy, plot_path)
     if write:
         chosen = {"method": "target", "split": "val", "n": len(val), "target": target, "value": value,
-                  "data_checksum": ds.content, "val_images": len(val)}
+                  "data_checksum": ds.content, "val_images": len(val),
+                  "exit_fraction": list(best.exit_fraction)}  # per exit, on val: the audit's drift reference
         write_policy(path, ExitPolicy(best.thresholds, temps, chosen, None))
     if also:
         result["also"] = result_for(*also, choose(points, *also, stats.cloud_accuracy))
