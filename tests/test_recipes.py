@@ -8,7 +8,9 @@ from hybridexit.cli import _train_config, build_parser
 from hybridexit.recipes import load_recipe, read_recipe, recipe_fields
 from hybridexit.train import TrainConfig
 
-RECIPES = sorted(p for p in (Path(__file__).parents[1] / "recipes").glob("*.toml") if not p.name.startswith("codec-"))
+RECIPES = sorted(p for p in [*(Path(__file__).parents[1] / "recipes").glob("*.toml"),
+                             *(Path(__file__).parents[1] / "recipes").glob("screen-*/*.toml")]
+                 if not p.name.startswith("codec-"))
 CODEC_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("codec-*.toml"))  # tests/test_codec_recipe.py
 
 
