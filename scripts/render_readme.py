@@ -253,7 +253,8 @@ DOCS = {
     "codecs.md": "feature codecs under 1 KB per offloaded sample (learned bottleneck, quantizers), 'send the image' "
                  "baselines, and communication energy per link",
     "trust.md": "exits with a stated guarantee (temperature scaling, Learn then Test: `calibrate --risk`), the edge "
-                "that audits its exits online (`edge --audit-rate`), your own image folders, and CIFAR-10 under shift",
+                "that audits its exits online and spends more audits when its inputs drift (`edge --audit-rate "
+                "--audit-burst-rate`), your own image folders, and CIFAR-10 under shift",
     "sweep.md": "the design space as one command (`hybridexit sweep`: edge layers x bits x exits x mode, on a laptop, "
                 "with workers, on Ray or a GPU) and `hybridexit report`: the paper's Fig. 4, Fig. 5 and Tables II-IV",
 }
