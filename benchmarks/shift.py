@@ -169,8 +169,7 @@ def audit_row(stats: ExitStats, policy, rate: float, eps: float, seed: int, cost
         "decisions_changed_vs_plain": int(((preds != plain_preds) | (ex != (plain_decided >= 0))).sum()),
         "audit_estimate": est, "disagreement_at_final_level": at_final,
         "within_bound": None if at_final is None or est["upper_bound"] is None else at_final <= est["upper_bound"],
-        "final_disagreement": at_final if ctl.adaptations else (
-            float(dis[ex].float().mean()) if ex.any() else None),
+        "final_disagreement": at_final,  # since the last adaptation (all exits when none)
         "drift_alarms": len(ctl.drift_alarms), "first_drift_alarm": ctl.drift_alarms[0] if ctl.drift_alarms else None,
         "burst_audits": ctl.burst_audits_taken,
         "events": [a.to_dict() for a in ctl.adaptations][:20],

@@ -162,15 +162,16 @@ def _edge_features(edge, images: torch.Tensor, batch: int = 500) -> torch.Tensor
     return torch.cat(out)
 
 
-def _view_key(init: str, split, seed: int, v: int) -> dict:
-    """What a cached view holds: the edge of ``init`` (its weights' sha256) on view ``v`` of ``split`` (its images
-    and labels in this order). Features are matched to labels by position, so the order is part of the key."""
+def _view_key(init: str, split, seed: int) -> dict:
+    """What the cached views hold: the edge of ``init`` (its weights' sha256) on ``split`` (its images and labels in
+    this order; features are matched to labels by position, so the order is part of the key); each view adds its
+    number."""
     import hashlib
 
     from .data import checksum
 
     weights = hashlib.sha256((Path(init) / "model.safetensors").read_bytes()).hexdigest()
-    return {"model_sha256": weights, "split_sha256": checksum(split), "n": len(split), "seed": seed, "view": v}
+    return {"model_sha256": weights, "split_sha256": checksum(split), "n": len(split), "seed": seed}
 
 
 def _cache_views(run: Path, edge, cloud0, split, bcfg: BottleneckConfig, log, init: str) -> list[tuple]:
@@ -180,10 +181,10 @@ def _cache_views(run: Path, edge, cloud0, split, bcfg: BottleneckConfig, log, in
     from .data import augment
 
     n, shape = len(split), tuple(edge.feature_shape)
-    out = []
+    base, out = _view_key(init, split, bcfg.seed), []
     for v in range(bcfg.views):
         fpath, lpath, kpath = run / f"view{v}.f16", run / f"view{v}.logits.npy", run / f"view{v}.json"
-        key = _view_key(init, split, bcfg.seed, v)
+        key = {**base, "view": v}
         if lpath.exists() and (not kpath.exists() or json.loads(kpath.read_text()) != key):
             raise ConfigError(f"{fpath} was cached for another checkpoint, data or sample order: remove "
                               f"{run}/view{v}.* or choose another cache folder")

@@ -26,7 +26,7 @@ level changes (and the tighten test also when a drift alarm starts a burst, belo
 Drift bursts (optional, ``burst_rate``). Audits are few at a few percent, and a disagreement a few points above eps
 needs hundreds of them. But every input says, for free, whether it *would* exit under the calibrated thresholds,
 and the policy records how often that happened on validation (its exit share). A two-sided CUSUM on that
-indicator (alternatives reference +- ``drift_step``; threshold log ``drift_arl``: on data like the validation
+indicator (alternatives reference +- ``drift_step``; threshold log(2 ``drift_arl``): on data like the validation
 split, a false alarm on average at most once per ``drift_arl`` inputs) raises an alarm when the inputs stop
 looking like the validation split. An alarm starts a burst: the audit rate becomes ``burst_rate`` for the next
 ``burst_audits`` audits and the tighten test restarts (fresh evidence; its delta holds per run). When the burst
@@ -127,13 +127,17 @@ class ShareCUSUM:
         self.s = [0.0, 0.0]
         self.seen = self.hits = 0  # since the last rebase / alarm: the share the next rebase takes
 
-    def update(self, x: bool) -> bool:
-        """One indicator; True when it raises an alarm (the statistics then restart)."""
+    def update(self, x: bool, test: bool = True) -> bool:
+        """One indicator, counted; with ``test``, True when it raises an alarm (the statistics and the counts
+        then restart, so the next rebase takes the share seen since the alarm)."""
         self.seen += 1
         self.hits += bool(x)
+        if not test:
+            return False
         self.s = [max(0.0, v + (up if x else down)) for v, (up, down) in zip(self.s, self._llr)]
         if max(self.s) >= self.h:
             self.s = [0.0, 0.0]
+            self.seen = self.hits = 0
             return True
         return False
 
@@ -260,17 +264,10 @@ class AuditController:
     def see(self, would_exit_calibrated: bool, index: int) -> bool:
         """Every input, audited or not: would it exit under the calibrated thresholds? Feeds the drift monitor;
         True when this input raised an alarm (a burst starts; the tighten test restarts)."""
-        m = self._monitor
-        if m is None:
-            return False
-        if self.bursting:  # no test during a burst; its share becomes the next reference
-            m.seen += 1
-            m.hits += bool(would_exit_calibrated)
-            return False
-        if not m.update(would_exit_calibrated):
+        # no test during a burst: it only counts, and its share becomes the next reference
+        if self._monitor is None or not self._monitor.update(would_exit_calibrated, test=not self.bursting):
             return False
         self.drift_alarms.append(index)
-        self._monitor.seen = self._monitor.hits = 0  # the next reference: the share seen during the burst
         self._burst_left = self.settings.burst_audits
         self._high.reset()
         return True
@@ -385,7 +382,7 @@ def controller_for(policy, thresholds, options) -> AuditController:
     if policy is None or tuple(policy.thresholds) != tuple(thresholds):
         policy = ExitPolicy(tuple(thresholds), (), {}, policy.guarantee if policy is not None else None)
     eps = policy_eps(policy, options.audit_eps)
-    burst = getattr(options, "audit_burst_rate", None)
+    burst = options.audit_burst_rate
     settings = AuditSettings(rate=options.audit_rate, eps=eps, seed=options.audit_seed, burst_rate=burst)
     return AuditController(ladder(policy), settings, reference_share(policy) if burst is not None else None)
 
@@ -412,7 +409,7 @@ def audit_batch(runner, images, preds, decided, entropies, start: int, level: in
     out = {i: {"thresholds": list(ctl.levels[level]), "audit_level": level, "audited": False}
            for i in range(len(preds))}
     for i, w in enumerate(would_exit(entropies, ctl.levels[ctl.top])):  # the drift monitor sees every input
-        if ctl.see(w or bool(decided[i] >= 0), start + i):
+        if ctl.see(w, start + i):
             out[i]["drift_alarm"] = True
     chosen = [i for i in (decided >= 0).nonzero().flatten().tolist() if ctl.draw()]
     if not chosen:
@@ -464,12 +461,12 @@ def simulate_audited(exit_preds, final_preds, entropies, controller: AuditContro
     per input. Record keys: index, level, thresholds (those that decided it), audited, disagrees (audited only),
     prediction, decided_at (exit index, or -1 for the cloud)."""
     out = []
-    calibrated = controller.levels[controller.top]
+    would = would_exit(entropies, controller.levels[controller.top])  # the drift monitor's indicator per input
     for i, (e, p, f) in enumerate(zip(entropies.tolist(), exit_preds.tolist(), final_preds.tolist())):
         level, shadow, thr = controller.level, controller.shadow, controller.probe_thresholds
         j = next((j for j in range(len(e)) if e[j] < thr[j]), -1)  # Algorithm 1: the first exit below threshold
         rec = {"index": i, "level": level, "thresholds": list(controller.thresholds), "audited": False}
-        if controller.see(any(e[j] < calibrated[j] for j in range(len(e))), i):
+        if controller.see(would[i], i):
             rec["drift_alarm"] = True
         if j >= 0 and controller.draw():
             rec.update(audited=True, disagrees=p[j] != f)
