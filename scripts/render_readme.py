@@ -108,8 +108,9 @@ def describe_point(p: dict, fp32_val: float | None) -> str:
     if p["point"] == "paper threshold" or not c:
         return f"*{p['point']}*: the paper's fixed {', '.join(f'{t:g}' for t in p['thresholds'])}"
     if c["target"] == "min_accuracy":
-        floor = (f" (FP32's {pct(fp32_val)} % minus 2 points)" if fp32_val is not None
-                 and abs(fp32_val - 0.02 - c["value"]) < 1e-9 else "")
+        floor = ("" if fp32_val is None else f" (FP32's {pct(fp32_val)} % minus 2 points)"
+                 if abs(fp32_val - 0.02 - c["value"]) < 1e-9 else " (set against an earlier FP32 teacher's validation "
+                 "accuracy minus 2 points: results/history-*.json)")
         return f"*{p['point']}*: the lowest energy with validation accuracy at least {pct(c['value'])} %{floor}"
     if c["target"] == "exit_fraction":
         return f"*{p['point']}*: the best validation accuracy with {c['value']:.0%} of validation images at the edge"

@@ -108,3 +108,16 @@ def test_train_evaluate_calibrate_roundtrip(tmp_path, tiny_cifar, capsys):
     by_image = {int(r["path"].split("/")[-1][:3]): r for r in folder}
     assert [(by_image[i]["prediction"], by_image[i]["label"]) for i in range(30)] == [(r["prediction"], r["label"])
                                                                                       for r in recs]
+
+
+def test_evaluate_network_without_exits_needs_no_thresholds(tmp_path, tiny_cifar, capsys):
+    """A float network (no exits) is evaluated as it is: no calibration, everything at the cloud."""
+    ck = str(tmp_path / "fp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(["train", "--data-dir", str(tiny_cifar), "--out", ck, "--depth", "8", "--epochs", "1",
+                     "--batch-size", "50", "--val-size", "50", "--limit-train", "100"]) == 0
+        capsys.readouterr()
+        code, out, err = run(capsys, "evaluate", ck, "--data-dir", str(tiny_cifar), "--json", "--limit", "20")
+    d = json.loads(out)
+    assert code == 0 and d["n"] == 20 and d["thresholds"] == [] and d["cloud_fraction"] == 1.0, err

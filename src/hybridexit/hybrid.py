@@ -142,7 +142,10 @@ class HybridNet(_Walk):
 
 
 def resolve_thresholds(cfg: HybridConfig, thresholds, what: str = "thresholds") -> tuple[float, ...]:
-    """One value per exit, as floats; a clear error when the count is wrong or none were given."""
+    """One value per exit, as floats; a clear error when the count is wrong or none were given (a network without
+    exits needs none)."""
+    if thresholds is None and not cfg.exits:
+        return ()
     if thresholds is None:
         raise ConfigError(f"no exit {what} given for {len(cfg.exits)} exits: calibrate the checkpoint "
                           f"(`hybridexit calibrate CKPT ... --write`) or pass --thresholds")
