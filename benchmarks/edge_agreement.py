@@ -124,7 +124,7 @@ def _cause(model, image, engine) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/c10-r32-e20-b1-x20")
+    p.add_argument("--checkpoint", default="checkpoints/c10-r32-e20-b1-x20-xnor")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--records", default="/tmp/agree", help="folder with torch.jsonl, packed.jsonl, onnx.jsonl")
     p.add_argument("--out", default="results/edge_agreement.json")

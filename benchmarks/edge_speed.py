@@ -1,6 +1,6 @@
 """Edge speed benchmark -> results/edge_speed.json (and one JSON object on stdout).
 
-    python benchmarks/edge_speed.py [--checkpoint checkpoints/c10-r32-e20-b1-x20] [--fp32 checkpoints/c10-r32-fp32]
+    python benchmarks/edge_speed.py [--checkpoint checkpoints/c10-r32-e20-b1-x20-xnor] [--fp32 checkpoints/c10-r32-fp32]
                                     [--data-dir data] [--images 256] [--rounds 5] [--out results/edge_speed.json]
 
 One thread, all variants in the same run on the same first ``--images`` CIFAR-10 test images (raw uint8), batch 1
@@ -91,7 +91,7 @@ def agreement(engines: dict, cloud, images, thr, temps) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/c10-r32-e20-b1-x20")
+    p.add_argument("--checkpoint", default="checkpoints/c10-r32-e20-b1-x20-xnor")
     p.add_argument("--fp32", default="checkpoints/c10-r32-fp32")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--images", type=int, default=256)

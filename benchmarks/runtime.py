@@ -94,7 +94,7 @@ def pct(values, q):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", nargs="?", default="checkpoints/c10-r32-e20-b1-x20")
+    p.add_argument("checkpoint", nargs="?", default="checkpoints/c10-r32-e20-b1-x20-xnor")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--limit", type=int, default=1000)
     p.add_argument("--clients", type=int, default=8)

@@ -354,7 +354,7 @@ def render_docs(r: dict) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", nargs="?", default="checkpoints/c10-r32-e20-b1-x20")
+    ap.add_argument("checkpoint", nargs="?", default="checkpoints/c10-r32-e20-b1-x20-xnor")
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--eps", type=float, default=0.05)
     ap.add_argument("--delta", type=float, default=0.1)

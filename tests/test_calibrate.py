@@ -3,7 +3,7 @@ import warnings
 import pytest
 
 from hybridexit import ConfigError, HybridConfig
-from hybridexit.calibrate import Point, calibrate_checkpoint, choose, sweep, validation_split
+from hybridexit.calibrate import Point, calibrate_checkpoint, choose, choose_in_order, sweep, validation_split
 from hybridexit.checkpoint import load_model
 from hybridexit.data import load_cifar
 from hybridexit.energy import energy_report
@@ -99,3 +99,18 @@ def test_unreachable_target_uses_the_fallback(trained):
     assert res["target"] == "max_drop" and res["value"] == 0.01 and res == direct
     with pytest.raises(ConfigError, match="fraction, not a percentage"):  # a bad value is not "unreachable"
         calibrate_checkpoint(path, ds, "min_accuracy", 90.0, write=False, fallback=("max_drop", 0.01))
+
+
+def test_a_calibration_chain_takes_its_first_target_that_is_met():
+    from hybridexit.errors import TargetUnreachableError
+
+    # final classifier 0.80; exits cost nothing up to 50 % at the edge, then accuracy falls
+    pts = [Point((t,), acc, [edge], 100 - 80 * edge) for t, acc, edge in
+           ((0.1, 0.80, 0.0), (0.3, 0.81, 0.3), (0.5, 0.80, 0.5), (0.7, 0.78, 0.65), (0.9, 0.70, 0.9))]
+    floor, no_cost, at_62 = ("min_accuracy", 0.85), ("max_drop", 0.0, 0.62), ("exit_fraction", 0.62)
+    assert choose_in_order(pts, [floor, no_cost, at_62], 0.80)[:2] == ("exit_fraction", 0.62)  # 50 % < 62 %
+    target, value, p = choose_in_order(pts, [floor, ("max_drop", 0.0, 0.4), at_62], 0.80)
+    assert (target, value, p.thresholds) == ("max_drop", 0.0, (0.5,))  # the most exits that cost nothing
+    assert choose_in_order(pts, [("min_accuracy", 0.8), no_cost], 0.80)[2].thresholds == (0.5,)  # primary met
+    with pytest.raises(TargetUnreachableError):
+        choose_in_order(pts, [floor], 0.80)

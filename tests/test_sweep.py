@@ -102,6 +102,32 @@ def test_interrupted_sweep_resumes_without_redoing_finished_points(tmp_path, tin
     assert "training epochs 2..3" in (run / "e4-b1-x4-separate-k3/train.log").read_text()
 
 
+def test_keep_copies_finished_checkpoints_and_the_rows_cite_the_copies(tmp_path, tiny_cifar):
+    plain, kept_spec = TINY, tmp_path / "keep.toml"
+    keep = f'keep = "{tmp_path}/ck/t-{{name}}"\n'
+    kept_spec.write_text(TINY.read_text().replace("separate_exit_epochs", keep + "separate_exit_epochs"))
+    sweep(tmp_path, tiny_cifar, spec=plain, only=["e2-b1-x2-joint-k3"])  # finished before keep was set
+    run_ck = str(tmp_path / "runs/tiny/e2-b1-x2-joint-k3/checkpoint")
+    assert {r["checkpoint"] for r in read_rows(tmp_path / "store.json")} == {run_ck}
+    s = sweep(tmp_path, tiny_cifar, spec=kept_spec, only=["e2-b1-x2-joint-k3", "e4-b1-noexit-joint-k3"])
+    assert states(s) == {"e2-b1-x2-joint-k3": "done", "e4-b1-noexit-joint-k3": "done"}
+    rows = read_rows(tmp_path / "store.json")
+    assert {r["name"]: r["checkpoint"] for r in rows} == {n: str(tmp_path / f"ck/t-{n}")
+                                                          for n in ("e2-b1-x2-joint-k3", "e4-b1-noexit-joint-k3")}
+    for n in ("e2-b1-x2-joint-k3", "e4-b1-noexit-joint-k3"):
+        ck, run = tmp_path / f"ck/t-{n}", tmp_path / f"runs/tiny/{n}/checkpoint"
+        assert (ck / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
+        assert not list(ck.glob("train_state*")) and not list(tmp_path.glob("ck/*.tmp"))
+    assert (tmp_path / "ck/t-e2-b1-x2-joint-k3/exit_policy.json").exists()
+    store = (tmp_path / "store.json").read_bytes()
+    sweep(tmp_path, tiny_cifar, spec=kept_spec, only=["e2-b1-x2-joint-k3"])  # nothing left to keep or train
+    assert (tmp_path / "store.json").read_bytes() == store
+    bad = tmp_path / "bad.toml"
+    bad.write_text(kept_spec.read_text().replace("{name}", "x"))
+    with pytest.raises(ConfigError, match="must contain"):
+        load_sweep(bad)
+
+
 def _spec_with(tmp_path, extra: str) -> Path:
     p = tmp_path / "spec.toml"
     p.write_text(TINY.read_text().replace('name = "tiny"', 'name = "tiny2"') + extra)

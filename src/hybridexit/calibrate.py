@@ -92,6 +92,29 @@ def choose(points: list[Point], target: str, value: float, cloud_accuracy: float
     return min(ok, key=lambda p: (p.expected_uj, -p.accuracy))
 
 
+def _as_chain(fallback) -> list[tuple]:
+    if fallback is None:
+        return []
+    return [tuple(fallback)] if isinstance(fallback[0], str) else [tuple(f) for f in fallback]
+
+
+def choose_in_order(points: list[Point], chain: list[tuple], cloud_accuracy: float) -> tuple[str, float, Point]:
+    """The first of ``chain``'s (target, value[, min_edge]) that can be met: (target, value, point). The last entry
+    raises as ``choose`` does when it cannot be met; an earlier one is unmet when ``choose`` finds no point or
+    the point decides less than its ``min_edge`` at the edge."""
+    for i, (target, value, *rest) in enumerate(chain):
+        last = i == len(chain) - 1
+        try:
+            best = choose(points, target, value, cloud_accuracy)
+        except TargetUnreachableError:
+            if last:
+                raise
+            continue
+        if last or not rest or best.edge_fraction >= rest[0] - 1e-12:
+            return target, value, best
+    raise ConfigError("an empty calibration chain")  # unreachable: the chain always holds the primary target
+
+
 def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accuracy: float, path) -> None:
     """Accuracy and expected energy against the fraction of samples decided at the edge."""
     import matplotlib
@@ -125,9 +148,11 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     (``exit_policy.json``; the previous policy is kept in its history). The result says what changed:
     ``previous_thresholds`` (None if the checkpoint had no policy) and ``written``.
 
-    ``fallback`` = (target, value) is used instead when a valid ``target`` cannot be met (an accuracy floor above
-    every threshold's accuracy), on the same validation pass; the result names the target that was used. An
-    invalid target or value still raises. ``also`` = (target, value) is chosen on the same validation pass and
+    ``fallback`` = (target, value), or a list of them tried in order, is used instead when a valid ``target``
+    cannot be met (an accuracy floor above every threshold's accuracy), on the same validation pass; an entry
+    (target, value, min_edge) also counts as unmet when its point decides less than ``min_edge`` of the samples
+    at the edge. The result names the target that was used. An invalid target or value still raises.
+    ``also`` = (target, value) is chosen on the same validation pass and
     returned, never written, under the result's key "also" (same keys as the result).
     """
     from . import checkpoint as ck
@@ -144,13 +169,7 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     old = meta.get("policy")
     temps = old.temperatures if old is not None else ()
     points = sweep(stats, report, temperatures=temps or None)
-    try:
-        best = choose(points, target, value, stats.cloud_accuracy)
-    except TargetUnreachableError:
-        if fallback is None:
-            raise
-        target, value = fallback
-        best = choose(points, target, value, stats.cloud_accuracy)
+    target, value, best = choose_in_order(points, [(target, value), *_as_chain(fallback)], stats.cloud_accuracy)
 
     def result_for(target, value, point):
         return {"split": "val", "n": len(val), "target": target, "value": value,

@@ -18,6 +18,10 @@ Points run in local worker processes (``workers``; CPU threads divided between t
 existing cluster (``ray_address``), each task asking for its CPUs and, on CUDA, one GPU; the driver gathers the
 rows. A point may adopt a training run made outside the sweep (``[adopt]``) when that run's network and training
 configs are exactly the point's: the finished run is copied into the point's folder (the source is only read).
+
+With ``keep`` (a path pattern with ``{name}``, e.g. ``checkpoints/c10-r32-{name}``) a finished point's checkpoint
+(weights, configs, exit policy and logs; not the resumable training state) is copied there and its rows cite the
+copy, so the rows never cite the ignored run folder; a rerun keeps points finished before ``keep`` was set.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from .errors import ConfigError, HybridExitError, SweepError
 
 KINDS = ("calibrated", "paper threshold", "without exit")
 SPEC_KEYS = {"name", "description", "dataset", "recipe", "init", "teacher", "reference", "depth", "paper_threshold",
-             "separate_exit_epochs", "results", "runs", "calibrate", "grid", "adopt"}
+             "separate_exit_epochs", "results", "runs", "calibrate", "grid", "adopt", "keep"}
 GRID_KEYS = {"edge_layers", "edge_bits", "exits", "mode", "exit_pool"}
 
 
@@ -91,6 +95,7 @@ class SweepSpec:
     results: str | None
     runs: str | None
     description: str = ""
+    keep: str | None = None
 
     def net_config(self, point: Point):
         from .data import DATASETS
@@ -175,7 +180,9 @@ def load_sweep(path) -> SweepSpec:
     spec = SweepSpec(str(path), d.get("name", path.stem), d["dataset"], d["recipe"], train, int(d.get("depth", 32)),
                      float(d["paper_threshold"]), _calibration(d["calibrate"], path, "reference" in d),
                      tuple(points), d.get("reference"), dict(d.get("adopt", {})), d.get("separate_exit_epochs"),
-                     d.get("results"), d.get("runs"), d.get("description", ""))
+                     d.get("results"), d.get("runs"), d.get("description", ""), d.get("keep"))
+    if spec.keep is not None and "{name}" not in spec.keep:
+        raise ConfigError(f"sweep {path}: keep = {spec.keep!r} must contain {{name}} (each point its own folder)")
     names = {p.name for p in points}
     if set(spec.adopt) - names:
         raise ConfigError(f"sweep {path}: [adopt] names points not in the grid: {sorted(set(spec.adopt) - names)}")
@@ -341,7 +348,40 @@ def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, re
         s, _ = evaluate_checkpoint_summary(model, ds.test, [], device=device)
         final_acc, n = s["accuracy"], s["n"]
     rows.append(_without_exit_row(base, model.cfg, final_acc, n, point.mode == "separate" or not point.exits))
-    return rows
+    return _kept(spec, point, ck_dir, rows)
+
+
+def keep_checkpoint(ck_dir: Path, dest: Path) -> Path:
+    """Copy a finished checkpoint to ``dest`` (replacing it; atomic rename) without its resumable training state."""
+    dest = Path(dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(ck_dir, tmp, ignore=shutil.ignore_patterns("train_state*"))
+    if dest.exists():
+        shutil.rmtree(dest)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _kept(spec: SweepSpec, point: Point, ck_dir: Path, rows: list[dict]) -> list[dict]:
+    """The point's rows citing its kept copy (made now) when the sweep keeps checkpoints; else unchanged."""
+    if not spec.keep:
+        return rows
+    kept = _relative(keep_checkpoint(ck_dir, Path(spec.keep.format(name=point.name))))
+    return [dict(r, checkpoint=kept) for r in rows]
+
+
+def _keep_finished(spec: SweepSpec, states, rows: dict, run_dir: Path) -> list[dict]:
+    """Rows of finished points that still cite their run folder, re-pointed at a kept copy (made now)."""
+    out = []
+    for p, state, _ in states:
+        mine = [r for r in rows.values() if r["name"] == p.name and r.get("sweep") == spec.name]
+        ck_dir = run_dir / p.name / "checkpoint"
+        if state == "done" and (ck_dir / "config.json").exists() and any(
+                r.get("checkpoint") == _relative(ck_dir) for r in mine):
+            out += [r if r.get("checkpoint") != _relative(ck_dir) else r2
+                    for r, r2 in zip(mine, _kept(spec, p, ck_dir, mine))]
+    return out
 
 
 def _record_val_split(ck_dir: Path, ds) -> None:
@@ -602,6 +642,9 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
     states = [(p, *point_state(spec, p, rows, run_dir, epochs)) for p in _select(spec.points, only)]
     summary = {"sweep": spec.name, "results": str(store), "runs": str(run_dir), "failed": [],
                "points": [{"name": p.name, "state": s, "detail": d} for p, s, d in states]}
+    kept = _keep_finished(spec, states, rows, run_dir) if spec.keep and not dry_run else []
+    if kept:
+        upsert_rows(store, kept)
     pending = [s for _, s, _ in states if s in ("new", "partial", "trained", "adopt")]
     if dry_run or not (pending or (spec.reference and "fp32|reference" not in rows)):
         return summary
