@@ -162,7 +162,11 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
         if learned:  # compared with the fp32 codec of the checkpoint it was trained from (same edge, same exits)
             against = json.loads((ROOT / ckpt / codecs.CODEC_FILE).read_text())["trained"]["init"]
             base = next((r["accuracy"] for e in out if e["checkpoint"] == against for r in e["rows"]
-                         if r["codec"] == "fp32"), None)
+                         if r["codec"] == "fp32" and e["thresholds"] == list(policy.thresholds)), None)
+            if base is None and (ROOT / against).is_dir():  # its fp32 codec at these thresholds, measured now
+                ref, _ = load_model(against)
+                ep_ref = codecs.edge_pass(ref, ds.test.limit(limit), policy.thresholds, temps)
+                base = codecs.apply_codec(ref, ep_ref, codecs.get("fp32"), against)["accuracy"]
         for row in rows:
             row["accuracy_change_vs_fp32_points"] = None if base is None else 100 * (row["accuracy"] - base)
         out.append({"checkpoint": ckpt, "split_at_layer": model.cfg.edge_layers, "thresholds": list(policy.thresholds),
@@ -172,11 +176,14 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
 
 def _fp32_references(res: dict) -> None:
     """Accuracy change of each row against the fp32 codec of its reference checkpoint (a learned-codec checkpoint's
-    reference is the checkpoint it was trained from, measured in another run of this script)."""
-    fp32 = {e["checkpoint"]: r["accuracy"] for e in res.get("features", {}).get("checkpoints", [])
-            for r in e["rows"] if r["codec"] == "fp32"}
+    reference is the checkpoint it was trained from, measured in another run of this script at the same exit
+    thresholds; where that run used other thresholds, the change part_features measured itself is kept)."""
+    fp32 = {(e["checkpoint"], tuple(e["thresholds"])): r["accuracy"]
+            for e in res.get("features", {}).get("checkpoints", []) for r in e["rows"] if r["codec"] == "fp32"}
     for e in res.get("features", {}).get("checkpoints", []):
-        base = fp32.get(e.get("fp32_reference", e["checkpoint"]))
+        base = fp32.get((e.get("fp32_reference", e["checkpoint"]), tuple(e["thresholds"])))
+        if base is None:
+            continue
         for r in e["rows"]:
             r["accuracy_change_vs_fp32_points"] = None if base is None else 100 * (r["accuracy"] - base)
 
