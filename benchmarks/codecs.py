@@ -337,7 +337,9 @@ def _statement(res: dict) -> list[str]:
 
 
 def _targets(res: dict) -> list[str]:
-    """The issue's targets at the 20E split, judged on the rows above: the most accurate codec within each budget."""
+    """The issue's targets at the 20E split, judged on the rows above: within each budget, the codec that loses the
+    least against the fp32 codec at the same exit thresholds (checkpoints at other thresholds are other operating
+    points, so absolute accuracies are not compared across them)."""
     rows = [(e, r) for e in res.get("features", {}).get("checkpoints", []) if e.get("split_at_layer") == 20
             for r in e["rows"] if r["accuracy_change_vs_fp32_points"] is not None]
     out = []
@@ -347,11 +349,12 @@ def _targets(res: dict) -> list[str]:
             out.append(f"- {what} (<= {budget} B per offloaded sample, within 0.2 point of the fp32 codec): no codec "
                        f"measured here fits the budget.")
             continue
-        e, r = max(fit, key=lambda er: er[1]["accuracy"])
+        e, r = max(fit, key=lambda er: er[1]["accuracy_change_vs_fp32_points"])
         d = r["accuracy_change_vs_fp32_points"]
         out.append(f"- {what} (<= {budget} B per offloaded sample, within 0.2 point of the fp32 codec): best is "
                    f"`{r['codec']}` on {Path(e['checkpoint']).name}, {r['payload_bytes_per_offloaded']:,.0f} B per "
-                   f"offloaded sample at {d:+.2f} points: {'met' if d >= -0.2 else 'missed'}.")
+                   f"offloaded sample at {d:+.2f} points ({100 * r['edge_fraction']:.2f} % of test images exiting): "
+                   f"{'met' if d >= -0.2 else 'missed'}.")
     return out + [""]
 
 
