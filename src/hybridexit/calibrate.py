@@ -102,17 +102,15 @@ def choose_in_order(points: list[Point], chain: list[tuple], cloud_accuracy: flo
     """The first of ``chain``'s (target, value[, min_edge]) that can be met: (target, value, point). The last entry
     raises as ``choose`` does when it cannot be met; an earlier one is unmet when ``choose`` finds no point or
     the point decides less than its ``min_edge`` at the edge."""
-    for i, (target, value, *rest) in enumerate(chain):
-        last = i == len(chain) - 1
+    for target, value, *rest in chain[:-1]:
         try:
             best = choose(points, target, value, cloud_accuracy)
         except TargetUnreachableError:
-            if last:
-                raise
             continue
-        if last or not rest or best.edge_fraction >= rest[0] - 1e-12:
+        if not rest or best.edge_fraction >= rest[0] - 1e-12:
             return target, value, best
-    raise ConfigError("an empty calibration chain")  # unreachable: the chain always holds the primary target
+    target, value = chain[-1][:2]
+    return target, value, choose(points, target, value, cloud_accuracy)
 
 
 def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accuracy: float, path) -> None:

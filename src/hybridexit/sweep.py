@@ -379,8 +379,7 @@ def _keep_finished(spec: SweepSpec, states, rows: dict, run_dir: Path) -> list[d
         ck_dir = run_dir / p.name / "checkpoint"
         if state == "done" and (ck_dir / "config.json").exists() and any(
                 r.get("checkpoint") == _relative(ck_dir) for r in mine):
-            out += [r if r.get("checkpoint") != _relative(ck_dir) else r2
-                    for r, r2 in zip(mine, _kept(spec, p, ck_dir, mine))]
+            out += _kept(spec, p, ck_dir, mine)  # a point's rows all cite the one checkpoint
     return out
 
 
