@@ -226,3 +226,54 @@ def test_ray_runs_the_tiny_sweep_on_a_local_runtime(tmp_path, tiny_cifar):
         ("e2-b1-x2-joint-k3", "calibrated"), ("e2-b1-x2-joint-k3", "paper threshold"),
         ("e2-b1-x2-joint-k3", "without exit"), ("e4-b1-noexit-joint-k3", "without exit")]
     assert (tmp_path / "runs/tiny/e2-b1-x2-joint-k3/train.log").stat().st_size > 0
+
+
+def _upsert_many(store: str, tag: str, n: int, barrier) -> None:
+    from hybridexit.sweep import upsert_rows
+
+    barrier.wait()  # both writers at once (unlocked, this loses rows and crashes a writer on the temp file)
+    for i in range(n):
+        upsert_rows(store, [{"name": f"{tag}{i}", "point": "calibrated"}])
+
+
+def test_sweeps_sharing_a_store_never_lose_a_row(tmp_path):
+    import multiprocessing
+
+    store = str(tmp_path / "store.json")
+    ctx = multiprocessing.get_context("spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_upsert_many, args=(store, tag, 100, barrier)) for tag in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert len(read_rows(store)) == 200
+
+
+def test_a_point_locked_by_another_process_is_left_alone_and_partial_points_go_first(tmp_path, tiny_cifar):
+    from hybridexit.sweep import _point_lock, _tasks, point_state
+
+    only = ["e2-b1-x2-joint-k3", "e4-b1-x4-separate-k3", "e4-b1-noexit-joint-k3"]
+    sweep(tmp_path, tiny_cifar, only=only[1:2], stop_after_epochs=1)  # separate: 1 of 3 epochs
+    sweep(tmp_path, tiny_cifar, only=only[2:], stop_after_epochs=1)  # no exit: 1 of 2 epochs
+    run = tmp_path / "runs" / "tiny"
+    spec = load_sweep(TINY)
+    points = [p for p in spec.points if p.name in only]
+    states_ = [(p, *point_state(spec, p, {}, run, None)) for p in points]
+    opts = {"epochs": None}
+    assert [t["name"] for t in _tasks(spec, states_, run, opts)] == [
+        "e4-b1-noexit-joint-k3", "e4-b1-x4-separate-k3", "e2-b1-x2-joint-k3"]  # 1/2, then 1/3, then new
+
+    held = run / "e4-b1-x4-separate-k3"
+    before = files_of(held)
+    with _point_lock(held).acquire(timeout=0):  # as another sweep process training it would hold it
+        dry = sweep(tmp_path, tiny_cifar, only=only, dry_run=True)
+        assert states(dry)["e4-b1-x4-separate-k3"] == "running"
+        s = sweep(tmp_path, tiny_cifar, only=only)
+        assert states(s) == {"e2-b1-x2-joint-k3": "done", "e4-b1-x4-separate-k3": "running",
+                             "e4-b1-noexit-joint-k3": "done"}
+        assert files_of(held) == before  # not trained, not evaluated, no log line
+    assert {r["name"] for r in read_rows(tmp_path / "store.json")} == {"e2-b1-x2-joint-k3", "e4-b1-noexit-joint-k3"}
+    s = sweep(tmp_path, tiny_cifar, only=only)  # released: the next run finishes it
+    assert states(s)["e4-b1-x4-separate-k3"] == "done"

@@ -11,8 +11,12 @@ Every point lives in ``<runs>/<point>/``: ``checkpoint/`` (the training run, res
 was interrupted), ``train.log`` (that point's training output) and ``calibration.png``. A finished point gives
 rows (``calibrated``: thresholds chosen on validation; ``paper threshold``: the paper's fixed threshold;
 ``without exit``: the final classifier alone, with the energy of the network without its exit heads), upserted by
-key into the results store (a JSON list, written atomically), so a rerun of the same command skips finished points
-and the store never holds a point twice. One sweep writes a store at a time.
+key into the results store (a JSON list, written atomically under a lock file beside it), so a rerun of the same
+command skips finished points and the store never holds a point twice. Several sweep processes may share a run
+folder and store (say two terminals, each with its own ``--only``, or the same command started twice): a process
+holds a point's lock file (``<point>/.lock``, released when the process ends, killed or not) while it trains and
+evaluates that point, and another process finding the point locked leaves it (state ``running``). A resumed
+sweep starts its interrupted points first, the furthest along first, then the new ones in the file's order.
 
 Points run in local worker processes (``workers``; CPU threads divided between them) or as Ray tasks on an
 existing cluster (``ray_address``), each task asking for its CPUs and, on CUDA, one GPU; the driver gathers the
@@ -212,14 +216,26 @@ def read_rows(path) -> list[dict]:
     return rows
 
 
+def _store_lock(path: Path):
+    from filelock import FileLock
+
+    return FileLock(path.with_name(path.name + ".lock"))
+
+
 def upsert_rows(path, new_rows: list[dict]) -> None:
-    """Replace the rows with the same key (point name and kind) and add the others; atomic (temp file + rename)."""
+    """Replace the rows with the same key (point name and kind) and add the others; atomic (temp file + rename)
+    and locked (read, merge and write under the store's lock file), so sweeps sharing a store never lose a row."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _store_lock(path):
+        _upsert_locked(path, new_rows)
+
+
+def _upsert_locked(path: Path, new_rows: list[dict]) -> None:
     rows = {row_key(r): r for r in read_rows(path)}
     rows.update({row_key(r): r for r in new_rows})
     order = {k: i for i, k in enumerate(("reference",) + KINDS)}
     ordered = sorted(rows.values(), key=lambda r: (r["name"] != "fp32", r["name"], order.get(r["point"], 9)))
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(ordered, indent=1) + "\n")
     os.replace(tmp, path)
@@ -265,11 +281,32 @@ def _rows_done(rows: dict, point: Point, tcfg) -> bool:
     return all(r is not None and TrainConfig.from_dict(r["train"]).to_dict() == tcfg.to_dict() for r in found)
 
 
+def _point_lock(point_dir: Path):
+    from filelock import FileLock
+
+    return FileLock(Path(point_dir) / ".lock")
+
+
+def _locked_elsewhere(point_dir: Path) -> bool:
+    """Whether another process holds the point's lock now (a point folder not made yet is free)."""
+    from filelock import Timeout
+
+    if not Path(point_dir).is_dir():
+        return False
+    try:
+        with _point_lock(point_dir).acquire(timeout=0):
+            return False
+    except Timeout:
+        return True
+
+
 def point_state(spec: SweepSpec, point: Point, rows: dict, run_dir: Path, epochs: int | None) -> tuple[str, str]:
-    """("done" | "new" | "partial" | "trained" | "waiting" | "adopt", detail) of one grid point."""
+    """("done" | "running" | "new" | "partial" | "trained" | "waiting" | "adopt", detail) of one grid point."""
     tcfg = spec.train_config(point, epochs)
     if _rows_done(rows, point, tcfg):
         return "done", "rows in the store"
+    if _locked_elsewhere(run_dir / point.name):
+        return "running", "in another sweep process (its lock is held); this one leaves it"
     meta = _read_json(run_dir / point.name / "checkpoint" / "config.json")
     if meta is not None:
         n = meta.get("epochs_done", 0)
@@ -452,9 +489,16 @@ def run_point(task: dict) -> dict:
 
     os.chdir(task["root"])
     torch.set_num_threads(task["threads"])
+    from filelock import Timeout
+
     pdir = Path(task["point_dir"])
     pdir.mkdir(parents=True, exist_ok=True)
-    with open(pdir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    try:
+        lock = _point_lock(pdir).acquire(timeout=0)
+    except Timeout:  # another sweep process took the point after this one looked
+        return {"name": _point_of(task).name, "status": "running",
+                "detail": "in another sweep process (its lock is held); this one left it"}
+    with lock, open(pdir / "train.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         print(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} pid {os.getpid()}, {task['threads']} threads", flush=True)
         try:
             return _run_point(task)
@@ -624,7 +668,8 @@ def _tasks(spec, states, run_dir, opts: dict) -> list[dict]:
         out.append(dict(opts, name=p.name, point=p.to_dict(), point_dir=str((run_dir / p.name).resolve()),
                         adopt=spec.adopt.get(p.name) if opts["epochs"] is None else None,
                         total_epochs=tcfg.total_epochs, start_epoch=start))
-    return out
+    # trained and interrupted points first, the furthest along first (rows soonest); new ones in the file's order
+    return sorted(out, key=lambda t: -t["start_epoch"] / t["total_epochs"])
 
 
 def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epochs: int | None = None, device=None,
