@@ -277,3 +277,33 @@ def test_a_point_locked_by_another_process_is_left_alone_and_partial_points_go_f
     assert {r["name"] for r in read_rows(tmp_path / "store.json")} == {"e2-b1-x2-joint-k3", "e4-b1-noexit-joint-k3"}
     s = sweep(tmp_path, tiny_cifar, only=only)  # released: the next run finishes it
     assert states(s)["e4-b1-x4-separate-k3"] == "done"
+
+
+def test_reevaluate_measures_finished_points_again_without_training(tmp_path, tiny_cifar):
+    spec = tmp_path / "keep.toml"
+    spec.write_text(TINY.read_text().replace("separate_exit_epochs", f'keep = "{tmp_path}/ck/t-{{name}}"\n'
+                                             "separate_exit_epochs"))
+    only = ["e2-b1-x2-joint-k3"]
+    sweep(tmp_path, tiny_cifar, spec=spec, only=only)
+    store = tmp_path / "store.json"
+    first = read_rows(store)
+    assert {(r["eval_device"], r["arithmetic"]) for r in first} == {("cpu", "ieee fp32")}
+    # rows measured before they recorded their arithmetic (as the CUDA rows measured under TF32 were)
+    store.write_text(json.dumps([{k: v for k, v in r.items() if k not in ("eval_device", "arithmetic")}
+                                 for r in first]))
+    kept = tmp_path / "ck/t-e2-b1-x2-joint-k3"
+    weights = (kept / "model.safetensors").read_bytes()
+    run_files = files_of(tmp_path / "runs/tiny/e2-b1-x2-joint-k3/checkpoint")
+    s = sweep(tmp_path, tiny_cifar, spec=spec, only=only, reevaluate=True)
+    assert states(s) == {"e2-b1-x2-joint-k3": "done"} and s["points"][0]["detail"] == "3 rows written"
+    again = read_rows(store)
+    assert again == first  # same checkpoint, same device: the same figures, and the fields back
+    assert (kept / "model.safetensors").read_bytes() == weights
+    assert files_of(tmp_path / "runs/tiny/e2-b1-x2-joint-k3/checkpoint") == run_files  # nothing trained
+    assert not (tmp_path / "ck/calibration.png").exists()
+    assert "re-evaluating" in (tmp_path / "runs/tiny/e2-b1-x2-joint-k3/train.log").read_text()
+
+    import shutil
+    shutil.rmtree(kept)  # rows citing a checkpoint that is not here: refused with one line
+    with pytest.raises(SweepError, match="not one checkpoint that exists here"):
+        sweep(tmp_path, tiny_cifar, spec=spec, only=only, reevaluate=True)

@@ -340,7 +340,8 @@ def cmd_sweep(a):
 
     summary = run_sweep(a.spec, workers=a.workers, ray_address=a.ray, epochs=a.epochs, device=a.device,
                         data_dir=a.data_dir, only=a.only, dry_run=a.dry_run, runs=a.runs, results=a.results,
-                        threads=a.threads, stop_after_epochs=a.stop_after_epochs, progress=not a.json)
+                        threads=a.threads, stop_after_epochs=a.stop_after_epochs, progress=not a.json,
+                        reevaluate=a.reevaluate)
     if a.json:
         print(json.dumps(summary))
     else:
@@ -522,6 +523,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="time box: every point stops after this many more epochs; the same command resumes")
     w.add_argument("--dry-run", action="store_true", help="list the points and their state; train nothing")
+    w.add_argument("--reevaluate", action="store_true",
+                   help="calibrate and evaluate the finished points again (on this device) from the checkpoints "
+                        "their rows cite; train nothing for them")
     w.add_argument("--report", action="store_true", help="then regenerate the figures and tables (hybridexit report)")
     w.add_argument("--results-dir", default="results", help=argparse.SUPPRESS)
     w.add_argument("--docs", default="docs/sweep.md", help=argparse.SUPPRESS)

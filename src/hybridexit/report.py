@@ -255,6 +255,48 @@ def statements_md(stores: dict, refs: dict) -> str:
                       "exit %", "accuracy %"])
 
 
+def arithmetic(row: dict) -> str:
+    """What a row was evaluated in: rows say so since evaluation is IEEE FP32 everywhere; older rows evaluated on
+    CUDA ran in PyTorch's default TF32 for convolutions."""
+    return row.get("arithmetic") or ("tf32" if str(row.get("device") or "").startswith("cuda") else "ieee fp32")
+
+
+def tf32_note(names: list[str], rows: list[dict]) -> str:
+    """A line naming the points whose rows were evaluated in TF32, if any."""
+    tf32 = [n for n in names if any(r["name"] == n and arithmetic(r) == "tf32" for r in rows)]
+    if not tf32:
+        return ""
+    return (f"\n\n{len(tf32)} of these points were calibrated and evaluated on a GPU in TF32 (PyTorch's default for "
+            "CUDA convolutions) before evaluation was made IEEE FP32 on every device: " + ", ".join(tf32) + ". On "
+            "the CPU the validation figures of the two checkpoints measured so differ by up to half a point (results/tf32.json, "
+            "where emulating TF32 on the CPU reproduces the GPU's figures); `hybridexit sweep SPEC --reevaluate` "
+            "measures them again.")
+
+
+def tf32_md(bench: dict) -> str:
+    """results/tf32.json (benchmarks/tf32.py) as a table: each checkpoint on validation, GPU vs CPU arithmetic."""
+    def p2(v):
+        return "-" if v is None else f"{100 * v:.2f}"
+
+    def cells(m):
+        return " / ".join([p2(m["accuracy"]), ", ".join(p2(e) for e in m["exit_fraction"]),
+                           ", ".join(p2(e) for e in m["exit_accuracy"]), p2(m["final_accuracy"])])
+    body = []
+    for r in bench["rows"]:
+        cal, log = r["gpu"].get("sweep_calibration"), r["gpu"].get("training_log_last_epoch")
+        *exits, final = log["val_acc (exits, final)"] if log else [None]
+        sources = " and ".join(x for x, have in (("calibration", cal), ("training log", log)) if have)
+        gpu = (" / ".join([p2(cal["accuracy"] if cal else None), "-", ", ".join(p2(e) for e in exits) or "-",
+                           p2(cal["cloud_accuracy"] if cal else final)]) + f" (its {sources})") if sources else "missing"
+        body.append([r["checkpoint"], gpu, cells(r["cpu fp32"]), cells(r["cpu fp32 + 1e-7 noise"]),
+                     cells(r["cpu tf32 emulated"])])
+    return ("### Arithmetic: the same checkpoints in TF32 (a GPU's default) and in FP32\n\n"
+            "Validation split at each checkpoint's calibrated thresholds: accuracy % / exit % / exit head's own "
+            f"accuracy % / final classifier % (`{bench['command']}`, torch {bench['torch']}).\n\n"
+            + _md(body, ["checkpoint", "GPU (measured there)", "CPU, FP32", "CPU, FP32 + 1e-7 noise",
+                         "CPU, TF32 emulated"]))
+
+
 def points_md(names: list[str], rows: list[dict]) -> str:
     """Every grid point of a sweep file: its budget and its three figures, or 'missing'."""
     idx = _index(rows)
@@ -309,6 +351,9 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     bench = load_rows(results_dir / "cifar10.json")
     names = {Path(s).stem.replace("paper-", ""): _spec_names(s) for s in sweeps}
     section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag)
+    tf32 = results_dir / "tf32.json"
+    if tf32.exists():
+        section += "\n\n" + tf32_md(json.loads(tf32.read_text()))
     docs = Path(docs)
     text = docs.read_text() if docs.exists() else f"# Design-space sweeps\n\n{BEGIN}\n{END}\n"
     if BEGIN not in text or END not in text:
@@ -324,10 +369,11 @@ def render_section(stores: dict, refs: dict, refs_src: dict, t3: list[dict], ben
     parts = []
     for d, info in DATASETS.items():
         ref = refs[d]
+        grid = names.get(d) or sorted({r['name'] for r in stores[d] if r['name'] != 'fp32'})
         fp32 = "missing" if ref is None else f"{100 * ref['accuracy']:.2f} % test accuracy, {ref['expected_uj']:.1f} uJ per image"
         parts.append(f"### {info['label']}: the grid ({len(stores[d])} rows in results/sweep-{d}{tag}.json)\n\n"
                      f"FP32 reference ({refs_src[d]}): {fp32}.\n\n"
-                     + points_md(names.get(d) or sorted({r['name'] for r in stores[d] if r['name'] != 'fp32'}), stores[d])
+                     + points_md(grid, stores[d]) + tf32_note(grid, stores[d])
                      + f"\n\n![Fig. 4 {info['label']}](../results/{info['fig']}-{d}{tag}.png)\n")
     parts.append(f"### Fig. 5 (CIFAR-100: exits and accuracy vs edge layers)\n\n![Fig. 5](../results/fig5-cifar100{tag}.png)\n")
     parts.append("### What the paper states about Fig. 4 and Fig. 5, beside our rows\n\n" + statements_md(stores, refs))

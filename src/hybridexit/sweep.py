@@ -44,6 +44,7 @@ from pathlib import Path
 from .errors import ConfigError, HybridExitError, SweepError
 
 KINDS = ("calibrated", "paper threshold", "without exit")
+ARITHMETIC = "ieee fp32"  # what rows are evaluated in (CUDA's TF32 default is turned off: hybridexit.device)
 SPEC_KEYS = {"name", "description", "dataset", "recipe", "init", "teacher", "reference", "depth", "paper_threshold",
              "separate_exit_epochs", "results", "runs", "calibrate", "grid", "adopt", "keep"}
 GRID_KEYS = {"edge_layers", "edge_bits", "exits", "mode", "exit_pool"}
@@ -326,9 +327,9 @@ def point_state(spec: SweepSpec, point: Point, rows: dict, run_dir: Path, epochs
 
 
 def _device(device):
-    import torch
+    from .device import pick_device  # torch is imported where points run, not by the driver at start
 
-    return torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return pick_device(device or None)
 
 
 def _relative(path: Path) -> str:
@@ -357,8 +358,10 @@ def _without_exit_row(base: dict, cfg, accuracy: float, n: int, trained_without:
                 without_exit="trained without exits" if trained_without else "exits off")
 
 
-def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, reference_val, adopted) -> list[dict]:
-    """Calibrate on validation (thresholds written as the checkpoint's exit policy), evaluate on test."""
+def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, reference_val, adopted,
+               plot_path: Path | None = None) -> list[dict]:
+    """Calibrate on validation (thresholds written as the checkpoint's exit policy), evaluate on test. Rows record
+    where they were evaluated and in what arithmetic (IEEE FP32 everywhere: hybridexit.device)."""
     from .calibrate import calibrate_checkpoint
     from .checkpoint import load_model
     from .evaluate import evaluate_checkpoint_summary
@@ -368,12 +371,12 @@ def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, re
     base = {"name": point.name, "point": None, "sweep": spec.name, "dataset": spec.dataset, **point.to_dict(),
             "checkpoint": _relative(ck_dir), "recipe": spec.recipe, "epochs": tcfg.total_epochs,
             "train_minutes": round(meta["train_wall_s"] / 60, 1), "device": meta.get("device"),
-            "train": tcfg.to_dict(), "adopted_from": adopted}
+            "train": tcfg.to_dict(), "adopted_from": adopted, "eval_device": device.type, "arithmetic": ARITHMETIC}
     rows = []
     if point.exits:
         target, value = spec.calibrate.resolve(reference_val)
-        cal = calibrate_checkpoint(ck_dir, ds, target, value, plot_path=ck_dir.parent / "calibration.png", write=True,
-                                   device=device, fallback=spec.calibrate.fallback)
+        cal = calibrate_checkpoint(ck_dir, ds, target, value, plot_path=plot_path or ck_dir.parent / "calibration.png",
+                                   write=True, device=device, fallback=spec.calibrate.fallback)
         s_cal, _ = evaluate_checkpoint_summary(model, ds.test, cal["thresholds"], device=device)
         s_pap, _ = evaluate_checkpoint_summary(model, ds.test, [spec.paper_threshold] * len(point.exits), device=device)
         val = {k: cal[k] for k in ("split", "n", "target", "value", "accuracy", "cloud_accuracy", "exit_fraction",
@@ -404,7 +407,10 @@ def _kept(spec: SweepSpec, point: Point, ck_dir: Path, rows: list[dict]) -> list
     """The point's rows citing its kept copy (made now) when the sweep keeps checkpoints; else unchanged."""
     if not spec.keep:
         return rows
-    kept = _relative(keep_checkpoint(ck_dir, Path(spec.keep.format(name=point.name))))
+    dest = Path(spec.keep.format(name=point.name))
+    if dest.resolve() == Path(ck_dir).resolve():  # re-evaluated in place: already the kept copy
+        return rows
+    kept = _relative(keep_checkpoint(ck_dir, dest))
     return [dict(r, checkpoint=kept) for r in rows]
 
 
@@ -471,6 +477,12 @@ def _run_point(task: dict) -> dict:
     tcfg = spec.train_config(point, task["epochs"])
     ck_dir = Path(task["point_dir"]) / "checkpoint"
     ds = load_cifar(spec.dataset, task["data_dir"])
+    if task.get("reevaluate"):  # a finished point: calibrate and evaluate again the checkpoint its rows cite
+        ck_dir = Path(task["reevaluate"])
+        print(f"{point.name}: re-evaluating {ck_dir} (no training)", flush=True)
+        rows = point_rows(spec, point, tcfg, ck_dir, ds, _device(task["device"]), task["reference_val"],
+                          task.get("adopted"), plot_path=Path(task["point_dir"]) / "calibration.png")
+        return {"name": point.name, "status": "done", "rows": rows}
     adopted = _train_or_resume(spec, point, tcfg, ck_dir, ds, task)
     done = (_read_json(ck_dir / "config.json") or {}).get("epochs_done", 0)
     if done < tcfg.total_epochs:
@@ -657,9 +669,24 @@ def _locations(spec: SweepSpec, epochs, runs, results) -> tuple[Path, Path]:
     return run_dir, Path(results) if results else default.with_name(f"{default.stem}{suffix}{default.suffix}")
 
 
-def _tasks(spec, states, run_dir, opts: dict) -> list[dict]:
+def _reevaluation(spec, point: Point, rows: dict) -> tuple[str, str | None]:
+    """(checkpoint, adopted_from) of a finished point's rows, which must all cite one existing checkpoint."""
+    mine = [rows[f"{point.name}|{k}"] for k in (KINDS if point.exits else ("without exit",))]
+    cited = {r["checkpoint"] for r in mine}
+    if len(cited) != 1 or not (Path(next(iter(cited))) / "config.json").exists():
+        raise SweepError(f"{point.name}: its rows cite {', '.join(sorted(cited))}, not one checkpoint that exists "
+                         "here: re-evaluate it where that checkpoint is")
+    return next(iter(cited)), mine[0].get("adopted_from")
+
+
+def _tasks(spec, states, run_dir, opts: dict, rows: dict | None = None) -> list[dict]:
     out = []
     for p, state, _ in states:
+        if state == "done" and rows is not None:  # --reevaluate
+            ck, adopted = _reevaluation(spec, p, rows)
+            out.append(dict(opts, name=p.name, point=p.to_dict(), point_dir=str((run_dir / p.name).resolve()),
+                            adopt=None, reevaluate=ck, adopted=adopted, total_epochs=0, start_epoch=0))
+            continue
         if state not in ("new", "partial", "trained", "adopt"):
             continue
         tcfg = spec.train_config(p, opts["epochs"])
@@ -669,15 +696,18 @@ def _tasks(spec, states, run_dir, opts: dict) -> list[dict]:
                         adopt=spec.adopt.get(p.name) if opts["epochs"] is None else None,
                         total_epochs=tcfg.total_epochs, start_epoch=start))
     # trained and interrupted points first, the furthest along first (rows soonest); new ones in the file's order
-    return sorted(out, key=lambda t: -t["start_epoch"] / t["total_epochs"])
+    return sorted(out, key=lambda t: -t["start_epoch"] / t["total_epochs"] if t["total_epochs"] else -1.0)
 
 
 def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epochs: int | None = None, device=None,
               data_dir=None, only=None, dry_run: bool = False, runs=None, results=None, threads: int | None = None,
-              stop_after_epochs: int | None = None, progress: bool = True) -> dict:
+              stop_after_epochs: int | None = None, progress: bool = True, reevaluate: bool = False) -> dict:
     """Run (or resume) a sweep; returns {"sweep", "results", "runs", "points": [{name, state, detail}], "failed"}.
 
-    ``stop_after_epochs`` stops every point after that many more epochs (a time-boxed run; rerun to go on)."""
+    ``stop_after_epochs`` stops every point after that many more epochs (a time-boxed run; rerun to go on).
+    ``reevaluate`` calibrates and evaluates the finished points again from the checkpoint their rows cite, on this
+    device (e.g. rows measured before evaluation was IEEE FP32 on CUDA, or after the energy model changed); the
+    others train as usual."""
     spec = load_sweep(spec_path)
     if workers < 1 or (threads is not None and threads < 1) or (epochs is not None and epochs < 1):
         raise ConfigError("--workers, --threads and --epochs must be at least 1")
@@ -689,7 +719,7 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
     kept = _keep_finished(spec, states, rows, run_dir) if spec.keep and not dry_run else []
     if kept:
         upsert_rows(store, kept)
-    pending = [s for _, s, _ in states if s in ("new", "partial", "trained", "adopt")]
+    pending = [s for _, s, _ in states if s in ("new", "partial", "trained", "adopt") or (reevaluate and s == "done")]
     if dry_run or not (pending or (spec.reference and "fp32|reference" not in rows)):
         return summary
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
@@ -702,7 +732,7 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
         ref = reference_row(spec, load_cifar(spec.dataset, data_dir), _device(device), rows)
         upsert_rows(store, [ref])
         opts["reference_val"] = ref["val_accuracy"]
-    tasks = _tasks(spec, states, run_dir, opts)
+    tasks = _tasks(spec, states, run_dir, opts, rows if reevaluate else None)
     bar = _Progress(tasks, spec.name, progress)
     gpus = 1 if str(device or "").startswith("cuda") else 0
     outcome = {}

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from . import checkpoint as ck
 from .data import Dataset, Split, augment, batches, get_split, image_ids
+from .device import pick_device
 from .errors import CheckpointError, ConfigError
 from .evaluate import evaluate_outputs
 from .exits import exits_here
@@ -148,10 +149,6 @@ class TrainConfig:
         if unknown:
             raise ConfigError(f"unknown training config keys {unknown}; known: {sorted(known)}")
         return cls(**d)
-
-
-def device_default() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
@@ -490,7 +487,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     ``stop_after_epochs`` stops early (for tests and time-boxed runs); resuming later finishes the schedule.
     """
     out_dir = Path(out_dir)
-    device = torch.device(device) if device else device_default()
+    device = pick_device(device or None)
     if tcfg.mode == "separate" and tcfg.exit_epochs and not net_cfg.exits:
         raise ConfigError("separate optimization with exit_epochs > 0 needs at least one exit")
     if tcfg.stage1_epochs and (net_cfg.edge_bits == 32 or net_cfg.edge_layers == 0):

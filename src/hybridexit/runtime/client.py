@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..device import pick_device
 from ..errors import ConfigError, DatasetError, HybridExitError
 from ..hybrid import FALLBACK, Decisions, resolve_thresholds
 from . import wire
@@ -279,7 +280,7 @@ class EdgeRunner:
         self.opt = options
         # what goes on the wire: a named codec object (hybridexit.codecs), or the name of a version-1 codec
         self.wire_codec = feature_codec if feature_codec is not None else options.codec
-        self.device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(options.device or None)
         edge, _ = model.split()
         from ..engines import get_engine
 

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from ..codecs import QUANT_NAMES
+from ..device import pick_device
 from ..errors import HybridExitError
 from . import wire
 from .auth import TOKEN_ENV
@@ -74,7 +75,7 @@ class CloudModel:
     """The cloud half of a checkpoint, ready to serve: CloudNet in eval mode, fingerprint, shapes."""
 
     def __init__(self, cloud, fingerprint: str, name: str = "", device=None):
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = pick_device(device or None)
         self.net = cloud.eval().to(self.device)
         self.fingerprint = fingerprint
         self.feature_shape = tuple(cloud._in_shape)
