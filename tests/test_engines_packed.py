@@ -200,3 +200,17 @@ def test_edge_runtime_on_packed_engine_sends_the_same_records(tmp_path):
     for got, want in zip(recs["packed"], recs["torch"]):
         assert (got["decided_at"], got["prediction"]) == (want["decided_at"], want["prediction"])
         assert got["entropies"] == pytest.approx(want["entropies"], rel=1e-4, abs=1e-5)
+
+
+def test_a_build_killed_midway_does_not_hang_the_next_load(tmp_path):
+    """torch's build lock left by a killed build (a plain file) made every later load wait forever."""
+    import subprocess
+    import sys
+
+    from hybridexit.engines.native import _build_dir
+
+    (_build_dir() / "lock").write_text("")  # what a build killed while compiling leaves
+    code = "from hybridexit.engines.native import kernels; print(kernels().isa_name(0))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert not (_build_dir() / "lock").exists()

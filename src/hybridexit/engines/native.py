@@ -44,10 +44,17 @@ def kernels():
         if shutil.which("ninja") is None:
             raise EngineError("the packed engine builds its kernels with ninja: pip install 'hybridexit[packed]' "
                               "(or use --engine torch)")
+    from filelock import FileLock
     from torch.utils.cpp_extension import load
 
+    build = _build_dir()
     try:
-        return load(name="hybridexit_bconv", sources=[str(CSRC / "bconv.cpp")], extra_cflags=CFLAGS,
-                    build_directory=str(_build_dir()), verbose=False)
+        # torch's own build lock is a plain file that a killed build leaves behind, and every later load then
+        # waits on it forever; an OS lock (released when its process ends, killed or not) serializes the builds
+        # here instead, so a torch lock found while holding it is stale
+        with FileLock(build / "build.lock"):
+            (build / "lock").unlink(missing_ok=True)
+            return load(name="hybridexit_bconv", sources=[str(CSRC / "bconv.cpp")], extra_cflags=CFLAGS,
+                        build_directory=str(build), verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         raise EngineError(f"building the packed engine's kernels failed: {str(e).splitlines()[0]}") from None
