@@ -307,3 +307,20 @@ def test_reevaluate_measures_finished_points_again_without_training(tmp_path, ti
     shutil.rmtree(kept)  # rows citing a checkpoint that is not here: refused with one line
     with pytest.raises(SweepError, match="not one checkpoint that exists here"):
         sweep(tmp_path, tiny_cifar, spec=spec, only=only, reevaluate=True)
+
+
+def test_a_schedule_override_keeps_its_own_checkpoint(tmp_path, tiny_cifar):
+    spec = tmp_path / "keep.toml"
+    spec.write_text(TINY.read_text().replace("separate_exit_epochs", f'keep = "{tmp_path}/ck/t-{{name}}"\n'
+                                             "separate_exit_epochs"))
+    only = ["e2-b1-x2-joint-k3"]
+    sweep(tmp_path, tiny_cifar, spec=spec, only=only)
+    default = tmp_path / "ck/t-e2-b1-x2-joint-k3"
+    weights = (default / "model.safetensors").read_bytes()
+    run_sweep(spec, data_dir=tiny_cifar, runs=tmp_path / "runs", results=tmp_path / "store-ep3.json", epochs=3,
+              only=only, progress=False)
+    assert (default / "model.safetensors").read_bytes() == weights  # the default schedule's rows still hold
+    assert {r["checkpoint"] for r in read_rows(tmp_path / "store.json")} == {str(default)}
+    long = read_rows(tmp_path / "store-ep3.json")
+    assert {r["checkpoint"] for r in long if r["name"] != "fp32"} == {str(tmp_path / "ck/t-e2-b1-x2-joint-k3-ep3")}
+    assert {r["epochs"] for r in long if r["name"] != "fp32"} == {3}

@@ -359,7 +359,7 @@ def _without_exit_row(base: dict, cfg, accuracy: float, n: int, trained_without:
 
 
 def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, reference_val, adopted,
-               plot_path: Path | None = None) -> list[dict]:
+               plot_path: Path | None = None, epochs: int | None = None) -> list[dict]:
     """Calibrate on validation (thresholds written as the checkpoint's exit policy), evaluate on test. Rows record
     where they were evaluated and in what arithmetic (IEEE FP32 everywhere: hybridexit.device)."""
     from .calibrate import calibrate_checkpoint
@@ -388,7 +388,7 @@ def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, re
         s, _ = evaluate_checkpoint_summary(model, ds.test, [], device=device)
         final_acc, n = s["accuracy"], s["n"]
     rows.append(_without_exit_row(base, model.cfg, final_acc, n, point.mode == "separate" or not point.exits))
-    return _kept(spec, point, ck_dir, rows)
+    return _kept(spec, point, ck_dir, rows, epochs)
 
 
 def keep_checkpoint(ck_dir: Path, dest: Path) -> Path:
@@ -403,18 +403,24 @@ def keep_checkpoint(ck_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def _kept(spec: SweepSpec, point: Point, ck_dir: Path, rows: list[dict]) -> list[dict]:
+def keep_path(spec: SweepSpec, point: Point, epochs: int | None = None) -> Path:
+    """Where a finished point's checkpoint is kept; a schedule override (``epochs``) keeps its own copy, as it has
+    its own run folder and store, so it never replaces the checkpoint the default schedule's rows cite."""
+    return Path(spec.keep.format(name=point.name + ("" if epochs is None else f"-ep{epochs}")))
+
+
+def _kept(spec: SweepSpec, point: Point, ck_dir: Path, rows: list[dict], epochs: int | None = None) -> list[dict]:
     """The point's rows citing its kept copy (made now) when the sweep keeps checkpoints; else unchanged."""
     if not spec.keep:
         return rows
-    dest = Path(spec.keep.format(name=point.name))
+    dest = keep_path(spec, point, epochs)
     if dest.resolve() == Path(ck_dir).resolve():  # re-evaluated in place: already the kept copy
         return rows
     kept = _relative(keep_checkpoint(ck_dir, dest))
     return [dict(r, checkpoint=kept) for r in rows]
 
 
-def _keep_finished(spec: SweepSpec, states, rows: dict, run_dir: Path) -> list[dict]:
+def _keep_finished(spec: SweepSpec, states, rows: dict, run_dir: Path, epochs: int | None) -> list[dict]:
     """Rows of finished points that still cite their run folder, re-pointed at a kept copy (made now)."""
     out = []
     for p, state, _ in states:
@@ -422,7 +428,7 @@ def _keep_finished(spec: SweepSpec, states, rows: dict, run_dir: Path) -> list[d
         ck_dir = run_dir / p.name / "checkpoint"
         if state == "done" and (ck_dir / "config.json").exists() and any(
                 r.get("checkpoint") == _relative(ck_dir) for r in mine):
-            out += _kept(spec, p, ck_dir, mine)  # a point's rows all cite the one checkpoint
+            out += _kept(spec, p, ck_dir, mine, epochs)  # a point's rows all cite the one checkpoint
     return out
 
 
@@ -481,7 +487,8 @@ def _run_point(task: dict) -> dict:
         ck_dir = Path(task["reevaluate"])
         print(f"{point.name}: re-evaluating {ck_dir} (no training)", flush=True)
         rows = point_rows(spec, point, tcfg, ck_dir, ds, _device(task["device"]), task["reference_val"],
-                          task.get("adopted"), plot_path=Path(task["point_dir"]) / "calibration.png")
+                          task.get("adopted"), plot_path=Path(task["point_dir"]) / "calibration.png",
+                          epochs=task["epochs"])
         return {"name": point.name, "status": "done", "rows": rows}
     adopted = _train_or_resume(spec, point, tcfg, ck_dir, ds, task)
     done = (_read_json(ck_dir / "config.json") or {}).get("epochs_done", 0)
@@ -490,7 +497,8 @@ def _run_point(task: dict) -> dict:
     adopted = adopted or (_read_json(Path(task["point_dir"]) / "adopted.json") or {}).get("source")
     if adopted:
         (Path(task["point_dir"]) / "adopted.json").write_text(json.dumps({"source": adopted}) + "\n")
-    rows = point_rows(spec, point, tcfg, ck_dir, ds, _device(task["device"]), task["reference_val"], adopted)
+    rows = point_rows(spec, point, tcfg, ck_dir, ds, _device(task["device"]), task["reference_val"], adopted,
+                      epochs=task["epochs"])
     return {"name": point.name, "status": "done", "rows": rows}
 
 
@@ -716,7 +724,7 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
     states = [(p, *point_state(spec, p, rows, run_dir, epochs)) for p in _select(spec.points, only)]
     summary = {"sweep": spec.name, "results": str(store), "runs": str(run_dir), "failed": [],
                "points": [{"name": p.name, "state": s, "detail": d} for p, s, d in states]}
-    kept = _keep_finished(spec, states, rows, run_dir) if spec.keep and not dry_run else []
+    kept = _keep_finished(spec, states, rows, run_dir, epochs) if spec.keep and not dry_run else []
     if kept:
         upsert_rows(store, kept)
     pending = [s for _, s, _ in states if s in ("new", "partial", "trained", "adopt") or (reevaluate and s == "done")]
