@@ -723,7 +723,9 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
     rows = {row_key(r): r for r in read_rows(store)}
     states = [(p, *point_state(spec, p, rows, run_dir, epochs)) for p in _select(spec.points, only)]
     summary = {"sweep": spec.name, "results": str(store), "runs": str(run_dir), "failed": [],
-               "points": [{"name": p.name, "state": s, "detail": d} for p, s, d in states]}
+               "points": [{"name": p.name, "state": s,
+                           "detail": "rows in the store, to measure again" if reevaluate and s == "done" else d}
+                          for p, s, d in states]}
     kept = _keep_finished(spec, states, rows, run_dir, epochs) if spec.keep and not dry_run else []
     if kept:
         upsert_rows(store, kept)
