@@ -550,7 +550,8 @@ def reference_row(spec: SweepSpec, ds, device, rows: dict) -> dict:
             "edge_bits": 32, "exits": [], "mode": "float", "exit_pool": None, **_summary_fields(s),
             "val_accuracy": val_acc, "checkpoint": spec.reference, "fingerprint": fp, "recipe": None,
             "epochs": meta.get("epochs_done"), "train_minutes": round(meta.get("train_wall_s", 0) / 60, 1),
-            "device": meta.get("device"), "train": meta.get("train")}
+            "device": meta.get("device"), "train": meta.get("train"), "eval_device": device.type,
+            "arithmetic": ARITHMETIC}
 
 
 class _Progress:
@@ -714,8 +715,8 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
 
     ``stop_after_epochs`` stops every point after that many more epochs (a time-boxed run; rerun to go on).
     ``reevaluate`` calibrates and evaluates the finished points again from the checkpoint their rows cite, on this
-    device (e.g. rows measured before evaluation was IEEE FP32 on CUDA, or after the energy model changed); the
-    others train as usual."""
+    device (e.g. rows measured before evaluation was IEEE FP32 on CUDA, or after the energy model changed), and
+    the FP32 reference with them; the others train as usual."""
     spec = load_sweep(spec_path)
     if workers < 1 or (threads is not None and threads < 1) or (epochs is not None and epochs < 1):
         raise ConfigError("--workers, --threads and --epochs must be at least 1")
@@ -739,7 +740,8 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
     if spec.reference:
         from .data import load_cifar
 
-        ref = reference_row(spec, load_cifar(spec.dataset, data_dir), _device(device), rows)
+        ref = reference_row(spec, load_cifar(spec.dataset, data_dir), _device(device),
+                            {k: v for k, v in rows.items() if k != "fp32|reference"} if reevaluate else rows)
         upsert_rows(store, [ref])
         opts["reference_val"] = ref["val_accuracy"]
     tasks = _tasks(spec, states, run_dir, opts, rows if reevaluate else None)
