@@ -80,7 +80,8 @@ def gpu_record(ckpt: str) -> dict:
                                           "device": meta.get("device")}
     for store in Path("results").glob("sweep-*.json"):
         for row in json.loads(store.read_text()):
-            if row.get("checkpoint") == ckpt and row.get("point") == "calibrated" and row.get("device", "").startswith("cuda"):
+            evaluated_on = row.get("eval_device") or row.get("device") or ""  # rows before eval_device: = training's
+            if row.get("checkpoint") == ckpt and row.get("point") == "calibrated" and evaluated_on.startswith("cuda"):
                 cal = row["calibration"]
                 out["sweep_calibration"] = {k: cal[k] for k in ("accuracy", "exit_fraction", "cloud_accuracy")}
     return out
