@@ -279,12 +279,18 @@ def test_a_point_locked_by_another_process_is_left_alone_and_partial_points_go_f
     assert states(s)["e4-b1-x4-separate-k3"] == "done"
 
 
-def test_reevaluate_measures_finished_points_again_without_training(tmp_path, tiny_cifar):
+def kept_tiny_point(tmp_path, data):
+    """The tiny sweep with ``keep`` (under tmp_path/ck), one point run to the end: (spec path, --only list)."""
     spec = tmp_path / "keep.toml"
     spec.write_text(TINY.read_text().replace("separate_exit_epochs", f'keep = "{tmp_path}/ck/t-{{name}}"\n'
                                              "separate_exit_epochs"))
     only = ["e2-b1-x2-joint-k3"]
-    sweep(tmp_path, tiny_cifar, spec=spec, only=only)
+    sweep(tmp_path, data, spec=spec, only=only)
+    return spec, only
+
+
+def test_reevaluate_measures_finished_points_again_without_training(tmp_path, tiny_cifar):
+    spec, only = kept_tiny_point(tmp_path, tiny_cifar)
     store = tmp_path / "store.json"
     first = read_rows(store)
     assert {(r["eval_device"], r["arithmetic"]) for r in first} == {("cpu", "ieee fp32")}
@@ -310,11 +316,7 @@ def test_reevaluate_measures_finished_points_again_without_training(tmp_path, ti
 
 
 def test_a_schedule_override_keeps_its_own_checkpoint(tmp_path, tiny_cifar):
-    spec = tmp_path / "keep.toml"
-    spec.write_text(TINY.read_text().replace("separate_exit_epochs", f'keep = "{tmp_path}/ck/t-{{name}}"\n'
-                                             "separate_exit_epochs"))
-    only = ["e2-b1-x2-joint-k3"]
-    sweep(tmp_path, tiny_cifar, spec=spec, only=only)
+    spec, only = kept_tiny_point(tmp_path, tiny_cifar)
     default = tmp_path / "ck/t-e2-b1-x2-joint-k3"
     weights = (default / "model.safetensors").read_bytes()
     run_sweep(spec, data_dir=tiny_cifar, runs=tmp_path / "runs", results=tmp_path / "store-ep3.json", epochs=3,
