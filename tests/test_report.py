@@ -73,3 +73,22 @@ def test_report_writes_figures_and_keeps_hand_written_docs(tmp_path):
     assert "24E+6C 4-bit, exit at 24" in section and "-1.3 pt" in section  # 66.0 % vs the FP32 row's 67.3 %
     write_report(results_dir=tmp_path, docs=docs)
     assert docs.read_text() == text  # regenerating from the same rows changes nothing
+
+
+def test_report_sets_a_longer_schedule_beside_the_grid_and_names_the_validation_choice(tmp_path):
+    (tmp_path / "sweep-cifar100.json").write_text(json.dumps(rows_for(24, 4, 0.55, 0.66, 0.67)))
+    long = [dict(r, epochs=30, checkpoint="checkpoints/long") for r in rows_for(24, 4, 0.75, 0.67, 0.68)]
+    (tmp_path / "sweep-cifar100-ep30.json").write_text(json.dumps(long))
+    cand = {"epochs": 12, "thresholds": [0.98], "val_accuracy": 0.675, "val_edge_fraction": 0.58, "val_reduction": 4.3}
+    (tmp_path / "c100-headline-selection.json").write_text(json.dumps({
+        "rule": "largest reduction", "chosen": "checkpoints/long", "candidates": [
+            dict(cand, checkpoint="checkpoints/short"),
+            dict(cand, checkpoint="checkpoints/long", epochs=30, val_edge_fraction=0.78, val_reduction=5.3)]}))
+    docs = tmp_path / "sweep.md"
+    write_report(results_dir=tmp_path, docs=docs)
+    part = docs.read_text().split("### Longer training schedules")[1]
+    lines = [r for r in part.splitlines() if r.startswith("| e24-b4-x24-joint-k3")]
+    assert "30 ep" in lines[0] and "75.0 % / " in lines[0] and "12 ep" in lines[1] and "55.0 % / " in lines[1]
+    chosen = next(r for r in part.splitlines() if r.startswith("| checkpoints/long"))
+    assert "78.0" in chosen and chosen.rstrip(" |").endswith("chosen")
+    assert "chosen" not in next(r for r in part.splitlines() if r.startswith("| checkpoints/short"))

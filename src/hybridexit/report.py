@@ -351,6 +351,8 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     bench = load_rows(results_dir / "cifar10.json")
     names = {Path(s).stem.replace("paper-", ""): _spec_names(s) for s in sweeps}
     section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag)
+    if not tag:
+        section += schedules_md(results_dir)
     tf32 = results_dir / "tf32.json"
     if tf32.exists():
         section += "\n\n" + tf32_md(json.loads(tf32.read_text()))
@@ -362,6 +364,30 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     docs.write_text(head + BEGIN + "\n" + section + "\n" + END + rest.split(END, 1)[1])
     written.append(str(docs))
     return written
+
+
+def schedules_md(results_dir: Path) -> str:
+    """The points trained again on a longer schedule (``sweep --epochs N`` stores), each table beside the grid's rows
+    of the same points, and a schedule choice recorded on validation (``*-selection.json`` with ``candidates``)."""
+    parts = []
+    for d, info in DATASETS.items():
+        grid = load_rows(results_dir / f"sweep-{d}.json")
+        for store in sorted(results_dir.glob(f"sweep-{d}-ep*.json")):
+            rows = load_rows(store)
+            names = sorted({r["name"] for r in rows} - {"fp32"})
+            parts.append(f"{info['label']}, results/{store.name}:\n\n" + points_md(names, rows)
+                         + f"\n\nThe same points in the grid (results/sweep-{d}.json):\n\n" + points_md(names, grid))
+    for sel in sorted(results_dir.glob("*-selection.json")):
+        data = json.loads(sel.read_text())
+        if "candidates" not in data:  # other choices (codecs, shift) have their own documents
+            continue
+        body = [[c["checkpoint"], c["epochs"], ", ".join(f"{t:.3g}" for t in c["thresholds"]), _pct(c["val_accuracy"]),
+                 _pct(c["val_edge_fraction"]), f"{c['val_reduction']:.2f}x",
+                 "chosen" if c["checkpoint"] == data["chosen"] else ""] for c in data["candidates"]]
+        parts.append(f"Schedule chosen on validation (results/{sel.name}; rule: {data['rule']}):\n\n"
+                     + _md(body, ["checkpoint", "epochs", "thresholds", "val accuracy %", "val exit %", "val reduction",
+                                  ""]))
+    return "\n\n### Longer training schedules\n\n" + "\n\n".join(parts) + "\n" if parts else ""
 
 
 def render_section(stores: dict, refs: dict, refs_src: dict, t3: list[dict], bench_c10: dict, names: dict,
