@@ -352,7 +352,7 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     names = {Path(s).stem.replace("paper-", ""): _spec_names(s) for s in sweeps}
     section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag)
     if not tag:
-        section += schedules_md(results_dir)
+        section += schedules_md(results_dir, stores)
     tf32 = results_dir / "tf32.json"
     if tf32.exists():
         section += "\n\n" + tf32_md(json.loads(tf32.read_text()))
@@ -366,12 +366,13 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     return written
 
 
-def schedules_md(results_dir: Path) -> str:
+def schedules_md(results_dir: Path, grids: dict) -> str:
     """The points trained again on a longer schedule (``sweep --epochs N`` stores), each table beside the grid's rows
-    of the same points, and a schedule choice recorded on validation (``*-selection.json`` with ``candidates``)."""
+    (``grids``: dataset -> rows, as loaded by ``write_report``) of the same points, and a schedule choice recorded on
+    validation (``*-selection.json`` with ``candidates``, benchmarks/schedule_select.py)."""
     parts = []
     for d, info in DATASETS.items():
-        grid = load_rows(results_dir / f"sweep-{d}.json")
+        grid = grids[d]
         for store in sorted(results_dir.glob(f"sweep-{d}-ep*.json")):
             rows = load_rows(store)
             names = sorted({r["name"] for r in rows} - {"fp32"})
@@ -379,7 +380,7 @@ def schedules_md(results_dir: Path) -> str:
                          + f"\n\nThe same points in the grid (results/sweep-{d}.json):\n\n" + points_md(names, grid))
     for sel in sorted(results_dir.glob("*-selection.json")):
         data = json.loads(sel.read_text())
-        if "candidates" not in data:  # other choices (codecs, shift) have their own documents
+        if "candidates" not in data:  # a selection of another kind
             continue
         body = [[c["checkpoint"], c["epochs"], ", ".join(f"{t:.3g}" for t in c["thresholds"]), _pct(c["val_accuracy"]),
                  _pct(c["val_edge_fraction"]), f"{c['val_reduction']:.2f}x",
