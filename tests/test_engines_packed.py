@@ -1,10 +1,18 @@
 """The packed engine: exact integer convolutions, fused blocks, and whole-edge decisions vs the torch engine."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from hybridexit.engines.packed import PackedEdge, export_state, fold_bn, kernel_weights
+from hybridexit.engines.packed import (
+    PackedEdge,
+    binary_block_params,
+    binary_conv_state,
+    export_state,
+    fold_bn,
+    kernel_weights,
+)
 from hybridexit.errors import EngineError
 from hybridexit.hybrid import CLOUD, HybridNet
 from hybridexit.resnet import BasicBlock, HybridConfig
@@ -43,7 +51,7 @@ def test_packed_conv_equals_torch_integer_sums(isa, cin, cout, size, stride):
     signs = torch.where(bits, 1.0, -1.0).double()
     # zero padding of the sign input, as in training: padded taps contribute 0, not -1 or +1
     ref = F.conv2d(signs, torch.where(w >= 0, 1.0, -1.0).double(), stride=stride, padding=1)
-    packed = kernels.sign_pack(_nhwc(x), a, b, isa)
+    packed = kernels.sign_pack(_nhwc(x), a, b, torch.empty(0), isa)
     wt, wpop = kernel_weights(w >= 0)
     got = kernels.conv_int(packed, wt, wpop, cin, stride, isa)
     assert got.dtype == torch.int32
@@ -69,11 +77,8 @@ def test_fused_block_equals_torch_block_to_float_rounding(isa, cin, cout, stride
     for q in (block.c1, block.c2):
         q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
     x = torch.randn(2, cin, 9, 9, generator=g)
-    params = []
-    for q in (block.c1, block.c2):
-        w = q.conv.weight.detach()
-        wt, wpop = kernel_weights(w >= 0)
-        params += [*fold_bn(q.bn), wt, wpop, w.abs().mean(dim=(1, 2, 3)).contiguous()]
+    params, _ = binary_block_params({**binary_conv_state("blocks.0.c1", block.c1),
+                                     **binary_conv_state("blocks.0.c2", block.c2)}, 0, cin, cout, stride)
     got = kernels.run_blocks(_nhwc(x), params, [cin, cout, stride], isa).permute(0, 3, 1, 2)
     with torch.no_grad():
         ref = block(x)
@@ -81,12 +86,12 @@ def test_fused_block_equals_torch_block_to_float_rounding(isa, cin, cout, stride
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def _random_binary_net(depth=14, edge_layers=8, exits=(4, 8), seed=0):
+def _random_binary_net(depth=14, edge_layers=8, exits=(4, 8), seed=0, **options):
     torch.manual_seed(seed)
-    model = HybridNet(HybridConfig(depth=depth, edge_layers=edge_layers, edge_bits=1, exits=exits)).eval()
+    model = HybridNet(HybridConfig(depth=depth, edge_layers=edge_layers, edge_bits=1, exits=exits, **options)).eval()
     _randomize_bn(model, torch.Generator().manual_seed(seed))
     for ex in model.exits.values():  # sharper exits so that a threshold splits the batch
-        ex.fc.weight.data *= 30
+        ex.fc.weight.data *= 30 if ex.hidden is None else 3000
     return model
 
 
@@ -132,17 +137,116 @@ def test_packed_artifact_round_trip_and_size(tmp_path):
     assert bits * 8 < binary_weights + 8 * 2 * len(edge.blocks)  # one bit per weight, at most a byte's rounding each
 
 
-def test_packed_engine_refuses_non_binary_edges_and_options_it_lacks():
+def _randomize_options(module, gen):
+    """Random RSign thresholds and RPReLU shifts/slopes (identity at initialization, which would test nothing)."""
+    from hybridexit.quant import ChannelShift, RPReLU
+
+    for m in module.modules():
+        if isinstance(m, ChannelShift):
+            m.bias.data = torch.randn(m.bias.shape, generator=gen) * 0.3
+        elif isinstance(m, RPReLU):
+            c = m.slope.numel()
+            m.shift_in.data = torch.randn(c, generator=gen) * 0.3
+            m.slope.data = torch.rand(c, generator=gen) * 1.5 - 0.25  # negative slopes too
+            m.shift_out.data = torch.randn(c, generator=gen) * 0.3
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (7, 11, 2), (33, 33, 1)])
+def test_fused_block_with_rsign_and_rprelu_equals_torch_block(isa, cin, cout, stride):
+    g = torch.Generator().manual_seed(cin * cout)
+    block = BasicBlock(cin, cout, stride, bits=1, act_shift=True, rprelu=True).eval()
+    _randomize_bn(block, g)
+    _randomize_options(block, g)
+    for q in (block.c1, block.c2):
+        q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
+    x = torch.randn(2, cin, 9, 9, generator=g)
+    state = {**binary_conv_state("blocks.0.c1", block.c1), **binary_conv_state("blocks.0.c2", block.c2)}
+    assert {"blocks.0.c1.shift", "blocks.0.c2.rp_g", "blocks.0.c2.rp_b", "blocks.0.c2.rp_z"} <= set(state)
+    params, meta = binary_block_params(state, 0, cin, cout, stride)
+    got = kernels.run_blocks(_nhwc(x), params, meta, isa).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        ref = block(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_rsign_threshold_folds_into_the_packing_exactly(isa):
+    """sign(bn(x) - t) packed as bn(x) >= t: bit for bit what the torch layer computes, including values at t."""
+    g = torch.Generator().manual_seed(7)
+    c = 37
+    x = torch.randn(3, c, 5, 5, generator=g)
+    bn = torch.nn.BatchNorm2d(c).eval()
+    _randomize_bn(bn, g)
+    t = torch.randn(c, generator=g) * 0.3
+    with torch.no_grad():
+        z = bn(x)
+    x[0, :, 0, 0] = 0.0
+    t[:] = torch.where(torch.arange(c) % 2 == 0, t, bn(x)[0, :, 0, 0].detach())  # ties: bn(x) == t exactly
+    a, b = fold_bn(bn)
+    with torch.no_grad():
+        want = (bn(x) - t.view(1, -1, 1, 1)) >= 0
+    packed = kernels.sign_pack(_nhwc(x), a, b, t, isa)
+    bits = torch.from_numpy(np.unpackbits(packed[:, 1:-1, 1:-1].contiguous().view(torch.uint8).numpy(),
+                                          axis=-1, bitorder="little"))[..., :c].bool()
+    assert torch.equal(bits, _nhwc(want.float()).bool())
+    del z
+
+
+OPTION_NETS = {
+    "plain": {},
+    "rsign+rprelu": {"act_shift": True, "rprelu": True, "ste": "approx"},
+    "hidden-exit": {"exit_hidden": 24},
+    "all-k2": {"act_shift": True, "rprelu": True, "exit_hidden": 16, "exit_pool": "k2"},
+    "global": {"rprelu": True, "exit_pool": "global"},
+    "k4": {"act_shift": True, "exit_pool": "k4"},
+}
+
+
+@pytest.mark.parametrize("isa", [0, 1, kernels.best_isa()] if kernels.best_isa() > 1 else ISAS)
+@pytest.mark.parametrize("option", list(OPTION_NETS))
+def test_every_recipe_option_decides_as_torch_in_one_native_call(option, isa):
+    opts = OPTION_NETS[option]
+    model = _random_binary_net(seed=11, **opts)
+    _randomize_options(model, torch.Generator().manual_seed(12))
+    edge, _ = model.split()
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(13))
+    thr = _thresholds(edge, x)
+    ref = edge.decide(x, thr)
+    eng = PackedEdge.from_edge(edge, isa=isa)
+    for images in (x, x.float() / 255):  # raw images and floats in [0, 1]
+        got = eng.decide(images, thr)
+        assert (ref.decided_at == 0).any() and (ref.decided_at == 1).any() and (ref.decided_at == CLOUD).any()
+        assert torch.equal(got.decided_at, ref.decided_at)
+        assert torch.equal(got.predictions, ref.predictions)
+        assert torch.equal(got.remaining, ref.remaining)
+        torch.testing.assert_close(got.entropies, ref.entropies, rtol=1e-4, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(eng.forward(x), edge(x), rtol=1e-4, atol=1e-4)
+
+
+def test_native_decision_with_temperatures_and_an_exit_at_the_last_edge_block():
+    model = _random_binary_net(depth=14, edge_layers=8, exits=(8,), seed=4, exit_hidden=8)
+    edge, _ = model.split()
+    x = torch.randint(0, 256, (16, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    temps = [1.7]
+    e = edge.decide(x, [float("inf")], temps).entropies[:, 0].sort().values
+    thr = [(e[7] + e[8]).item() / 2]
+    ref, got = edge.decide(x, thr, temps), PackedEdge.from_edge(edge).decide(x, thr, temps)
+    assert torch.equal(got.decided_at, ref.decided_at) and torch.equal(got.remaining, ref.remaining)
+    torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
+    none = PackedEdge.from_edge(edge).decide(x, [float("inf")])  # every sample exits: no features left
+    assert none.features.shape == (0, *edge.feature_shape) and none.remaining.numel() == 0
+
+
+def test_packed_engine_runs_every_option_and_refuses_what_it_cannot():
     from hybridexit.engines import available_engines
 
-    edge, _ = HybridNet(HybridConfig(depth=14, edge_layers=4, edge_bits=4, exits=(4,))).split()
-    with pytest.raises(EngineError, match="binary"):
-        PackedEdge.from_edge(edge)
-    assert "packed" not in available_engines(edge.cfg)
-    cfg = HybridConfig(depth=14, edge_layers=4, edge_bits=1, exits=(4,), rprelu=True)  # ReActNet RPReLU
-    with pytest.raises(EngineError, match="rprelu"):
-        PackedEdge.from_edge(HybridNet(cfg).split()[0])
-    assert available_engines(cfg) == ["torch"]
+    cfg = HybridConfig(depth=14, edge_layers=4, edge_bits=1, exits=(4,), rprelu=True, act_shift=True, exit_hidden=8)
+    assert "packed" in available_engines(cfg)
+    with pytest.raises(EngineError, match="32-bit"):
+        PackedEdge.from_edge(HybridNet(HybridConfig(depth=14)).split()[0])
 
 
 def test_cli_export_and_evaluate_on_every_engine(tmp_path, tiny_cifar, capsys):

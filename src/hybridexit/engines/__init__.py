@@ -3,27 +3,32 @@ with the semantics of ``EdgeNet.decide`` and ``forward(x)`` (edge features, no e
 torch ``CloudNet``.
 
 - ``torch``: the ``EdgeNet`` itself (float convolutions on quantized values).
-- ``packed``: binary edges as bit-packed XNOR-popcount C++ kernels (``engines.packed``).
-- ``onnx``: the edge as an ONNX graph with ``QLinearConv`` binary convs on ONNX Runtime (``engines.onnx_engine``).
+- ``packed``: the whole edge decision in one native call: binary blocks as bit-packed XNOR-popcount kernels,
+  k-bit blocks as integer dot products (``engines.packed``, ``engines.kbit``, ``csrc/``).
+- ``onnx``: the edge as an ONNX graph on ONNX Runtime, binary convs as ``QLinearConv``, k-bit convs as exact
+  integer sums (``engines.onnx_export``, ``engines.onnx_engine``).
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 from ..errors import ConfigError, EngineError
 
 ENGINES = ("torch", "onnx", "packed")
+PACKED_BITS = (1, 2, 4, 8)  # engines.packed.SUPPORTED_BITS (not imported here: that module needs torch's kernels)
 
 
 def unsupported_options(cfg, engine: str) -> list[str]:
     """The network's recipe options (``resnet.OPTION_DEFAULTS``) that ``engine`` does not compute. ``ste`` only
-    changes training gradients; the packed engine runs its exits as torch modules (any pool, any hidden width)
-    but only plain binary convs; the onnx graph has plain convs and one-linear exits with k3 or global pooling."""
+    changes training gradients; the packed engine computes every option natively (RSign folded into the
+    sign-and-pack threshold, RPReLU in the conv epilogue, any exit head: ``engines.packed``); the onnx graph computes every option (``engines.onnx_export``)."""
+    if engine == "packed":  # every network the trainer makes: binary and k-bit edges, every recipe option
+        return []
+    if engine == "onnx":  # every network the trainer makes: binary, k-bit and float edges, every recipe option
+        return []
     out = [name for name, on in (("act_shift (RSign)", cfg.act_shift), ("rprelu (RPReLU)", cfg.rprelu)) if on]
-    if engine == "onnx":
-        out += [f"exit_hidden={cfg.exit_hidden}"] if cfg.exit_hidden else []
-        out += [f"exit_pool={cfg.exit_pool}"] if cfg.exit_pool not in ("k3", "global") else []
     return out
 
 
@@ -38,10 +43,11 @@ def check_options(cfg, engine: str) -> None:
 def available_engines(cfg) -> list[str]:
     """The engines that can run this network's edge here."""
     names = ["torch"]
-    if (cfg.edge_bits in (1, 32) and importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
+    if (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
             and not unsupported_options(cfg, "onnx")):
         names.append("onnx")
-    if cfg.edge_bits == 1 and not unsupported_options(cfg, "packed"):
+    kbit_built = (Path(__file__).parent / "csrc" / "kbit.cpp").exists()
+    if (cfg.edge_bits == 1 or (cfg.edge_bits in PACKED_BITS and kbit_built)) and cfg.edge_blocks:
         names.append("packed")
     return names
 

@@ -1,11 +1,19 @@
-"""The packed engine: the binary edge half with bit-packed XNOR-popcount convolutions (kernels in ``csrc/``).
+"""The packed engine: the edge half's whole decision in one native call (kernels in ``csrc/``).
 
-The float parts (input normalization if the network has it, the stem conv, the exit heads and the exit rule)
-run as the project's own torch modules, so they compute exactly what the torch engine computes; the binary
-residual blocks between them run in one native call per run of blocks. The engine is built from its export
-artifact (``state``): every binary conv's sign(W) stored at one bit per weight (``*.bits``, ``numpy.packbits``,
-little bit order, (O, C, 3, 3) order), its per-channel scale ``alpha = mean |W|`` and the folded BatchNorm
-that precedes it (``bn_a * x + bn_b``, computed as PyTorch's CPU BatchNorm does in eval mode).
+``decide`` runs, per batch, in C++: the network's normalization (raw uint8 or float images), the float stem conv,
+the quantized residual blocks, each exit head (folded BatchNorm, ReLU, average pool, optional hidden layer, linear),
+the softmax entropy and the exit rule; the samples that exit leave the batch, the others go on, and the features
+of those left are returned for the cloud. Binary blocks are bit-packed XNOR-popcount convolutions with fused
+epilogues: the per-channel scale, RPReLU (ReActNet: prelu_b(y - g) + z), the float residual add, and the next
+conv's folded BatchNorm, RSign threshold and sign-and-pack (sign(bn(y) - t) is packed as bn(y) >= t, the same
+bit in IEEE arithmetic). k-bit blocks run as integer dot products (``engines.kbit``).
+
+The artifact (``state``) holds every binary conv's sign(W) at one bit per weight (``*.bits``, ``numpy.packbits``,
+little bit order, (O, C, 3, 3) order), its per-channel scale ``alpha = mean |W|``, the folded BatchNorm that
+precedes it (``bn_a * x + bn_b``, computed as PyTorch's CPU BatchNorm does in eval mode) and its options
+(``.shift``, ``.rp_g/.rp_b/.rp_z``); the float stem, exits and normalization as in the torch state dict.
+Integer parts are exact; float parts (stem, heads, entropy) equal the torch engine's to float rounding (their
+summation order differs), so a decision can differ only where an entropy lies within rounding of its threshold.
 """
 
 from __future__ import annotations
@@ -20,10 +28,10 @@ from torch import nn
 from ..errors import EngineError, InputShapeError
 from ..hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
 from ..resnet import HybridConfig, block_specs
-from . import check_options
 from .native import kernels
 
 FORMAT = "hybridexit-packed-1"
+SUPPORTED_BITS = (1, 2, 4, 8)  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
 
 
 def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,40 +69,105 @@ def kernel_weights(signs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return wt, wpop
 
 
-def _binary_convs(edge: EdgeNet):
+def _quant_convs(edge: EdgeNet):
     for i, block in enumerate(edge.blocks):
         for j, q in ((1, block.c1), (2, block.c2)):
             yield f"blocks.{i}.c{j}", q
 
 
+def _option_state(name: str, q) -> dict[str, torch.Tensor]:
+    """A quantized conv's recipe options as artifact tensors: RSign's threshold (``.shift``, the ChannelShift bias:
+    sign(bn(x) - shift)) and RPReLU's ``.rp_g`` / ``.rp_b`` / ``.rp_z`` (prelu_b(y - g) + z), when the network has
+    them."""
+    out = {}
+    if q.shift is not None:
+        out[f"{name}.shift"] = q.shift.bias.detach().float().clone()
+    if q.rprelu is not None:
+        r = q.rprelu
+        out[f"{name}.rp_g"], out[f"{name}.rp_b"], out[f"{name}.rp_z"] = (
+            t.detach().float().clone() for t in (r.shift_in, r.slope, r.shift_out))
+    return out
+
+
 def export_state(edge: EdgeNet) -> dict[str, torch.Tensor]:
-    """The packed artifact's tensors: float stem/exits (and normalization) as in the torch state dict, and per
-    binary conv its weight bits, scale and folded BatchNorm."""
-    if edge.cfg.edge_bits != 1:
-        raise EngineError(f"the packed engine runs binary (1-bit) edges; this edge has {edge.cfg.edge_bits}-bit layers "
-                          "(use --engine onnx or torch)")
-    check_options(edge.cfg, "packed")
+    """The packed artifact's tensors: float stem/exits (and normalization) as in the torch state dict; per binary
+    conv its weight bits, scale, folded BatchNorm and recipe options (``_option_state``); k-bit convs as
+    ``engines.kbit`` lays them out."""
+    if edge.cfg.edge_bits not in SUPPORTED_BITS:
+        raise EngineError(f"the packed engine runs 1, 2, 4 and 8-bit edges; this edge has {edge.cfg.edge_bits}-bit "
+                          "layers (use --engine torch)")
     state = {k: v.detach().float().clone() for k, v in edge.state_dict().items()
              if not k.startswith("blocks.") and v.is_floating_point()}
-    for name, q in _binary_convs(edge):
-        w = q.conv.weight.detach().float()
-        state[f"{name}.bits"] = pack_bits(w)
-        state[f"{name}.alpha"] = w.abs().mean(dim=(1, 2, 3))
-        state[f"{name}.bn_a"], state[f"{name}.bn_b"] = fold_bn(q.bn)
+    if edge.cfg.edge_bits != 1:
+        from .kbit import kbit_state
+
+        state.update(kbit_state(edge))
+        return state
+    for name, q in _quant_convs(edge):
+        state.update(binary_conv_state(name, q))
     return state
 
 
+def binary_conv_state(name: str, q) -> dict[str, torch.Tensor]:
+    """One binary ``QuanConv``'s artifact tensors: sign(W) bits, scale alpha, folded BatchNorm, recipe options."""
+    w = q.conv.weight.detach().float()
+    out = {f"{name}.bits": pack_bits(w), f"{name}.alpha": w.abs().mean(dim=(1, 2, 3))}
+    out[f"{name}.bn_a"], out[f"{name}.bn_b"] = fold_bn(q.bn)
+    return {**out, **_option_state(name, q)}
+
+
+def binary_block_params(state, i: int, cin: int, cout: int, stride: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Block ``i``'s arguments of the kernels' ``run_blocks``: per conv bn_a, bn_b, RSign threshold (or empty),
+    weight words, weight popcounts, alpha, RPReLU gamma, beta, zeta (or empty); and (cin, cout, stride)."""
+    params = []
+    for j, ci in ((1, cin), (2, cout)):
+        p = f"blocks.{i}.c{j}"
+        wt, wpop = kernel_weights(unpack_bits(state[f"{p}.bits"], (cout, ci, 3, 3)))
+        params += [state[f"{p}.bn_a"], state[f"{p}.bn_b"], _opt(state, f"{p}.shift"), wt, wpop,
+                   state[f"{p}.alpha"].contiguous(), *(_opt(state, f"{p}.{k}") for k in ("rp_g", "rp_b", "rp_z"))]
+    return params, [cin, cout, stride]
+
+
+_EMPTY = torch.empty(0)
+
+
+def _opt(state, key):
+    t = state.get(key)
+    return _EMPTY if t is None else t.float().contiguous()
+
+
+def head_params(head) -> tuple[list[torch.Tensor], list[int]]:
+    """An ``ExitHead`` as the native decision's 7 tensors (BatchNorm folded; hidden linear and its folded
+    BatchNorm1d, or empty; final linear) and 2 ints (pool kernel, 0 = global; hidden width, 0 = none)."""
+    a, b = fold_bn(head.bn)
+    if head.hidden is not None:
+        lin, bn1 = head.hidden[0], head.hidden[1]
+        ha, hb = fold_bn(bn1)
+        hidden = [lin.weight.detach().float().contiguous(), ha, hb]
+        width = lin.out_features
+    else:
+        hidden, width = [_EMPTY, _EMPTY, _EMPTY], 0
+    k = head.pool.kernel_size if isinstance(head.pool, nn.AvgPool2d) else 0
+    k = k[0] if isinstance(k, tuple) else int(k)
+    return ([a, b, *hidden, head.fc.weight.detach().float().contiguous(), head.fc.bias.detach().float().contiguous()],
+            [k, width])
+
+
 class PackedEdge:
-    """Edge half on the packed engine: ``decide(x, thresholds)`` as ``EdgeNet.decide``."""
+    """Edge half on the packed engine: ``decide(x, thresholds)`` as ``EdgeNet.decide``, in one native call
+    (normalization, float stem, the quantized blocks, exit heads, softmax entropy and the exit rule)."""
 
     name = "packed"
 
     def __init__(self, cfg: HybridConfig, state: dict[str, torch.Tensor], isa: int | None = None):
-        if cfg.edge_bits != 1:
-            raise EngineError(f"the packed engine runs binary (1-bit) edges, not {cfg.edge_bits}-bit ones")
-        check_options(cfg, "packed")
+        if cfg.edge_bits not in SUPPORTED_BITS:
+            raise EngineError(f"the packed engine runs 1, 2, 4 and 8-bit edges, not {cfg.edge_bits}-bit ones")
+        if cfg.edge_blocks == 0:
+            raise EngineError("this network has no quantized edge blocks: nothing for the packed engine to run")
         self.cfg, self.state = cfg, state
         self.kernels = kernels()
+        if cfg.edge_bits != 1 and not hasattr(self.kernels, "run_kblocks"):
+            raise EngineError("these packed kernels were built without the k-bit blocks (use --engine torch)")
         self.isa = self.kernels.best_isa() if isa is None else int(isa)
         shell = HybridNet(cfg).split()[0].eval()  # the float modules, loaded below; its blocks are not used
         float_keys = {k for k, v in shell.state_dict().items() if not k.startswith("blocks.") and v.is_floating_point()}
@@ -103,16 +176,30 @@ class PackedEdge:
             raise EngineError(f"packed artifact lacks {len(missing)} float tensors (e.g. {missing[0]})")
         shell.load_state_dict({k: state[k] for k in float_keys}, strict=False)
         self.shell = shell
-        self.blocks = [self._block_params(i, s) for i, s in enumerate(block_specs(cfg)[: cfg.edge_blocks])]
-        self._runs: dict[tuple[int, int], tuple[list, list]] = {}
+        specs = block_specs(cfg)[: cfg.edge_blocks]
+        if cfg.edge_bits == 1:
+            self.blocks = [binary_block_params(state, i, s.in_ch, s.out_ch, s.stride) for i, s in enumerate(specs)]
+        else:
+            from .kbit import kbit_block_params
 
-    def _block_params(self, i, spec):
-        params = []
-        for j, cin in ((1, spec.in_ch), (2, spec.out_ch)):
-            p = f"blocks.{i}.c{j}"
-            wt, wpop = kernel_weights(unpack_bits(self.state[f"{p}.bits"], (spec.out_ch, cin, 3, 3)))
-            params += [self.state[f"{p}.bn_a"], self.state[f"{p}.bn_b"], wt, wpop, self.state[f"{p}.alpha"].contiguous()]
-        return params, [spec.in_ch, spec.out_ch, spec.stride]
+            self.blocks = [kbit_block_params(state, cfg, i) for i in range(len(specs))]
+        self._runs: dict[tuple[int, int], tuple[list, list]] = {}
+        self._native = self._native_args()
+
+    @property
+    def _kind(self) -> int:
+        return 0 if self.cfg.edge_bits == 1 else 1
+
+    def _native_args(self) -> tuple:
+        """The arguments of the native ``decide`` that do not depend on the batch."""
+        cfg, norm = self.cfg, self.shell.normalize
+        prologue = [norm.mean.flatten().float().contiguous(), norm.std.flatten().float().contiguous(),
+                    self.shell.stem.weight.detach().float().permute(2, 3, 1, 0).contiguous()]
+        bounds = [0] + [cfg.exit_block(j) + 1 for j in range(len(cfg.exits))] + [cfg.edge_blocks]
+        segs = [self._run(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+        heads = [head_params(self.shell.exits[cfg.exit_key(j)]) for j in range(len(cfg.exits))]
+        return (prologue, [p for p, _ in segs], [m for _, m in segs], [self._kind] * len(segs),
+                [t for t, _ in heads], [m for _, m in heads])
 
     @classmethod
     def from_edge(cls, edge: EdgeNet, isa: int | None = None) -> "PackedEdge":
@@ -140,22 +227,29 @@ class PackedEdge:
     def isa_name(self) -> str:
         return self.kernels.isa_name(self.isa)
 
-    def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
-        """Blocks [first, last) on channels-last float features (N, H, W, C)."""
+    def _run(self, first: int, last: int) -> tuple[list, list]:
         if (first, last) not in self._runs:  # the flat argument lists, built once per run of blocks
             self._runs[first, last] = ([t for p, _ in self.blocks[first:last] for t in p],
                                        [v for _, m in self.blocks[first:last] for v in m])
-        params, meta = self._runs[first, last]
-        return self.kernels.run_blocks(h, params, meta, self.isa)
+        return self._runs[first, last]
 
-    def prologue(self, x: torch.Tensor) -> torch.Tensor:
-        """The float start of the edge, the one place where input preprocessing happens: the network's own
-        normalization (raw uint8 images, or float in [0, 1]) and stem. Returns (N, H, W, C) float, contiguous."""
+    def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """Blocks [first, last) on channels-last float features (N, H, W, C)."""
+        params, meta = self._run(first, last)
+        run = self.kernels.run_blocks if self._kind == 0 else self.kernels.run_kblocks
+        return run(h, params, meta, self.isa)
+
+    def _images(self, x) -> torch.Tensor:
         want = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != want:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise InputShapeError(f"expected images of shape (N, {want[0]}, {want[1]}, {want[2]}), got {got}")
-        h = self.shell.stem(self.shell.normalize(x))
+        return x.contiguous() if x.dtype == torch.uint8 else x.float().contiguous()
+
+    def prologue(self, x: torch.Tensor) -> torch.Tensor:
+        """The float start of the edge in torch (the network's own normalization and stem), channels last: the
+        reference the native decision's prologue is tested against."""
+        h = self.shell.stem(self.shell.normalize(self._images(x)))
         return h.permute(0, 2, 3, 1).contiguous()
 
     @torch.no_grad()
@@ -165,18 +259,14 @@ class PackedEdge:
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
-        """Algorithm 1 at the edge, as ``EdgeNet.decide``; features are a channels-last (N, C, H, W) view."""
-        state = algorithm1(self.cfg, x.shape[0], thresholds, temperatures)
-        h = self.prologue(x)
-        done = 0
-        for j in range(len(self.cfg.exits)):
-            if state.idx.numel() == 0:
-                break
-            h, done = self.run_blocks(h, done, self.cfg.exit_block(j) + 1), self.cfg.exit_block(j) + 1
-            h = h[state(j, self.shell.exits[self.cfg.exit_key(j)], h.permute(0, 3, 1, 2))].contiguous()
-        if state.idx.numel() and done < self.cfg.edge_blocks:
-            h = self.run_blocks(h, done, self.cfg.edge_blocks)
-        return EdgeResult(state.preds, state.decided, state.ents, h.permute(0, 3, 1, 2), state.idx)
+        """Algorithm 1 at the edge, as ``EdgeNet.decide``, in one native call; features are a channels-last
+        (N, C, H, W) view."""
+        thr = resolve_thresholds(self.cfg, thresholds)
+        temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
+        prologue, seg_p, seg_m, seg_k, heads, head_m = self._native
+        preds, decided, ents, feats, idx = self.kernels.decide(self._images(x), prologue, seg_p, seg_m, seg_k, heads,
+                                                               head_m, list(thr), list(temps), self.isa)
+        return EdgeResult(preds, decided, ents, feats.permute(0, 3, 1, 2), idx)
 
 
 def algorithm1(cfg, n: int, thresholds, temperatures=None):
