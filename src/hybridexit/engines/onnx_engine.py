@@ -21,12 +21,18 @@ def _ort():
     return onnxruntime
 
 
+# ONNX Runtime folds a Mul by a constant into the Conv before it (its weights times the scale): the exact integer
+# sum of a k-bit conv (``onnx_export``) would become a float sum of scaled weights, rounded at every step.
+KEEP_EXACT = ["ConvMulFusion"]
+
+
 def session(model_bytes: bytes, threads: int = 1):
+    """An ONNX Runtime session on the CPU, ``threads`` threads, without the optimizations in ``KEEP_EXACT``."""
     ort = _ort()
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     so.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"], disabled_optimizers=KEEP_EXACT)
 
 
 class OnnxEdge:

@@ -6,19 +6,42 @@ Edge (``edge.onnx``): input ``images`` uint8 (N, C, H, W), raw; the network's no
 the last edge block, every sample: the graph takes no exits itself; the engine applies the exit rule).
 Cloud (``cloud.onnx``): input ``features``, the float blocks and the final head, output ``logits``.
 
-A binary conv is ``QLinearConv`` on uint8 activations with zero point 1 (sign(x) = -1 -> 0, +1 -> 2; the padding
-value, the zero point, is exactly the 0 of training's zero padding) and int8 weights +-1, then the per-channel
-scale alpha in float. Its int32 sum is requantized to uint8 with scale ``s`` and zero point 128: ``s = 1`` when the
-fan-in 9 C is at most 127 (exact), else ``s = 2``: exact for even sums in [-256, 254] (a binary sum has the parity
-of its fan-in 9 C, so even for even C), saturated beyond, within one step (rounded half to even) for odd sums.
-k-bit edges are not exported yet (refused). The BatchNorm before each conv is ``Mul`` + ``Add`` with the folded
-terms (PyTorch fuses them into one multiply-add: the results differ in the last bit at most).
+Every network the trainer makes is exported (edge bits 1, 2, 4, 8 or 32, every recipe option):
+
+- A quantized conv is ``QuanConv``'s chain: BatchNorm as ``Mul`` + ``Add`` with the folded terms (PyTorch fuses
+  them into one multiply-add: the results differ in the last bit at most), RSign's threshold as a per-channel
+  ``Sub`` (as torch computes it, after the BatchNorm), the activation quantizer, the integer conv, its scale in
+  float, then RPReLU as ``Sub``, ``PRelu``, ``Add`` (before the residual ``Add``, as in torch).
+- **Binary conv**: ``QLinearConv`` on uint8 activations with zero point 1 (sign(x) = -1 -> 0, +1 -> 2; the padding
+  value, the zero point, is exactly the 0 of training's zero padding) and int8 weights +-1, then the per-channel
+  scale alpha in float. Its int32 sum is requantized to uint8 with scale ``s`` and zero point 128: ``s = 1`` when
+  the fan-in 9 C is at most 127 (exact), else ``s = 2``: exact for even sums in [-256, 254] (a binary sum has the
+  parity of its fan-in 9 C, so even for even C), saturated beyond, within one step (rounded half to even) for odd
+  sums.
+- **k-bit conv** (Z = 2^k - 1): the quantizer's level index q = round((clip(z, -1, 1) + 1) * Z / 2) in 0..Z with
+  torch's own float32 operations (``Clip``, ``Add``, ``Mul``, ``Round``: half to even, as ``torch.round``), so q is
+  torch's whenever z is; the integer levels a = 2q - Z and w = 2r - Z (odd, in [-Z, Z]; the weight level index r
+  is computed from W / max|W[c]| as ``quant.quantize_weight`` does, stored as uint8); the exact integer sum S of
+  a * w over the valid taps (padding contributes 0, which is not a level); then ``S * s_c / Z^2`` in float.
+  ``QLinearConv`` cannot hold S: it requantizes its output to 8 bits, and S spans up to 2 * 9 C Z^2 + 1 values
+  (2-bit: 2,593 at C = 16). S is computed exactly instead, by the faster of two exact ways measured here
+  (``benchmarks/onnx_conv_speed.py``): float ``Conv`` on the integer levels, exact when 9 C Z^2 <= 2^24 (every
+  product and partial sum is then an integer that float32 holds exactly, whatever the summation order: every
+  2- and 4-bit layer up to 8,285 input channels, 8-bit layers up to 28), else ``ConvInteger`` on uint8 x uint8
+  (int32, exact), used by 8-bit layers wider than that: activations q with zero point 2^(k-1) and weights r with
+  zero point 2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1), a = 2t + 1, w = 2v + 1, so
+  S = 4 sum(t v) + 2 sum(t) + sum_valid(w): one extra output channel of ones gives sum(t), and sum_valid(w) (per
+  output channel and position: the borders have fewer taps) is a constant of the graph.
+- Exit heads: BatchNorm, ``Relu``, ``AveragePool`` (kernel = stride = N for ``kN``) or ``GlobalAveragePool``,
+  ``Flatten`` (channel-major, as ``torch.flatten``), then ``Gemm``, or with a hidden layer ``Gemm`` (no bias),
+  the folded BatchNorm1d as ``Mul`` + ``Add``, ``Relu``, ``Gemm``.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EngineError
@@ -27,6 +50,7 @@ from . import check_options
 from .packed import fold_bn
 
 OPSET = 17
+FLOAT_EXACT = 2**24  # float32 holds every integer of magnitude up to this exactly
 
 
 def _onnx():
@@ -35,6 +59,20 @@ def _onnx():
     except ImportError:
         raise EngineError("ONNX export needs the onnx extra: pip install 'hybridexit[onnx]'") from None
     return onnx
+
+
+def weight_levels(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, s): a k-bit conv's weight level indices r in 0..Z (Z = 2^k - 1, float) and its per-output-channel
+    scale s = max |W[c]|, with ``quant.quantize_weight``'s float32 operations, so that its weights are exactly
+    ``(r * (2 / Z) - 1) * s`` and their integer levels 2r - Z."""
+    z = float(2**bits - 1)
+    s = w.detach().float().abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
+    return torch.round(((w.detach().float() / s).clamp(-1.0, 1.0) + 1.0) * (z / 2.0)), s.flatten()
+
+
+def float_conv_exact(cin: int, bits: int) -> bool:
+    """Whether float ``Conv`` on a k-bit conv's integer levels is exact: every partial sum within 2^24."""
+    return 9 * cin * (2**bits - 1) ** 2 <= FLOAT_EXACT
 
 
 class GraphBuilder:
@@ -61,8 +99,10 @@ class GraphBuilder:
     def channel(self, t: torch.Tensor) -> str:
         return self.const(t.detach().float().reshape(1, -1, 1, 1).numpy())
 
-    def bn(self, x: str, bn: nn.BatchNorm2d) -> str:
+    def bn(self, x: str, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> str:
         a, b = fold_bn(bn)
+        if isinstance(bn, nn.BatchNorm1d):
+            return self.op("Add", [self.op("Mul", [x, self.const(a.detach().numpy())]), self.const(b.detach().numpy())])
         return self.op("Add", [self.op("Mul", [x, self.channel(a)]), self.channel(b)])
 
     def float_conv(self, x: str, conv: nn.Conv2d) -> str:
@@ -82,17 +122,68 @@ class GraphBuilder:
         acc = self.op("DequantizeLinear", [y, self.const(ys), self.const(128, np.uint8)])
         return self.op("Mul", [acc, self.channel(w.abs().mean(dim=(1, 2, 3)))])
 
-    def quan_conv(self, x: str, q) -> str:
-        """The project's QuanConv: BatchNorm -> activation quantizer -> conv."""
+    def level_index(self, z: str, bits: int) -> str:
+        """q = round((clip(z, -1, 1) + 1) * Z / 2), float in 0..Z: ``quant._UniformSTE`` step for step."""
+        zz = 2**bits - 1
+        c = self.op("Clip", [z, self.const(-1.0), self.const(1.0)])
+        return self.op("Round", [self.op("Mul", [self.op("Add", [c, self.const(1.0)]), self.const(zz / 2.0)])])
+
+    def kbit_sum_float(self, q: str, r: torch.Tensor, bits: int, stride: int) -> str:
+        """The exact integer sum of a * w as float ``Conv`` on the levels (exact under ``float_conv_exact``)."""
+        zz = float(2**bits - 1)
+        a = self.op("Sub", [self.op("Mul", [q, self.const(2.0)]), self.const(zz)])
+        w = self.op("Sub", [self.op("Mul", [self.op("Cast", [self.const(r.numpy(), np.uint8)], to=self.onnx.TensorProto.FLOAT),
+                                            self.const(2.0)]), self.const(zz)])  # constant, folded at load
+        return self.op("Conv", [a, w], pads=[1, 1, 1, 1], strides=[stride, stride])
+
+    def kbit_sum_integer(self, q: str, r: torch.Tensor, bits: int, stride: int, size: int) -> str:
+        """The exact integer sum of a * w as ``ConvInteger`` (uint8 x uint8), int32:
+        S = 4 sum(t v) + 2 sum(t) + sum_valid(w) with t = q - 2^(k-1), v = r - 2^(k-1) (module docstring)."""
+        tp, half = self.onnx.TensorProto, 2 ** (bits - 1)
+        o, cin = r.shape[:2]
+        w_all = torch.cat([r, torch.full((1, cin, 3, 3), half + 1.0)])  # channel o: sum(t v), channel O: sum(t)
+        u = self.op("Cast", [q], to=tp.UINT8)
+        zp = self.const(half, np.uint8)
+        y = self.op("ConvInteger", [u, self.const(w_all.numpy(), np.uint8), zp, zp], pads=[1, 1, 1, 1], strides=[stride, stride])
+        tv = self.op("Slice", [y, self.const([0], np.int64), self.const([o], np.int64), self.const([1], np.int64)])
+        t = self.op("Slice", [y, self.const([o], np.int64), self.const([o + 1], np.int64), self.const([1], np.int64)])
+        valid = F.conv2d(torch.ones(1, cin, size, size, dtype=torch.float64), 2 * r.double() - (2**bits - 1),
+                         stride=stride, padding=1)  # sum_valid(w) per output channel and position
+        s = self.op("Add", [self.op("Mul", [tv, self.const(4, np.int32)]), self.op("Mul", [t, self.const(2, np.int32)])])
+        return self.op("Add", [s, self.const(valid.numpy(), np.int32)])
+
+    def kbit_conv(self, z: str, conv: nn.Conv2d, bits: int, size: int) -> str:
+        """k-bit activation quantizer -> exact integer conv of the levels -> times s_c / Z^2 (module docstring)."""
+        r, s = weight_levels(conv.weight, bits)
+        q, stride = self.level_index(z, bits), conv.stride[0]
+        if float_conv_exact(r.shape[1], bits):
+            acc = self.kbit_sum_float(q, r, bits, stride)
+        else:
+            acc = self.op("Cast", [self.kbit_sum_integer(q, r, bits, stride, size)], to=self.onnx.TensorProto.FLOAT)
+        return self.op("Mul", [acc, self.channel(s.double() / (2**bits - 1) ** 2)])
+
+    def rprelu(self, y: str, m) -> str:
+        """RPReLU: PReLU_beta(y - gamma) + zeta, per channel."""
+        slope = self.const(m.slope.detach().float().reshape(-1, 1, 1).numpy())
+        p = self.op("PRelu", [self.op("Sub", [y, self.channel(m.shift_in)]), slope])
+        return self.op("Add", [p, self.channel(m.shift_out)])
+
+    def quan_conv(self, x: str, q, size: int) -> str:
+        """The project's QuanConv: BatchNorm -> (RSign shift) -> activation quantizer -> conv (-> RPReLU);
+        ``size``: the spatial size of its input."""
         z = self.bn(x, q.bn)
+        if q.shift is not None:
+            z = self.op("Sub", [z, self.channel(q.shift.bias)])
         if q.bits == 32:
-            return self.float_conv(self.op("Relu", [z]), q.conv)
-        if q.bits == 1:
-            return self.binary_conv(z, q.conv)
-        raise EngineError(f"ONNX export of {q.bits}-bit layers is not implemented (binary and float layers are)")
+            y = self.float_conv(self.op("Relu", [z]), q.conv)
+        elif q.bits == 1:
+            y = self.binary_conv(z, q.conv)
+        else:
+            y = self.kbit_conv(z, q.conv, q.bits, size)
+        return y if q.rprelu is None else self.rprelu(y, q.rprelu)
 
     def block(self, x: str, block, spec) -> str:
-        y = self.quan_conv(self.quan_conv(x, block.c1), block.c2)
+        y = self.quan_conv(self.quan_conv(x, block.c1, spec.in_size), block.c2, spec.out_size)
         sc = x
         if spec.stride != 1 or spec.in_ch != spec.out_ch:  # option A: subsample, zero channel padding
             sc = self.op("Slice", [x, self.const([0, 0], np.int64), self.const([2**31 - 1] * 2, np.int64),
@@ -101,12 +192,26 @@ class GraphBuilder:
             sc = self.op("Pad", [sc, self.const([0, pad // 2, 0, 0, 0, pad - pad // 2, 0, 0], np.int64)])
         return self.op("Add", [sc, y])
 
-    def head(self, x: str, head, global_pool: bool) -> str:
-        """BatchNorm -> ReLU -> pool -> flatten -> linear (ExitHead and ClassifierHead)."""
+    def pool(self, x: str, pool: nn.Module) -> str:
+        if isinstance(pool, nn.AdaptiveAvgPool2d):
+            return self.op("GlobalAveragePool", [x])
+        k, s = (v if isinstance(v, int) else v[0] for v in (pool.kernel_size, pool.stride))
+        return self.op("AveragePool", [x], kernel_shape=[k, k], strides=[s, s])
+
+    def linear(self, x: str, fc: nn.Linear) -> str:
+        ins = [x, self.const(fc.weight.detach().float().numpy())]
+        return self.op("Gemm", ins + ([self.const(fc.bias.detach().float().numpy())] if fc.bias is not None else []), transB=1)
+
+    def head(self, x: str, head) -> str:
+        """BatchNorm -> ReLU -> pool -> flatten -> [linear -> BatchNorm1d -> ReLU] -> linear (ExitHead and
+        ClassifierHead)."""
         r = self.op("Relu", [self.bn(x, head.bn)])
-        p = self.op("GlobalAveragePool", [r]) if global_pool else self.op("AveragePool", [r], kernel_shape=[3, 3], strides=[3, 3])
-        return self.op("Gemm", [self.op("Flatten", [p], axis=1), self.const(head.fc.weight.detach().float().numpy()),
-                                self.const(head.fc.bias.detach().float().numpy())], transB=1)
+        f = self.op("Flatten", [self.pool(r, head.pool)], axis=1)
+        hidden = getattr(head, "hidden", None)
+        if hidden is not None:
+            lin, bn1d = hidden[0], hidden[1]
+            f = self.op("Relu", [self.bn(self.linear(f, lin), bn1d)])
+        return self.linear(f, head.fc)
 
     def entropy(self, logits: str, out: str) -> str:
         logp = self.op("LogSoftmax", [logits], axis=1)
@@ -124,8 +229,6 @@ class GraphBuilder:
 def edge_model(edge):
     """The ONNX edge graph of an eval-mode ``EdgeNet`` (see the module docstring)."""
     cfg = edge.cfg
-    if cfg.edge_bits not in (1, 32):
-        raise EngineError(f"ONNX export of a {cfg.edge_bits}-bit edge is not implemented: binary and float edges are")
     check_options(cfg, "onnx")
     g = GraphBuilder()
     tp, h = g.onnx.TensorProto, g.onnx.helper
@@ -138,8 +241,7 @@ def edge_model(edge):
         x = g.block(x, block, specs[i])
         j = cfg.exit_after_block(i)
         if j is not None:
-            logits = g.head(x, edge.exits[cfg.exit_key(j)], cfg.exit_pool == "global")
-            logits = g.op("Identity", [logits], f"logits_{j}")
+            logits = g.op("Identity", [g.head(x, edge.exits[cfg.exit_key(j)])], f"logits_{j}")
             g.entropy(logits, f"entropy_{j}")
             outputs += [h.make_tensor_value_info(f"logits_{j}", tp.FLOAT, ["N", cfg.num_classes]),
                         h.make_tensor_value_info(f"entropy_{j}", tp.FLOAT, ["N"])]
@@ -159,7 +261,7 @@ def cloud_model(cloud):
     specs = block_specs(cfg)[cfg.edge_blocks:]
     for block, spec in zip(cloud.blocks, specs):
         x = g.block(x, block, spec)
-    g.op("Identity", [g.head(x, cloud.head, True)], "logits")
+    g.op("Identity", [g.head(x, cloud.head)], "logits")
     c, s, _ = edge_feature_shape(cfg)
     return g.model([h.make_tensor_value_info("features", tp.FLOAT, ["N", c, s, s])],
                    [h.make_tensor_value_info("logits", tp.FLOAT, ["N", cfg.num_classes])], "hybridexit-cloud")
