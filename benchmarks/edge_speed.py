@@ -1,17 +1,23 @@
 """Edge speed benchmark -> results/edge_speed.json (and one JSON object on stdout).
 
-    python benchmarks/edge_speed.py [--checkpoint checkpoints/c10-r32-e20-b1-x20-xnor] [--fp32 checkpoints/c10-r32-fp32]
-                                    [--data-dir data] [--images 256] [--rounds 5] [--out results/edge_speed.json]
+    python benchmarks/edge_speed.py [--checkpoint CKPT ...] [--fp32 FP32_CKPT] [--data-dir data] [--images 256]
+                                    [--rounds 5] [--out results/edge_speed.json]
 
-One thread, all variants in the same run on the same first ``--images`` CIFAR-10 test images (raw uint8), batch 1
-(image by image) and batch 64. Variants are timed round-robin, ``--rounds`` times each, and each reports its
-fastest round (the least disturbed by other processes on a shared machine):
+By default both headlines, each on the first ``--images`` test images of its own dataset (raw uint8) and against
+the FP32 ResNet-32 of that dataset (``FP32_OF``; ``--fp32`` overrides it for every checkpoint). One thread; all
+variants of a checkpoint in the same run, batch 1 (image by image) and batch 64, timed round-robin ``--rounds``
+times each, each reporting its fastest round (the least disturbed by other processes on a shared machine):
 - ``fp32``: the FP32 ResNet-32 in PyTorch;
 - ``hybrid[engine]``: Algorithm 1 with the edge half on the engine and the cloud half in PyTorch on the samples
   that do not exit, at the checkpoint's exit policy (its calibrated thresholds);
+- ``decide[engine]``: the edge decision alone (exits included, no cloud);
 - ``edge[engine]``: the edge half alone (normalize, stem and every edge block on every sample, no exits) per
-  engine, against ``edge[float]``: the same layers in float (the FP32 checkpoint's stem and first blocks).
-Engines: torch (the binary EdgeNet as trained: float convolutions on +-1 values), packed, onnx (if installed).
+  engine, against ``edge[float]``: the same layers in float (the FP32 checkpoint's stem and first blocks);
+- ``cloud``: the cloud half on one offloaded sample's features (batch 1) or 64 (batch 64).
+What limits the hybrid's ratio is read from the last two: per image, the edge decision costs ``decide`` and the
+cloud ``(1 - exit fraction) x cloud``. Engines: every engine that can run the checkpoint here (torch: the quantized
+EdgeNet as trained, float convolutions on quantized values; packed; onnx if installed); ``auto`` names the one
+``--engine auto`` picks.
 """
 
 from __future__ import annotations
@@ -42,6 +48,16 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    """The SIMD extensions that matter to the kernels (AVX2 only, or AVX-512 and which parts)."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return platform.machine()
+    keep = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_vpopcntdq", "avx_vnni")
+    return " ".join(f for f in keep if f in flags) or "no AVX2"
 
 
 def float_edge(fp32_model, cfg):
@@ -89,10 +105,78 @@ def agreement(engines: dict, cloud, images, thr, temps) -> dict:
     return out
 
 
+FP32_OF = {"cifar10": "checkpoints/c10-r32-fp32", "cifar100": "checkpoints/c100-r32-fp32"}
+HEADLINES = ("checkpoints/c10-r32-e20-b1-x20", "checkpoints/c100-r32-e24-b4-x24")
+
+
+def measure(checkpoint: str, fp32_path: str | None, data_dir: str, n_images: int, rounds: int) -> dict:
+    """One checkpoint's row: images per second of every variant, the ratios, bytes, agreement on these images."""
+    from hybridexit.engines import engine_name, resolve_engine
+
+    model, meta = load_model(checkpoint)
+    dataset = meta.get("data", {}).get("name", "cifar10")
+    fp32_path = fp32_path or FP32_OF[dataset]
+    fp32, _ = load_model(fp32_path)
+    policy = meta["policy"]
+    thr, temps = policy.thresholds, (policy.temperatures or None)
+    edge, cloud = model.split()
+    edge.eval(), cloud.eval(), fp32.eval()
+    fedge = float_edge(fp32, model.cfg)
+    engines = {name: get_engine(name, edge) for name in available_engines(model.cfg)}
+    images = get_split(load_cifar(dataset, data_dir), "test").images[:n_images]
+    sets = {"b1": [images[i: i + 1] for i in range(len(images))], "b64": list(images.split(64))}
+    with torch.no_grad():
+        feats = edge(images[:64])
+    fsets = {"b1": [feats[:1]] * len(images), "b64": [feats] * (len(images) // 64 or 1)}
+
+    variants = {"fp32": fp32, "edge[float]": fedge}
+    for name, eng in engines.items():
+        variants[f"hybrid[{name}]"] = lambda x, e=eng: conditional_inference(e, cloud, x, thr, temps)
+        variants[f"decide[{name}]"] = lambda x, e=eng: e.decide(x, thr, temps)
+        variants[f"edge[{name}]"] = edge if name == "torch" else eng.forward
+    times = {b: timed_rounds(variants, xs, rounds) for b, xs in sets.items()}
+    ips = {b: {k: len(images) / t for k, t in ts.items()} for b, ts in times.items()}
+    cloud_ms = {b: 1000 * timed_rounds({"cloud": cloud}, fs, rounds)["cloud"] / (len(fs) * fs[0].shape[0])
+                for b, fs in fsets.items()}
+
+    def per(prefix):
+        return {name: {b: round(ips[b][f"{prefix}[{name}]"], 1) for b in sets} for name in engines}
+
+    hybrid = per("hybrid")
+    agree = agreement(engines, cloud, images, thr, temps)
+    best = max(engines, key=lambda n: hybrid[n]["b1"])
+    off = 1 - agree["exit_fraction"]
+    decide_ms = {n: {b: round(1000 / ips[b][f"decide[{n}]"], 3) for b in sets} for n in engines}
+    return {
+        "checkpoint": checkpoint, "dataset": dataset, "fp32_checkpoint": fp32_path, "images": len(images),
+        "thresholds": list(thr), "exit_fraction": round(agree["exit_fraction"], 4),
+        "auto_engine": engine_name(get_engine("auto", edge)), "auto_resolves_to": resolve_engine("auto", model.cfg),
+        "fp32_img_s": {b: round(ips[b]["fp32"], 1) for b in sets},
+        "hybrid_img_s": hybrid,
+        "decide_img_s": per("decide"),
+        "edge_img_s": {"float": {b: round(ips[b]["edge[float]"], 1) for b in sets}, **per("edge")},
+        "engine": best,
+        "speedup": round(ips["b1"][f"hybrid[{best}]"] / ips["b1"]["fp32"], 2),
+        "hybrid_speedup": {n: {b: round(ips[b][f"hybrid[{n}]"] / ips[b]["fp32"], 2) for b in sets} for n in engines},
+        "edge_half_speedup": {n: {b: round(ips[b][f"edge[{n}]"] / ips[b]["edge[float]"], 2) for b in sets}
+                              for n in engines},
+        "per_image_ms": {  # what the hybrid's time is made of, per image on average (batch 1 and 64)
+            "decide": decide_ms,
+            "cloud_per_offloaded": {b: round(v, 3) for b, v in cloud_ms.items()},
+            "cloud_share": {b: round(off * cloud_ms[b], 3) for b in sets},
+            "fp32": {b: round(1000 / ips[b]["fp32"], 3) for b in sets},
+        },
+        "edge_bytes": artifact_sizes(engines, edge, fedge),
+        "agreement": agree,
+        "isa": {n: e.isa_name for n, e in engines.items() if hasattr(e, "isa_name")},
+    }
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default="checkpoints/c10-r32-e20-b1-x20-xnor")
-    p.add_argument("--fp32", default="checkpoints/c10-r32-fp32")
+    p.add_argument("--checkpoint", action="append", default=None,
+                   help="a checkpoint to measure (repeatable; default: both headlines)")
+    p.add_argument("--fp32", default=None, help="the FP32 reference for every checkpoint (default: FP32_OF[dataset])")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--rounds", type=int, default=5)
@@ -100,45 +184,11 @@ def main(argv=None) -> dict:
     p.add_argument("--note", default="", help="how the machine was shared during the run (stored with the results)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
-    model, meta = load_model(a.checkpoint)
-    fp32, _ = load_model(a.fp32)
-    policy = meta["policy"]
-    thr, temps = policy.thresholds, (policy.temperatures or None)
-    edge, cloud = model.split()
-    fedge = float_edge(fp32, model.cfg)
-    engines = {name: get_engine(name, edge) for name in available_engines(model.cfg)}
-    images = get_split(load_cifar("cifar10", a.data_dir), "test").images[: a.images]
-    sets = {"b1": [images[i: i + 1] for i in range(len(images))], "b64": list(images.split(64))}
-
-    variants = {"fp32": fp32, "edge[float]": fedge}
-    for name, eng in engines.items():
-        variants[f"hybrid[{name}]"] = lambda x, e=eng: conditional_inference(e, cloud, x, thr, temps)
-        variants[f"edge[{name}]"] = edge if name == "torch" else eng.forward
-    times = {b: timed_rounds(variants, xs, a.rounds) for b, xs in sets.items()}
-    ips = {b: {k: len(images) / t for k, t in ts.items()} for b, ts in times.items()}
-
-    def per(prefix):
-        return {name: {b: round(ips[b][f"{prefix}[{name}]"], 1) for b in sets} for name in engines}
-
-    hybrid = per("hybrid")
-    best = max(engines, key=lambda n: hybrid[n]["b1"])
+    rows = [measure(c, a.fp32, a.data_dir, a.images, a.rounds) for c in (a.checkpoint or HEADLINES)]
     result = {
-        "checkpoint": a.checkpoint, "fp32_checkpoint": a.fp32, "images": len(images), "threads": 1,
-        "rounds": a.rounds, "thresholds": list(thr),
-        "fp32_img_s": {b: round(ips[b]["fp32"], 1) for b in sets},
-        "hybrid_img_s": hybrid,
-        "edge_img_s": {"float": {b: round(ips[b]["edge[float]"], 1) for b in sets}, **per("edge")},
-        "engine": best,
-        "speedup": round(ips["b1"][f"hybrid[{best}]"] / ips["b1"]["fp32"], 2),
-        "hybrid_speedup": {n: {b: round(ips[b][f"hybrid[{n}]"] / ips[b]["fp32"], 2) for b in sets} for n in engines},
-        "edge_half_speedup": {n: {b: round(ips[b][f"edge[{n}]"] / ips[b]["edge[float]"], 2) for b in sets}
-                              for n in engines},
-        "edge_bytes": artifact_sizes(engines, edge, fedge),
-        "agreement": agreement(engines, cloud, images, thr, temps),
-        "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
-        "note": a.note,
-        "isa": {n: e.isa_name for n, e in engines.items() if hasattr(e, "isa_name")},
-        "torch": torch.__version__,
+        "rows": rows, "threads": 1, "rounds": a.rounds,
+        "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs", "cpu_flags": cpu_flags(),
+        "note": a.note, "torch": torch.__version__,
         "command": "python benchmarks/edge_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
