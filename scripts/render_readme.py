@@ -104,11 +104,22 @@ HEADLINE_HEADERS = ["test split", "threshold", "accuracy %", "exiting at the edg
                     "expected uJ/image", "vs FP32", "paper"]
 
 
+def guarantee_text(p: dict) -> str:
+    """A Learn-then-Test row's guarantee in words (its policy's statement), and its risk measured on test."""
+    g, risk = p["calibration"]["guarantee"], p.get("risk") or {}
+    measured = (f"; measured on the test split: {pct(risk['risk_disagreement'])} % of the {risk['exited']:,} images "
+                "that exit" if g["risk"] == "disagreement" and g["form"] == "conditional" and risk else "")
+    return (f"Learn then Test on validation (`--risk {g['eps']:g} --delta {g['delta']:g}`, EPS chosen on validation: "
+            f"{p.get('selection', 'its calibration record')}): {g['statement']}{measured}")
+
+
 def describe_point(p: dict, fp32_val: float | None) -> str:
     """How a row's thresholds were chosen, from its calibration record (all on the validation split)."""
     c = p.get("calibration")
     if p["point"] == "paper threshold" or not c:
         return f"*{p['point']}*: the paper's fixed {', '.join(f'{t:g}' for t in p['thresholds'])}"
+    if c.get("guarantee"):
+        return f"*{p['point']}*: " + guarantee_text(p)
     if c["target"] == "min_accuracy":
         floor = ("" if fp32_val is None else f" (FP32's {pct(fp32_val)} % minus 2 points)"
                  if abs(fp32_val - 0.02 - c["value"]) < 1e-9 else " (set against an earlier FP32 teacher's validation "
@@ -208,7 +219,7 @@ def readme_cifar100() -> str | None:
     h = C100_HEADLINE
     selection, ckpt = load(h["selection"]) or {}, h["checkpoint"]
     heads = [r for store in sorted((ROOT / "results").glob(h["stores"])) for r in load(store.name) or []
-             if r["checkpoint"] == ckpt and r["point"] in ("calibrated", "paper threshold")]
+             if r["checkpoint"] == ckpt and r["point"] in ("calibrated", "guaranteed", "paper threshold")]
     if not heads:
         return "CIFAR-100: no hybrid of the design-space sweep ([docs/sweep.md](docs/sweep.md)) measured yet.\n"
     name = ckpt.rsplit("/", 1)[-1]
@@ -220,10 +231,13 @@ def readme_cifar100() -> str | None:
             + (" (chosen over " + ", ".join(str(c["epochs"]) for c in selection["candidates"] if c["checkpoint"] != ckpt)
                + f" epochs on validation: results/{h['selection']})" if selection.get("chosen") == ckpt else "") + ":\n\n"
             + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7)) + "\n\n")
-    cal = next((r for r in heads if r["point"] == "calibrated"), None)
+    guaranteed = next((r for r in heads if r["point"] == "guaranteed"), None)  # the checkpoint's exit policy then
+    if guaranteed:
+        text += f"*guaranteed*, the checkpoint's exit policy: {guarantee_text(guaranteed)}.\n\n"
+    cal = guaranteed or next((r for r in heads if r["point"] == "calibrated"), None)
     if cal and mains:
         drop, exits, red = mains[0]["accuracy"] - cal["accuracy"], cal["edge_fraction"], cal["reduction"]
-        text += ("Against issue 20's targets at the calibrated threshold: " + ", ".join([
+        text += (f"Against issue 20's targets at the {cal['point']} threshold: " + ", ".join([
             floor(f"exits {pct(exits)} %", exits, h["exits_min"], f"{100 * h['exits_min']:.0f} %",
                   f"{100 * (h['exits_min'] - exits):.2f} points"),
             floor(f"{red:.2f}x less energy", red, h["reduction_min"], f"{h['reduction_min']}x",
