@@ -10,28 +10,40 @@ Every network the trainer makes is exported (edge bits 1, 2, 4, 8 or 32, every r
 
 - A quantized conv is ``QuanConv``'s chain: BatchNorm as ``Mul`` + ``Add`` with the folded terms (PyTorch fuses
   them into one multiply-add: the results differ in the last bit at most), RSign's threshold as a per-channel
-  ``Sub`` (as torch computes it, after the BatchNorm), the activation quantizer, the integer conv, its scale in
-  float, then RPReLU as ``Sub``, ``PRelu``, ``Add`` (before the residual ``Add``, as in torch).
+  ``Sub`` (as torch computes it, after the BatchNorm), the activation quantizer, the conv, then RPReLU as ``Sub``,
+  ``PRelu``, ``Add`` (before the residual ``Add``, as in torch).
 - **Binary conv**: ``QLinearConv`` on uint8 activations with zero point 1 (sign(x) = -1 -> 0, +1 -> 2; the padding
   value, the zero point, is exactly the 0 of training's zero padding) and int8 weights +-1, then the per-channel
   scale alpha in float. Its int32 sum is requantized to uint8 with scale ``s`` and zero point 128: ``s = 1`` when
   the fan-in 9 C is at most 127 (exact), else ``s = 2``: exact for even sums in [-256, 254] (a binary sum has the
   parity of its fan-in 9 C, so even for even C), saturated beyond, within one step (rounded half to even) for odd
   sums.
-- **k-bit conv** (Z = 2^k - 1): the quantizer's level index q = round((clip(z, -1, 1) + 1) * Z / 2) in 0..Z with
-  torch's own float32 operations (``Clip``, ``Add``, ``Mul``, ``Round``: half to even, as ``torch.round``), so q is
-  torch's whenever z is; the integer levels a = 2q - Z and w = 2r - Z (odd, in [-Z, Z]; the weight level index r
-  is computed from W / max|W[c]| as ``quant.quantize_weight`` does, stored as uint8); the exact integer sum S of
-  a * w over the valid taps (padding contributes 0, which is not a level); then ``S * s_c / Z^2`` in float.
-  ``QLinearConv`` cannot hold S: it requantizes its output to 8 bits, and S spans up to 2 * 9 C Z^2 + 1 values
-  (2-bit: 2,593 at C = 16). S is computed exactly instead, by the faster of two exact ways measured here
-  (``benchmarks/onnx_conv_speed.py``): float ``Conv`` on the integer levels, exact when 9 C Z^2 <= 2^24 (every
-  product and partial sum is then an integer that float32 holds exactly, whatever the summation order: every
-  2- and 4-bit layer up to 8,285 input channels, 8-bit layers up to 28), else ``ConvInteger`` on uint8 x uint8
-  (int32, exact), used by 8-bit layers wider than that: activations q with zero point 2^(k-1) and weights r with
-  zero point 2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1), a = 2t + 1, w = 2v + 1, so
-  S = 4 sum(t v) + 2 sum(t) + sum_valid(w): one extra output channel of ones gives sum(t), and sum_valid(w) (per
-  output channel and position: the borders have fewer taps) is a constant of the graph.
+- **k-bit conv** (Z = 2^k - 1). The quantizer's level index q = round((clip(z, -1, 1) + 1) * Z / 2) in 0..Z comes
+  from torch's own float32 operations (``Clip``, ``Add``, ``Mul``, ``Round``: half to even, as ``torch.round``), so
+  q is torch's whenever z is; the weight level index r (0..Z, from W / max|W[c]| as ``quant.quantize_weight``
+  computes it) is stored as uint8 with the scale s_c. Then one of two ``KBIT_MODES``:
+
+  ``torch`` (the default, what the onnx engine runs): float ``Conv`` on torch's own float values, activations
+  q (2 / Z) - 1 and weights (r (2 / Z) - 1) s_c, rebuilt with torch's float32 operations. It decides as the torch
+  engine does (``benchmarks/engine_agreement.py``): a k-bit network's decisions follow float rounding (a 4-bit
+  quantizer has 2^k - 1 rounding points in [-1, 1], and one level flipped by a rounding difference changes the
+  next layer's inputs enough to flip more), so an engine agrees with torch only if it computes torch's float
+  values, to the order of the sums.
+
+  ``exact``: the exact integer sum S of the levels a = 2q - Z and w = 2r - Z over the valid taps (padding
+  contributes 0, which is not a level), then ``S * s_c / Z^2`` in float: closer to the real-valued network than
+  torch's float32 sums, but a slightly different function of the weights, so it decides differently from the
+  torch engine on some images (measured on the 4-bit headline). ``QLinearConv`` cannot hold S: it requantizes its
+  output to 8 bits, and S spans up to 2 * 9 C Z^2 + 1 values (2-bit: 2,593 at C = 16). S is computed exactly
+  instead, by the faster of two exact ways (``benchmarks/onnx_conv_speed.py``): float ``Conv`` on the integer
+  levels, exact when 9 C Z^2 <= 2^24 (every product and partial sum is then an integer that float32 holds
+  exactly, whatever the summation order: every 2- and 4-bit layer up to 8,285 input channels, 8-bit layers up to
+  28), else ``ConvInteger`` on uint8 x uint8 (int32, exact), used by 8-bit layers wider than that: activations q
+  with zero point 2^(k-1) and weights r with zero point 2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1),
+  a = 2t + 1, w = 2v + 1, so S = 4 sum(t v) + 2 sum(t) + sum_valid(w): one extra output channel of ones gives
+  sum(t), and sum_valid(w) (per output channel and position: the borders have fewer taps) is a constant of the
+  graph. ONNX Runtime's ``ConvMulFusion`` would fold the scale into the weights and round every partial sum:
+  the engine's sessions disable it (``onnx_engine.KEEP_EXACT``).
 - Exit heads: BatchNorm, ``Relu``, ``AveragePool`` (kernel = stride = N for ``kN``) or ``GlobalAveragePool``,
   ``Flatten`` (channel-major, as ``torch.flatten``), then ``Gemm``, or with a hidden layer ``Gemm`` (no bias),
   the folded BatchNorm1d as ``Mul`` + ``Add``, ``Relu``, ``Gemm``.
@@ -50,6 +62,9 @@ from . import check_options
 from .packed import fold_bn
 
 OPSET = 17
+# k-bit convs: "torch" computes the torch engine's float arithmetic and decides as it does; "exact" computes the
+# exact integer sums (module docstring), a slightly different function of the same weights
+KBIT_MODES = ("torch", "exact")
 FLOAT_EXACT = 2**24  # float32 holds every integer of magnitude up to this exactly
 
 
@@ -78,9 +93,12 @@ def float_conv_exact(cin: int, bits: int) -> bool:
 class GraphBuilder:
     """Names, initializers and nodes of one graph; each method adds a step and returns its output name."""
 
-    def __init__(self):
-        self.onnx = _onnx()
+    def __init__(self, kbit: str = "torch"):
+        if kbit not in KBIT_MODES:
+            raise EngineError(f"kbit={kbit!r}: use one of {', '.join(KBIT_MODES)}")
+        self.onnx, self.kbit = _onnx(), kbit
         self.nodes, self.inits, self._n = [], [], 0
+        self.quantizer_inputs: list[str] = []  # every quantized conv's quantizer input, in order (for tracing)
 
     def name(self, base: str) -> str:
         self._n += 1
@@ -152,14 +170,30 @@ class GraphBuilder:
         s = self.op("Add", [self.op("Mul", [tv, self.const(4, np.int32)]), self.op("Mul", [t, self.const(2, np.int32)])])
         return self.op("Add", [s, self.const(valid.numpy(), np.int32)])
 
-    def kbit_conv(self, z: str, conv: nn.Conv2d, bits: int, size: int) -> str:
-        """k-bit activation quantizer -> exact integer conv of the levels -> times s_c / Z^2 (module docstring)."""
+    def kbit_conv_torch(self, z: str, conv: nn.Conv2d, bits: int) -> str:
+        """k-bit activation quantizer -> float Conv on torch's own float values: activations q (2 / Z) - 1 and
+        weights (r (2 / Z) - 1) s_c (stored as r in uint8 and s_c, rebuilt with the same float32 operations)."""
+        zz, tp = 2**bits - 1, self.onnx.TensorProto
+        r, s = weight_levels(conv.weight, bits)
+        a = self.op("Sub", [self.op("Mul", [self.level_index(z, bits), self.const(2.0 / zz)]), self.const(1.0)])
+        w = self.op("Mul", [self.op("Cast", [self.const(r.numpy(), np.uint8)], to=tp.FLOAT), self.const(2.0 / zz)])
+        w = self.op("Mul", [self.op("Sub", [w, self.const(1.0)]), self.const(s.view(-1, 1, 1, 1).numpy())])  # folded at load
+        return self.op("Conv", [a, w], pads=[1, 1, 1, 1], strides=[conv.stride[0]] * 2)
+
+    def kbit_conv(self, z: str, conv: nn.Conv2d, bits: int, size: int, integer: bool | None = None) -> str:
+        """k-bit activation quantizer -> conv: ``kbit_conv_torch`` (kbit="torch"), or the exact integer conv of
+        the levels times s_c / Z^2 (kbit="exact"; module docstring); ``integer``: ConvInteger (True) or float
+        Conv (False) for the exact sum instead of the choice by ``float_conv_exact``."""
+        if self.kbit == "torch":
+            return self.kbit_conv_torch(z, conv, bits)
         r, s = weight_levels(conv.weight, bits)
         q, stride = self.level_index(z, bits), conv.stride[0]
-        if float_conv_exact(r.shape[1], bits):
-            acc = self.kbit_sum_float(q, r, bits, stride)
-        else:
+        if integer is None:
+            integer = not float_conv_exact(r.shape[1], bits)
+        if integer:
             acc = self.op("Cast", [self.kbit_sum_integer(q, r, bits, stride, size)], to=self.onnx.TensorProto.FLOAT)
+        else:
+            acc = self.kbit_sum_float(q, r, bits, stride)
         return self.op("Mul", [acc, self.channel(s.double() / (2**bits - 1) ** 2)])
 
     def rprelu(self, y: str, m) -> str:
@@ -174,6 +208,8 @@ class GraphBuilder:
         z = self.bn(x, q.bn)
         if q.shift is not None:
             z = self.op("Sub", [z, self.channel(q.shift.bias)])
+        if q.bits != 32:
+            self.quantizer_inputs.append(z)
         if q.bits == 32:
             y = self.float_conv(self.op("Relu", [z]), q.conv)
         elif q.bits == 1:
@@ -226,11 +262,13 @@ class GraphBuilder:
         return m
 
 
-def edge_model(edge):
-    """The ONNX edge graph of an eval-mode ``EdgeNet`` (see the module docstring)."""
+def edge_model(edge, trace: bool = False, kbit: str = "torch"):
+    """The ONNX edge graph of an eval-mode ``EdgeNet`` (see the module docstring); ``kbit``: how k-bit convs
+    compute (``KBIT_MODES``). ``trace``: also output every quantized conv's quantizer input (after BatchNorm and
+    RSign) as ``quantizer_in_<k>``, k in network order."""
     cfg = edge.cfg
     check_options(cfg, "onnx")
-    g = GraphBuilder()
+    g = GraphBuilder(kbit)
     tp, h = g.onnx.TensorProto, g.onnx.helper
     x = g.op("Div", [g.op("Cast", ["images"], to=tp.FLOAT), g.const(255.0)])
     x = g.op("Div", [g.op("Sub", [x, g.channel(edge.normalize.mean)]), g.channel(edge.normalize.std)])
@@ -248,6 +286,9 @@ def edge_model(edge):
     g.op("Identity", [x], "features")
     c, s, _ = edge.feature_shape
     outputs.append(h.make_tensor_value_info("features", tp.FLOAT, ["N", c, s, s]))
+    for k, z in enumerate(g.quantizer_inputs if trace else []):
+        g.op("Identity", [z], f"quantizer_in_{k}")
+        outputs.append(h.make_tensor_value_info(f"quantizer_in_{k}", tp.FLOAT, ["N", "C", "H", "W"]))
     images = h.make_tensor_value_info("images", tp.UINT8, ["N", cfg.in_channels, cfg.image_size, cfg.image_size])
     return g.model([images], outputs, "hybridexit-edge")
 
