@@ -86,13 +86,14 @@ def reference(ckpt, images):
 
 
 class ThreadServer:
-    """A real uvicorn server on a loopback port, in a thread of this process."""
+    """A real uvicorn server on a loopback port, in a thread of this process; HTTPS with ``tls`` = (cert, key)."""
 
-    def __init__(self, checkpoint, settings: ServerSettings):
+    def __init__(self, checkpoint, settings: ServerSettings, tls: tuple[str, str] | None = None):
         self.model = CloudModel.from_checkpoint(checkpoint, "cpu")
         self.sock = bind_socket("127.0.0.1", 0)
-        self.url = url_of(self.sock)
-        self.server = make_server(self.model, settings, self.sock)
+        self.url = url_of(self.sock, tls is not None)
+        cert, key = tls or (None, None)
+        self.server = make_server(self.model, settings, self.sock, tls_cert=cert, tls_key=key)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         t_end = time.monotonic() + 30

@@ -141,7 +141,7 @@ def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accurac
 
 def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, write: bool = False,
                          device=None, progress: bool = False, fallback: tuple[str, float] | None = None,
-                         also: tuple[str, float] | None = None) -> dict:
+                         also: tuple[str, float] | None = None, policy_out=None) -> dict:
     """Choose thresholds for a checkpoint on its validation split; with ``write`` make them its exit policy
     (``exit_policy.json``; the previous policy is kept in its history). The result says what changed:
     ``previous_thresholds`` (None if the checkpoint had no policy) and ``written``.
@@ -152,11 +152,13 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     at the edge. The result names the target that was used. An invalid target or value still raises.
     ``also`` = (target, value) is chosen on the same validation pass and
     returned, never written, under the result's key "also" (same keys as the result).
+    ``policy_out``: write the chosen policy to this file instead (``policy.write_policy_file``; the checkpoint's
+    own policy stays), for ``--policy FILE``.
     """
     from . import checkpoint as ck
     from .energy import energy_report
     from .evaluate import collect_exit_stats
-    from .policy import ExitPolicy, write_policy
+    from .policy import ExitPolicy
 
     model, meta = ck.load_model(path)
     if device:
@@ -178,18 +180,30 @@ def calibrate_checkpoint(path, ds, target: str, value: float, plot_path=None, wr
     result["written"] = bool(write)
     if plot_path:
         plot(points, best, report, stats.cloud_accuracy, plot_path)
-    if write:
-        chosen = {"method": "target", "split": "val", "n": len(val), "target": target, "value": value,
-                  "data_checksum": ds.content, "val_images": len(val),
-                  "exit_fraction": list(best.exit_fraction)}  # per exit, on val: the audit's drift reference
-        write_policy(path, ExitPolicy(best.thresholds, temps, chosen, None))
+    chosen = {"method": "target", "split": "val", "n": len(val), "target": target, "value": value,
+              "data_checksum": ds.content, "val_images": len(val),
+              "exit_fraction": list(best.exit_fraction)}  # per exit, on val: the audit's drift reference
+    _keep(path, ExitPolicy(best.thresholds, temps, chosen, None), write, policy_out, result)
     if also:
         result["also"] = result_for(*also, choose(points, *also, stats.cloud_accuracy))
     return result
 
 
+def _keep(path, policy, write: bool, policy_out, result: dict) -> None:
+    """The chosen policy becomes the checkpoint's (``write``) or goes to its own file (``policy_out``)."""
+    from . import checkpoint as ck
+    from .policy import write_policy, write_policy_file
+
+    if write:
+        write_policy(path, policy)
+    if policy_out:
+        write_policy_file(policy_out, policy, path, ck.fingerprint(path))
+    result["policy_out"] = str(policy_out) if policy_out else None
+
+
 def calibrate_risk(path, ds, eps: float, delta: float, kind: str = "disagreement", form: str = "conditional",
-                   temperature: bool = False, write: bool = False, device=None, progress: bool = False) -> dict:
+                   temperature: bool = False, write: bool = False, device=None, progress: bool = False,
+                   policy_out=None) -> dict:
     """Thresholds (and, with ``temperature``, per-exit temperatures) certified by Learn then Test on the
     validation split (``risk.ltt_policy``: risk <= eps with probability >= 1 - delta); with ``write`` they become
     the checkpoint's exit policy, guarantee included. Same result keys as ``calibrate_checkpoint`` plus
@@ -197,7 +211,6 @@ def calibrate_risk(path, ds, eps: float, delta: float, kind: str = "disagreement
     from . import checkpoint as ck
     from .energy import energy_report
     from .evaluate import collect_exit_stats
-    from .policy import write_policy
     from .risk import ltt_policy
 
     model, meta = ck.load_model(path)
@@ -217,6 +230,5 @@ def calibrate_risk(path, ds, eps: float, delta: float, kind: str = "disagreement
               "cloud_accuracy": stats.cloud_accuracy, **point.to_dict(report),
               "temperatures": list(policy.temperatures), "guarantee": policy.guarantee,
               "previous_thresholds": list(old.thresholds) if old is not None else None, "written": bool(write)}
-    if write:
-        write_policy(path, policy)
+    _keep(path, policy, write, policy_out, result)
     return result

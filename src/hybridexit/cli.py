@@ -16,6 +16,7 @@ from .cli_types import (
     fraction,
     non_negative_float,
     non_negative_int,
+    open_fraction,
     output_dir,
     output_file,
     positive_float,
@@ -28,6 +29,8 @@ DATA_DIR_HELP = ("folder holding the official CIFAR archive or its extracted fol
                  "then the user cache, where a missing dataset is downloaded)")
 DEVICE_HELP = "torch device: cpu, cuda, cuda:1 ... (default: cuda when present)"
 JSON_HELP = "print one JSON object (full precision) instead of the table"
+POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresholds, temperatures, guarantee), as "
+               "`calibrate --policy-out FILE` writes it")
 
 
 def _net_args(p: argparse.ArgumentParser, classes_default=10):
@@ -129,6 +132,8 @@ def human(key: str, v) -> str:
     (``--json`` keeps full precision)."""
     if v is None:
         return "n/a"
+    if isinstance(v, dict):
+        return v["error"] if set(v) == {"path", "error"} else ", ".join(f"{k} {human(k, x)}" for k, x in v.items())
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(human(key, x) for x in v) + "]"
     if isinstance(v, float) and ("fraction" in key or "accuracy" in key or "rate" in key):
@@ -140,7 +145,9 @@ def human(key: str, v) -> str:
 
 
 def format_table(d: dict) -> str:
-    return "\n".join(f"{k:<18}{human(k, v)}" for k, v in d.items())
+    """One line per key: the key, padded to the longest one, then its value as ``human`` writes it."""
+    w = max((len(k) for k in d), default=0) + 2
+    return "\n".join(f"{k:<{w}}{human(k, v)}" for k, v in d.items())
 
 
 def cmd_summary(a):
@@ -194,24 +201,31 @@ def _load_data_for(meta, a):
 
 
 def cmd_evaluate(a):
-    from .checkpoint import load_model, split_of
+    from .checkpoint import fingerprint, load_model, split_of
     from .evaluate import evaluate_checkpoint_summary
     from .hybrid import resolve_thresholds
+    from .policy import read_policy_file
 
     model, meta = load_model(a.checkpoint)
-    policy = meta["policy"]
+    policy = read_policy_file(a.policy, fingerprint(a.checkpoint)) if a.policy else meta["policy"]
     thresholds = a.thresholds if a.thresholds is not None else (policy.thresholds if policy else None)
     temperatures = policy.temperatures or None if policy else None
     resolve_thresholds(model.cfg, thresholds)  # none or a wrong count: refused before the data is read
     _codec_choice(a)  # so is a codec the checkpoint's cloud half cannot read
-    paths = None
+    folder = None
     if a.images:  # an image folder (FOLDER/<class>/*.png, classes named as the checkpoint's) instead of a split
         from .data import Split
         from .runtime.client import inputs_from_folder
 
         classes = meta.get("data", {}).get("classes")
-        inp = inputs_from_folder(a.images, classes).head(a.limit)
-        split, where, paths = Split(inp.images, inp.labels, "images"), inp.description, inp.paths
+        folder = inputs_from_folder(a.images, classes).head(a.limit)
+        ok = folder.readable
+        if not ok:
+            from .errors import DatasetError
+
+            raise DatasetError(f"none of the {len(folder.labels)} images in {a.images} could be read (first: "
+                               f"{next(iter(folder.errors.values()))})")
+        split, where = Split(folder.images[ok], folder.labels[ok], "images"), folder.description
     else:
         ds = _load_data_for(meta, a)
         split, where, classes = split_of(a.checkpoint, ds, a.split).limit(a.limit), a.split, ds.classes
@@ -221,17 +235,39 @@ def cmd_evaluate(a):
         summary["cloud_accuracy"] = None
     coded = _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary)
     summary = {"checkpoint": a.checkpoint, "split": where, "engine": a.engine, **summary}
+    if folder is not None:  # every file accounted for: n counts the answered images only
+        summary.update(inputs=len(folder.labels), unreadable_inputs=len(folder.errors), **folder.folder_summary())
     if a.out:
-        def extra(i):
-            return {"prediction": int(coded["predictions"][i]), "payload_bytes": int(coded["payload_bytes"][i])} \
-                if coded else {}
-        with open(a.out, "w") as f:
-            f.writelines(json.dumps({**r.to_json(classes), **extra(r.index), **({"path": paths[r.index]} if paths else {})})
-                         + "\n" for r in recs)
+        _write_evaluate_records(a.out, recs, classes, coded, folder)
     if a.json:
         print(json.dumps(summary))
     else:
         print(format_table(summary))
+
+
+def _write_evaluate_records(out, recs, classes, coded, folder) -> None:
+    """evaluate --out: one JSON record per input, in input order; an unreadable file of an image folder gets the
+    record ``edge`` gives it (``decided_at: "unreadable"``, no prediction, the reason in ``error``)."""
+    from .runtime.client import unreadable_record
+
+    def line(r):
+        d = r.to_json(classes)
+        if coded:
+            d.update(prediction=int(coded["predictions"][r.index]), payload_bytes=int(coded["payload_bytes"][r.index]))
+        if folder is not None:
+            d["index"] = folder.readable[r.index]
+            d["path"] = folder.paths[d["index"]]
+        return d
+
+    rows = [line(r) for r in recs]
+    if folder is not None:
+        for i, e in folder.errors.items():
+            u = {k: v for k, v in unreadable_record(i, int(folder.labels[i]), e, classes).items()
+                 if k not in ("latency_ms", "payload_bytes")}
+            rows.append({**u, "path": folder.paths[i]})
+        rows.sort(key=lambda d: d["index"])
+    with open(out, "w") as f:
+        f.writelines(json.dumps(d) + "\n" for d in rows)
 
 
 def cmd_export(a):
@@ -313,11 +349,12 @@ def cmd_calibrate(a):
         from .calibrate import calibrate_risk
 
         res = calibrate_risk(a.checkpoint, ds, a.risk, a.delta, a.risk_kind, a.risk_form, a.temperature,
-                             write=a.write, progress=not a.json)
+                             write=a.write, progress=not a.json, policy_out=a.policy_out)
     else:
         target, value = next((t, v) for t, v in (("max_drop", a.max_drop), ("exit_fraction", a.exit_fraction),
                                                  ("min_accuracy", a.min_accuracy)) if v is not None)
-        res = calibrate_checkpoint(a.checkpoint, ds, target, value, a.plot, write=a.write, progress=not a.json)
+        res = calibrate_checkpoint(a.checkpoint, ds, target, value, a.plot, write=a.write, progress=not a.json,
+                                   policy_out=a.policy_out)
     if a.json:
         print(json.dumps(res))
         return
@@ -331,8 +368,13 @@ def cmd_calibrate(a):
         g = res["guarantee"]
         print(f"guarantee: {g['statement']} (Learn then Test on {g['n']} images, lambda {g['lambda']:.3f}, risk there "
               f"{g['risk_hat']:.4f}); temperatures {fmt(res['temperatures'] or None)}")
-    print(f"written to {a.checkpoint}/exit_policy.json (the previous policy is kept in its history)" if res["written"]
-          else "dry run: nothing written (pass --write to make these the checkpoint's exit policy)")
+    if res["policy_out"]:
+        print(f"written to {res['policy_out']}; {a.checkpoint}'s own policy is unchanged. Use it with --policy "
+              f"{res['policy_out']} on evaluate and edge")
+    else:
+        print(f"written to {a.checkpoint}/exit_policy.json (the previous policy is kept in its history)" if res["written"]
+              else "dry run: nothing written (pass --policy-out FILE to keep these in a file of their own, or --write "
+                   "to make them the checkpoint's exit policy)")
 
 
 def cmd_sweep(a):
@@ -360,7 +402,7 @@ def cmd_sweep(a):
 def cmd_report(a):
     from .report import write_report
 
-    for path in write_report(results_dir=a.results_dir, docs=a.docs, epochs=a.epochs):
+    for path in write_report(results_dir=a.results_dir, docs=a.docs, epochs=a.epochs, force=getattr(a, "force", False)):
         print(path)
 
 
@@ -439,6 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="val and train: the checkpoint's own hold-out and training images")
     v.add_argument("--thresholds", type=threshold, nargs="*", default=None,
                    help="exit thresholds, one per exit (default: the checkpoint's exit policy)")
+    v.add_argument("--policy", type=existing_file, default=None, metavar="FILE", help=POLICY_HELP)
     v.add_argument("--images", type=existing_dir, default=None,
                    help="a folder of images instead of a split: FOLDER/<class>/*.png (class names as the checkpoint's, "
                         "like torchvision's ImageFolder) or FOLDER/*.png (unlabelled)")
@@ -487,9 +530,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-drop", type=fraction, help="most exits within this accuracy drop (fraction, e.g. 0.01)")
     g.add_argument("--exit-fraction", type=fraction, help="this fraction of samples decided at the edge")
     g.add_argument("--min-accuracy", type=fraction, help="lowest energy with at least this accuracy (fraction)")
-    g.add_argument("--risk", type=fraction, metavar="EPS",
+    g.add_argument("--risk", type=open_fraction, metavar="EPS",
                    help="Learn then Test: thresholds whose risk is <= EPS with probability >= 1 - DELTA (docs/trust.md)")
-    c.add_argument("--delta", type=fraction, default=0.1, help="with --risk: allowed failure probability (default 0.1)")
+    c.add_argument("--delta", type=open_fraction, default=0.1,
+                   help="with --risk: allowed failure probability, between 0 and 1 (default 0.1)")
     c.add_argument("--risk-kind", choices=["disagreement", "label"], default="disagreement",
                    help="with --risk: exited answers that differ from the full network's (default) or are wrong")
     c.add_argument("--risk-form", choices=["conditional", "joint"], default="conditional",
@@ -500,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     w = c.add_mutually_exclusive_group()
     w.add_argument("--write", action="store_true", help="make the chosen thresholds the checkpoint's exit policy")
     w.add_argument("--dry-run", action="store_true", help="only print what would change (the default)")
+    w.add_argument("--policy-out", type=output_file, default=None, metavar="FILE",
+                   help="write the chosen policy to FILE, for evaluate/edge --policy FILE, leaving the checkpoint's "
+                        "own exit policy as it is (e.g. to try a guarantee on a shipped checkpoint)")
     c.add_argument("--json", action="store_true", help=JSON_HELP)
     c.set_defaults(func=cmd_calibrate)
 
@@ -539,6 +586,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="markdown file whose generated section is rewritten")
     r.add_argument("--epochs", type=positive_int, default=None,
                    help="report the rows of a schedule override (sweep --epochs N: results/sweep-<dataset>-epN.json)")
+    r.add_argument("--force", action="store_true",
+                   help="rewrite the generated section even when it would hold fewer results than now (more cells "
+                        "'missing'); without it such a report is refused and nothing is written")
     r.set_defaults(func=cmd_report)
 
     try:
@@ -563,6 +613,11 @@ def guarded(fn, prog: str = "hybridexit") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as e:  # an optional dependency this command needs is not installed
+        print(f"{prog}: error: {e}: this command needs the Python package {e.name!r}; install the hybridexit extra "
+              f"its docs name (pip install 'hybridexit[runtime]', '[onnx]', '[packed]', '[codecs]' or '[ray]')",
+              file=sys.stderr)
+        return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141

@@ -100,6 +100,15 @@ def fraction(v: str) -> float:
     return x
 
 
+def open_fraction(v: str) -> float:
+    """A probability strictly between 0 and 1 (a risk level or a failure probability: 0 could never be certified,
+    1 certifies nothing)."""
+    x = _number(v)
+    if not 0 < x < 1:
+        raise BadValue(f"{v} is not allowed: give a number strictly between 0 and 1 (e.g. 0.05)")
+    return x
+
+
 def threshold(v: str) -> float:
     """An exit's entropy threshold (nats): a number >= 0; ``inf`` lets everything that reaches the exit stop."""
     from .errors import ConfigError

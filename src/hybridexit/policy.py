@@ -94,6 +94,11 @@ def read_policy(ckpt) -> ExitPolicy | None:
     f = _file(ckpt)
     if not f.is_file():
         return _migrated(ckpt)
+    return _record(f)[0]
+
+
+def _record(f: Path) -> tuple[ExitPolicy, dict]:
+    """The current policy of a policy record file, and the whole record."""
     try:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
@@ -101,9 +106,35 @@ def read_policy(ckpt) -> ExitPolicy | None:
     if not isinstance(d, dict) or d.get("format") != FORMAT or "current" not in d:
         raise CheckpointError(f"{f}: not an exit policy record (format {FORMAT} with 'current' expected)")
     try:
-        return ExitPolicy.from_dict(d["current"])
+        return ExitPolicy.from_dict(d["current"]), d
     except ConfigError as e:
         raise CheckpointError(f"{f}: {e}") from None
+
+
+def read_policy_file(path, fingerprint: str | None = None) -> ExitPolicy:
+    """An exit policy kept apart from any checkpoint (``calibrate --policy-out FILE``; or a checkpoint's own
+    exit_policy.json), for ``--policy FILE``. A file written for another checkpoint (its recorded weights'
+    fingerprint differs from ``fingerprint``) is refused."""
+    f = Path(path)
+    if not f.is_file():
+        raise CheckpointError(f"policy file {f} not found (write one with calibrate ... --policy-out {f})")
+    policy, d = _record(f)
+    made_for = (d.get("checkpoint") or {}).get("fingerprint")
+    if fingerprint and made_for and made_for != fingerprint:
+        raise ConfigError(f"{f} was calibrated for the checkpoint {d['checkpoint'].get('path')} (fingerprint "
+                          f"{made_for}), not this one ({fingerprint}): calibrate this checkpoint instead")
+    return policy
+
+
+def write_policy_file(path, policy: ExitPolicy, checkpoint: str, fingerprint: str) -> None:
+    """Write ``policy`` to its own file (the format of exit_policy.json, naming the checkpoint and its weights'
+    fingerprint), leaving the checkpoint's policy as it is."""
+    body = {"format": FORMAT, "current": policy.to_dict(), "history": [],
+            "checkpoint": {"path": str(checkpoint), "fingerprint": fingerprint}}
+    f = Path(path)
+    tmp = f.with_name(f.name + ".tmp")
+    tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")
+    tmp.replace(f)
 
 
 def policy_history(ckpt) -> list[dict]:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 from pathlib import Path
+
+from .errors import HybridExitError
 
 BITS = (1, 2, 4)
 LAYERS = (10, 16, 20, 24)
@@ -97,7 +100,7 @@ def reference_point(dataset: str, rows: list[dict], results_dir: Path) -> tuple[
     name = f"{DATASETS[dataset]['prefix']}-r32-fp32"
     for r in (bench.get("points", []) if isinstance(bench, dict) else []):
         if r["name"] == name:
-            return r, f"results/{dataset}.json, {name}"
+            return r, f"{results_dir.as_posix()}/{dataset}.json, {name}"
     return None, "missing"
 
 
@@ -325,16 +328,47 @@ def _spec_names(path) -> list[str]:
         return []
 
 
+class ReportError(HybridExitError):
+    """The report would be generated from no results, or would replace a generated section with an emptier one."""
+
+
 def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/paper-cifar10.toml",
                                                                       "sweeps/paper-cifar100.toml"),
-                 epochs: int | None = None) -> list[str]:
+                 epochs: int | None = None, force: bool = False) -> list[str]:
     """Regenerate the figures, Table III's JSON and the generated section of ``docs``; returns the paths written.
-    ``epochs``: report the stores of a schedule override (``sweep --epochs N``: ``sweep-<dataset>-epN.json``)."""
+    ``epochs``: report the stores of a schedule override (``sweep --epochs N``: ``sweep-<dataset>-epN.json``).
+
+    Refuses (``ReportError``, nothing written) a results folder with no sweep store, and a section with more cells
+    marked "missing" than the one it would replace (results that a typo in the folder name would erase), unless
+    ``force``."""
     results_dir, tag = Path(results_dir), "" if epochs is None else f"-ep{epochs}"
-    results_dir.mkdir(parents=True, exist_ok=True)
+    want = [results_dir / f"sweep-{d}{tag}.json" for d in DATASETS]
+    if not results_dir.is_dir() or not any(f.is_file() for f in want):
+        raise ReportError(f"no sweep results in {results_dir} ({' or '.join(f.name for f in want)}, written by "
+                          f"`hybridexit sweep`): give --results-dir the folder that holds them; nothing written")
     stores = {d: load_rows(results_dir / f"sweep-{d}{tag}.json") for d in DATASETS}
     found = {d: reference_point(d, stores[d], results_dir) for d in DATASETS}
     refs, refs_src = {d: f[0] for d, f in found.items()}, {d: f[1] for d, f in found.items()}
+    t3 = table3_rows(100, stores["cifar100"])
+    bench = load_rows(results_dir / "cifar10.json")
+    names = {Path(s).stem.replace("paper-", ""): _spec_names(s) for s in sweeps}
+    docs = Path(docs)
+    rdir, img = results_dir.as_posix(), Path(os.path.relpath(results_dir, docs.parent)).as_posix()
+    section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag, rdir, img)
+    if not tag:
+        section += schedules_md(results_dir, stores, rdir)
+    tf32 = results_dir / "tf32.json"
+    if tf32.exists():
+        section += "\n\n" + tf32_md(json.loads(tf32.read_text()))
+    text = docs.read_text() if docs.exists() else f"# Design-space sweeps\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
+    head, rest = text.split(BEGIN, 1)
+    before = rest.split(END, 1)[0]
+    old, new = before.count("missing"), section.count("missing")
+    if "\n|" in before and new > old and not force:  # (a section without tables was never generated from rows)
+        raise ReportError(f"the rows in {results_dir} would leave {new} cells of {docs} missing where it now has {old}: "
+                          f"check --results-dir (and --epochs), or pass --force to replace them; nothing written")
     written = []
     for d, info in DATASETS.items():
         p = results_dir / f"{info['fig']}-{d}{tag}.png"
@@ -343,30 +377,16 @@ def write_report(results_dir="results", docs="docs/sweep.md", sweeps=("sweeps/pa
     p = results_dir / f"fig5-cifar100{tag}.png"
     plot_fig5(stores["cifar100"], p)
     written.append(str(p))
-    t3 = table3_rows(100, stores["cifar100"])
     p = results_dir / f"table3-energy{tag}.json"
     p.write_text(json.dumps({"unit": "mJ per 10,000 images", "network": "ResNet-32, CIFAR-100, one exit at the edge",
                              "rows": t3}, indent=1) + "\n")
     written.append(str(p))
-    bench = load_rows(results_dir / "cifar10.json")
-    names = {Path(s).stem.replace("paper-", ""): _spec_names(s) for s in sweeps}
-    section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag)
-    if not tag:
-        section += schedules_md(results_dir, stores)
-    tf32 = results_dir / "tf32.json"
-    if tf32.exists():
-        section += "\n\n" + tf32_md(json.loads(tf32.read_text()))
-    docs = Path(docs)
-    text = docs.read_text() if docs.exists() else f"# Design-space sweeps\n\n{BEGIN}\n{END}\n"
-    if BEGIN not in text or END not in text:
-        text = text.rstrip("\n") + f"\n\n{BEGIN}\n{END}\n"
-    head, rest = text.split(BEGIN, 1)
     docs.write_text(head + BEGIN + "\n" + section + "\n" + END + rest.split(END, 1)[1])
     written.append(str(docs))
     return written
 
 
-def schedules_md(results_dir: Path, grids: dict) -> str:
+def schedules_md(results_dir: Path, grids: dict, rdir: str = "results") -> str:
     """The points trained again on a longer schedule (``sweep --epochs N`` stores), each table beside the grid's rows
     (``grids``: dataset -> rows, as loaded by ``write_report``) of the same points, and a schedule choice recorded on
     validation (``*-selection.json`` with ``candidates``, benchmarks/schedule_select.py)."""
@@ -376,8 +396,8 @@ def schedules_md(results_dir: Path, grids: dict) -> str:
         for store in sorted(results_dir.glob(f"sweep-{d}-ep*.json")):
             rows = load_rows(store)
             names = sorted({r["name"] for r in rows} - {"fp32"})
-            parts.append(f"{info['label']}, results/{store.name}:\n\n" + points_md(names, rows)
-                         + f"\n\nThe same points in the grid (results/sweep-{d}.json):\n\n" + points_md(names, grid))
+            parts.append(f"{info['label']}, {rdir}/{store.name}:\n\n" + points_md(names, rows)
+                         + f"\n\nThe same points in the grid ({rdir}/sweep-{d}.json):\n\n" + points_md(names, grid))
     for sel in sorted(results_dir.glob("*-selection.json")):
         data = json.loads(sel.read_text())
         if "candidates" not in data:  # a selection of another kind
@@ -385,24 +405,26 @@ def schedules_md(results_dir: Path, grids: dict) -> str:
         body = [[c["checkpoint"], c["epochs"], ", ".join(f"{t:.3g}" for t in c["thresholds"]), _pct(c["val_accuracy"]),
                  _pct(c["val_edge_fraction"]), f"{c['val_reduction']:.2f}x",
                  "chosen" if c["checkpoint"] == data["chosen"] else ""] for c in data["candidates"]]
-        parts.append(f"Schedule chosen on validation (results/{sel.name}; rule: {data['rule']}):\n\n"
+        parts.append(f"Schedule chosen on validation ({rdir}/{sel.name}; rule: {data['rule']}):\n\n"
                      + _md(body, ["checkpoint", "epochs", "thresholds", "val accuracy %", "val exit %", "val reduction",
                                   ""]))
     return "\n\n### Longer training schedules\n\n" + "\n\n".join(parts) + "\n" if parts else ""
 
 
 def render_section(stores: dict, refs: dict, refs_src: dict, t3: list[dict], bench_c10: dict, names: dict,
-                   tag: str = "") -> str:
+                   tag: str = "", rdir: str = "results", img: str = "../results") -> str:
+    """The generated section; ``rdir``: the results folder as the text names it, ``img``: the same folder as the
+    figures' links see it from the doc's folder."""
     parts = []
     for d, info in DATASETS.items():
         ref = refs[d]
         grid = names.get(d) or sorted({r['name'] for r in stores[d] if r['name'] != 'fp32'})
         fp32 = "missing" if ref is None else f"{100 * ref['accuracy']:.2f} % test accuracy, {ref['expected_uj']:.1f} uJ per image"
-        parts.append(f"### {info['label']}: the grid ({len(stores[d])} rows in results/sweep-{d}{tag}.json)\n\n"
+        parts.append(f"### {info['label']}: the grid ({len(stores[d])} rows in {rdir}/sweep-{d}{tag}.json)\n\n"
                      f"FP32 reference ({refs_src[d]}): {fp32}.\n\n"
                      + points_md(grid, stores[d]) + tf32_note(grid, stores[d])
-                     + f"\n\n![Fig. 4 {info['label']}](../results/{info['fig']}-{d}{tag}.png)\n")
-    parts.append(f"### Fig. 5 (CIFAR-100: exits and accuracy vs edge layers)\n\n![Fig. 5](../results/fig5-cifar100{tag}.png)\n")
+                     + f"\n\n![Fig. 4 {info['label']}]({img}/{info['fig']}-{d}{tag}.png)\n")
+    parts.append(f"### Fig. 5 (CIFAR-100: exits and accuracy vs edge layers)\n\n![Fig. 5]({img}/fig5-cifar100{tag}.png)\n")
     parts.append("### What the paper states about Fig. 4 and Fig. 5, beside our rows\n\n" + statements_md(stores, refs))
     parts.append("### Table II: 16E+14C binary, joint vs separate optimization (paper threshold)\n\n"
                  + table2_md(stores, bench_c10))

@@ -19,6 +19,7 @@ it is tried again. Every input gets exactly one record.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import math
 import socket
 import ssl
@@ -27,6 +28,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import torch
@@ -91,6 +93,7 @@ class EdgeOptions:
     audit_eps: float | None = None  # the disagreement the audit holds the exits to (default: the policy's EPS)
     audit_seed: int = 0
     audit_burst_rate: float | None = None  # audit rate during a drift burst (runtime/audit.py)
+    insecure: bool = False  # allow the token over plain HTTP to a non-loopback address
 
     def __post_init__(self):
         from ..codecs import V1_NAMES, check_name
@@ -106,6 +109,11 @@ class EdgeOptions:
             raise ConfigError("retries, retry_backoff_ms and cooldown_s must be >= 0 and timeout_s > 0")
         if not self.cloud_url.startswith(("http://", "https://")):
             raise ConfigError(f"cloud URL {self.cloud_url!r} must start with http:// or https://")
+        host = urlsplit(self.cloud_url).hostname or ""
+        if self.token and self.cloud_url.startswith("http://") and not is_loopback(host) and not self.insecure:
+            raise ConfigError(f"{self.cloud_url} is plain HTTP to another machine: the bearer token and the features "
+                              f"would cross the network in clear; use https:// (with --ca if needed), or pass --insecure "
+                              f"on a network you trust")
         if self.ca is not None:
             tls_context(self.ca)  # a file that is not a CA certificate is refused now, not at the first request
 
@@ -136,6 +144,42 @@ def tls_context(ca: str | None = None) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=ca)
     except (ssl.SSLError, OSError) as e:
         raise ConfigError(f"cannot use CA certificate {ca} ({e}): a PEM file expected") from None
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def protocol_mismatch(url: str, timeout_s: float = 3.0) -> str | None:
+    """Why ``url`` cannot work when its server speaks the other protocol: an ``http://`` URL whose port completes a
+    TLS handshake, or an ``https://`` URL whose port answers plain HTTP. None when neither is seen (down, or another
+    fault: the caller's own error stands)."""
+    u = urlsplit(url)
+    tls = u.scheme == "https"
+    try:
+        port = u.port or (443 if tls else 80)
+    except ValueError:
+        return None
+    other = url.replace(f"{u.scheme}://", "http://" if tls else "https://", 1)
+    try:
+        with socket.create_connection((u.hostname, port), timeout=timeout_s) as s:
+            if tls:
+                s.sendall(b"GET /healthz HTTP/1.0\r\nHost: probe\r\n\r\n")
+                if s.recv(5) == b"HTTP/":
+                    return f"{u.hostname}:{port} answers plain HTTP, not TLS: use {other} (or serve with --tls-cert)"
+                return None
+            probe = ssl.create_default_context()
+            probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE  # only: does it speak TLS at all?
+            with probe.wrap_socket(s, server_hostname=u.hostname):
+                return f"{u.hostname}:{port} speaks TLS: use {other}"
+    except (OSError, ssl.SSLError):
+        return None
 
 
 def _root(e: BaseException) -> BaseException:
@@ -306,10 +350,13 @@ class EdgeRunner:
         try:
             info = self.cloud.info()
         except CloudRejected as e:
-            if e.code == "tls_verify_failed":
+            if e.code in ("tls_verify_failed", "protocol_mismatch"):
                 raise
             raise e.with_context("", ". Check --token-file / HYBRIDEXIT_TOKEN and the --cloud URL") from None
         except CloudUnavailable as e:
+            why = protocol_mismatch(self.cloud.url, self.opt.timeout_s)
+            if why:  # not an outage: this URL can never work, whatever the failure policy
+                raise CloudRejected(f"{self.cloud.url}: {why}", 0, "protocol_mismatch", e.attempts) from None
             if self.opt.on_cloud_failure == "error":
                 raise
             warnings.warn(f"{e}; samples that do not exit will fall back to the edge's answer while the cloud is "
@@ -422,6 +469,7 @@ class Inputs:
     paths: list[str] | None = None
     description: str = ""
     errors: dict[int, str] = field(default_factory=dict)  # index -> why that input could not be read
+    skipped: list[str] = field(default_factory=list)  # files of an image folder that are not images (not inputs)
 
     @property
     def labelled(self) -> bool:
@@ -432,20 +480,33 @@ class Inputs:
         if n is None:
             return self
         return Inputs(self.images[:n], self.labels[:n], self.paths[:n] if self.paths is not None else None,
-                      self.description, {i: e for i, e in self.errors.items() if i < n})
+                      self.description, {i: e for i, e in self.errors.items() if i < n}, self.skipped)
+
+    @property
+    def readable(self) -> list[int]:
+        """Indices of the inputs that could be read."""
+        return [i for i in range(len(self.labels)) if i not in self.errors]
+
+    def folder_summary(self) -> dict:
+        """What an image folder held besides the answered inputs: unreadable files (each with its reason) and files
+        skipped as not images; empty for a dataset split."""
+        if self.paths is None:
+            return {}
+        return {"unreadable": [{"path": self.paths[i], "error": e} for i, e in sorted(self.errors.items())],
+                "skipped_files": len(self.skipped), "skipped_examples": self.skipped[:5]}
 
 
 def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inputs:
     """A folder of image files: ``FOLDER/*.png`` (unlabelled) or ``FOLDER/<class>/*.png`` with class names from
-    the checkpoint (labelled). A file that cannot be read stays an input, with its reason in ``errors``."""
-    from ..data import IMAGE_EXTS, load_image_files
+    the checkpoint (labelled); any format Pillow reads. A file that cannot be read stays an input, with its reason
+    in ``errors``; files that are not images (by extension) are no inputs, listed in ``skipped``."""
+    from ..data import is_image_file, load_image_files
 
     root = Path(folder)
     if not root.is_dir():
         raise DatasetError(f"--images {root}: not a folder")
-    is_img = lambda p: p.is_file() and p.suffix.lower() in IMAGE_EXTS
-    flat = sorted(p for p in root.iterdir() if is_img(p))
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and any(is_img(p) for p in d.iterdir()))
+    flat = sorted(p for p in root.iterdir() if is_image_file(p))
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and any(is_image_file(p) for p in d.iterdir()))
     if flat and subdirs:
         raise DatasetError(f"{root} has both images and class folders with images: use one layout, "
                            f"FOLDER/*.png (unlabelled) or FOLDER/<class>/*.png (labelled)")
@@ -456,13 +517,16 @@ def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inp
             if d.name not in known:
                 raise DatasetError(f"{d}: {d.name!r} is not a class of this model (classes: {', '.join(known)}); "
                                    f"put unlabelled images directly in {root}")
-            for p in sorted(q for q in d.iterdir() if is_img(q)):
+            for p in sorted(q for q in d.iterdir() if is_image_file(q)):
                 paths.append(p)
                 labels.append(known.index(d.name))
     elif flat:
         paths, labels = flat, [-1] * len(flat)
     else:
-        raise DatasetError(f"no images in {root} (extensions {', '.join(IMAGE_EXTS)})")
+        raise DatasetError(f"no images in {root} (any format Pillow reads: .png, .jpg, .gif, .tif, .webp ...)")
+    taken = set(paths)
+    skipped = sorted(str(q.relative_to(root)) for d in [root, *subdirs] for q in d.iterdir()
+                     if q.is_file() and q not in taken)
     images = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
     errors = {}
     for i, p in enumerate(paths):
@@ -471,7 +535,7 @@ def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inp
         except DatasetError as e:
             errors[i] = str(e)
     return Inputs(images, torch.tensor(labels, dtype=torch.long), [str(p.relative_to(root)) for p in paths],
-                  f"images in {root}", errors)
+                  f"images in {root}", errors, skipped)
 
 
 def unreadable_record(index: int, label: int, error: str, classes: list[str] | None = None) -> dict:
@@ -589,6 +653,9 @@ def format_summary(s: dict) -> str:
     fb, bad = s.get("fallback_inputs", 0), s.get("unreadable_inputs", 0)
     rows = [("inputs", f"{s.get('inputs', s['n'])}" + (f"  ({bad} unreadable: no answer, see their records' error)"
                                                        if bad else ""))]
+    if s.get("skipped_files"):
+        rows.append(("skipped files", f"{s['skipped_files']} not images, no inputs (e.g. "
+                                      f"{', '.join(s['skipped_examples'])})"))
     if fb:
         rows.append(("FELL BACK", f"{fb} of {s['n']} inputs ({_fmt_pct(fb / s['n'])}): the cloud failed, the edge's "
                                   f"last exit answered"))
@@ -634,11 +701,12 @@ def format_summary(s: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- one call
 def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progress: bool = False,
-             on_record=None, codec_calibration: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
+             on_record=None, codec_calibration: torch.Tensor | None = None, policy=None) -> tuple[dict, list[dict]]:
     """Load the checkpoint, check the cloud, run every input, write ``out`` (JSONL, streamed), summarize.
 
     ``on_record(record)`` is called after each record is produced (progress, tests). ``codec_calibration``: the
-    validation features a q codec chooses its clip ranges on (``codecs.get``)."""
+    validation features a q codec chooses its clip ranges on (``codecs.get``). ``policy``: an exit policy to use
+    instead of the checkpoint's (``--policy FILE``)."""
     import json
 
     from .. import codecs
@@ -649,7 +717,7 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
     named = None
     if options.codec not in codecs.V1_NAMES:
         named = codecs.get(options.codec, checkpoint=checkpoint, calibration=codec_calibration)
-    runner = EdgeRunner(model, meta["policy"], fingerprint(checkpoint), options,
+    runner = EdgeRunner(model, policy or meta["policy"], fingerprint(checkpoint), options,
                         classes=meta.get("data", {}).get("classes"), feature_codec=named)
     recs: list[dict] = []
     with open(out, "w") if out else contextlib.nullcontext() as f, runner.cloud:

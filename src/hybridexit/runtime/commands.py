@@ -27,7 +27,10 @@ from ..cli_types import (
 )
 from ..codecs import LEARNED, QUANT_NAMES
 from ..errors import HybridExitError
+from ..threads import runtime_threads, runtime_threads_help
 
+POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresholds, temperatures, guarantee: "
+               "the audit's EPS and levels), as `calibrate --policy-out FILE` writes it")
 TOKEN_ON_COMMAND_LINE = ("a command line is visible to every user in ps; put the token in a file and pass "
                          "--token-file FILE, or set HYBRIDEXIT_TOKEN")
 
@@ -49,7 +52,8 @@ def cmd_serve(a) -> None:
 
     settings = ServerSettings(max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
                               max_request_bytes=a.max_request_bytes, request_timeout_s=a.request_timeout_s,
-                              max_queue_samples=a.max_queue, token=resolve_token(a.token_file))
+                              max_queue_samples=a.max_queue, token=resolve_token(a.token_file),
+                              idle_timeout_s=a.idle_timeout_s, header_timeout_s=a.header_timeout_s)
     serve(a.checkpoint, a.host, a.port, settings, device=a.device, threads=a.threads, log_level=a.log_level,
           tls_cert=a.tls_cert, tls_key=a.tls_key)
 
@@ -88,7 +92,8 @@ def cmd_edge(a) -> None:
         _require("zstandard")
     import torch
 
-    from ..checkpoint import read_config
+    from ..checkpoint import fingerprint, read_config
+    from ..policy import read_policy_file
     from .auth import resolve_token
     from .client import EdgeOptions, format_summary, run_edge
 
@@ -105,7 +110,7 @@ def cmd_edge(a) -> None:
                        on_cloud_failure=a.on_cloud_failure,
                        thresholds=tuple(a.thresholds) if a.thresholds is not None else None, device=a.device,
                        engine=a.engine, audit_rate=a.audit_rate, audit_eps=a.audit_eps, audit_seed=a.audit_seed,
-                       audit_burst_rate=a.audit_burst_rate)
+                       audit_burst_rate=a.audit_burst_rate, insecure=a.insecure)
     meta = read_config(a.checkpoint)
     if a.thresholds is not None:  # a wrong count is refused before any input is read
         from ..checkpoint import network_config
@@ -114,8 +119,11 @@ def cmd_edge(a) -> None:
         resolve_thresholds(network_config(meta), a.thresholds)
     inputs = _inputs(a, meta)
     calibration = _codec_calibration(a, meta) if a.codec in QUANT_NAMES else None
-    summary, _ = run_edge(a.checkpoint, inputs, opts, out=a.out, progress=not a.json, codec_calibration=calibration)
-    summary = {"checkpoint": a.checkpoint, "inputs": inputs.description, "cloud": a.cloud, **summary}
+    policy = read_policy_file(a.policy, fingerprint(a.checkpoint)) if a.policy else None
+    summary, _ = run_edge(a.checkpoint, inputs, opts, out=a.out, progress=not a.json, codec_calibration=calibration,
+                          policy=policy)
+    summary = {"checkpoint": a.checkpoint, "inputs": inputs.description, "cloud": a.cloud, **summary,
+               **inputs.folder_summary()}
     if a.json:
         print(json.dumps(summary))
     else:
@@ -144,10 +152,14 @@ def add_parsers(sub) -> None:
                    help="largest request body (and decoded tensor) accepted")
     s.add_argument("--request-timeout-s", type=positive_float, default=30.0,
                    help="per request: body, queue and compute")
+    s.add_argument("--idle-timeout-s", type=positive_float, default=15.0,
+                   help="close a connection that has no request under way (new, or kept alive) after this long")
+    s.add_argument("--header-timeout-s", type=positive_float, default=10.0,
+                   help="close a connection whose request headers are not complete this long after its first byte")
     s.add_argument("--max-queue", type=positive_int, default=4096,
                    help="samples allowed to wait; beyond, 503 overloaded")
     s.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    s.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--threads", type=positive_int, default=runtime_threads(), help=runtime_threads_help("server"))
     s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="server log level")
     s.set_defaults(func=cmd_serve)
@@ -160,6 +172,9 @@ def add_parsers(sub) -> None:
     e.add_argument("--token-file", type=existing_file, default=None,
                    help="file holding the server's bearer token (default: $HYBRIDEXIT_TOKEN)")
     e.add_argument("--token", action=refused(TOKEN_ON_COMMAND_LINE), help=argparse.SUPPRESS)
+    e.add_argument("--insecure", action="store_true",
+                   help="allow plain http:// to a non-loopback server with a token (refused by default: the token "
+                        "and the features would cross the network in clear)")
     e.add_argument("--ca", type=existing_file, default=None,
                    help="CA certificate (PEM) that signed the server's certificate (default: the system's CAs)")
     e.add_argument("--data-dir", type=existing_dir, default=None,
@@ -177,6 +192,7 @@ def add_parsers(sub) -> None:
                    help="inputs processed together (1: streaming, per-sample latency and bytes)")
     e.add_argument("--thresholds", type=threshold, nargs="*", default=None,
                    help="exit thresholds, one per exit (default: the checkpoint's exit policy)")
+    e.add_argument("--policy", type=existing_file, default=None, metavar="FILE", help=POLICY_HELP)
     e.add_argument("--timeout-s", type=positive_float, default=10.0, help="per HTTP attempt")
     e.add_argument("--retries", type=non_negative_int, default=2, help="retries of a failed request (after the first try)")
     e.add_argument("--retry-backoff-ms", type=non_negative_float, default=100.0,
@@ -186,7 +202,7 @@ def add_parsers(sub) -> None:
     e.add_argument("--on-cloud-failure", default="fallback", choices=["fallback", "error"],
                    help="fallback: answer with the last exit's prediction (marked); error: stop")
     e.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
-    e.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    e.add_argument("--threads", type=positive_int, default=runtime_threads(), help=runtime_threads_help("edge"))
     e.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
                    help="engine of the edge half (onnx, packed: CPU; the cloud half is unchanged)")
     e.add_argument("--audit-rate", type=float, default=0.0, metavar="P",

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import logging
 import signal
 import socket
@@ -39,6 +38,7 @@ from ..device import pick_device
 from ..errors import HybridExitError
 from . import wire
 from .auth import TOKEN_ENV
+from .client import is_loopback
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: same format, same --log-level
 
@@ -55,6 +55,8 @@ class ServerSettings:
     request_timeout_s: float = 30.0  # reading the body + queueing + computing, per request
     max_queue_samples: int = 4096  # samples waiting; beyond this, 503 (overloaded)
     token: str | None = None
+    idle_timeout_s: float = 15.0  # a connection with no request under way (new, or kept alive) is closed after this
+    header_timeout_s: float = 10.0  # from a request's first byte to its last header line
 
     def __post_init__(self):
         if self.max_batch < 1:
@@ -67,6 +69,8 @@ class ServerSettings:
             raise ServerConfigError(f"request_timeout_s={self.request_timeout_s}: must be > 0")
         if self.max_queue_samples < self.max_batch:
             raise ServerConfigError(f"max_queue_samples={self.max_queue_samples} must be >= max_batch={self.max_batch}")
+        if not (self.idle_timeout_s > 0 and self.header_timeout_s > 0):
+            raise ServerConfigError("idle_timeout_s and header_timeout_s must be > 0")
         if self.token is not None and len(self.token) < 8:
             raise ServerConfigError("the token must be at least 8 characters (e.g. `openssl rand -hex 16`)")
 
@@ -238,15 +242,6 @@ class Batcher:
                 start += it.n
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
     """The FastAPI application serving ``model``. ``on_ready()`` is called once the batcher runs."""
     # Long by nature: the routes and error handlers are closures over one app's model, settings, stats and batcher.
@@ -336,7 +331,7 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         check_token(request)
         return {"model": model.name, "fingerprint": model.fingerprint, "protocol": wire.PROTOCOL_VERSION,
                 "feature_shape": list(model.feature_shape), "num_classes": model.num_classes,
-                "codecs": [model.required_codec] if model.required_codec else [*wire.CODECS, *QUANT_NAMES],
+                "codecs": [model.required_codec] if model.required_codec else [*wire.CODECS, *QUANT_NAMES, *model.codecs],
                 "compression": ["zstd"], "device": str(model.device),
                 "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                 "max_request_bytes": settings.max_request_bytes, "request_timeout_s": settings.request_timeout_s}
@@ -365,6 +360,9 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         except asyncio.TimeoutError:
             raise RequestFailed(503, "timeout", f"no answer within the request timeout of {budget} s "
                                 "(server overloaded); retry later", {"Retry-After": "1"}) from None
+        if not bool(torch.isfinite(logits).all()):  # finite features so large that the float half overflows
+            raise RequestFailed(422, "non_finite_output", "the cloud half's output for these features is not finite: "
+                                "they are far outside what the edge half produces (check the sender and its codec)")
         stats.requests += 1
         stats.samples += len(x)
         if request.headers.get("x-hybridexit-audit") is not None:
@@ -451,6 +449,50 @@ def _uvicorn_server_class():
     return Server
 
 
+def _timed_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with the two timeouts it lacks. uvicorn closes a kept-alive connection that stays idle
+    after a response (``timeout_keep_alive``), but not a new connection that never sends a byte, nor one that sends
+    part of a request's headers and stops: each would hold one of ``limit_concurrency``'s slots for ever. Here a new
+    connection is idle from the start (the same ``timeout_keep_alive`` applies), and once a request's first byte has
+    arrived its headers must be complete within ``header_timeout_s`` (slow bytes do not extend it). The body has
+    the request timeout (``read_body``)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class TimedH11Protocol(H11Protocol):
+        _header_timer: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self.timeout_keep_alive_task = self.loop.call_later(self.timeout_keep_alive, self.timeout_keep_alive_handler)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)  # (cancels the idle timer)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():  # headers incomplete
+                if self._header_timer is None:
+                    self._header_timer = self.loop.call_later(header_timeout_s, self._header_timeout)
+            else:
+                self._cancel_header_timer()
+
+        def _cancel_header_timer(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _header_timeout(self) -> None:
+            self._header_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                prefix = "%s:%d - " % self.client if self.client else ""
+                self.logger.info("%sclosed: request headers incomplete after %g s", prefix, header_timeout_s)
+                self.transport.close()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_header_timer()
+            super().connection_lost(exc)
+
+    return TimedH11Protocol
+
+
 def make_server(model: CloudModel, settings: ServerSettings, sock: socket.socket, on_ready=None, log_level="warning",
                 tls_cert=None, tls_key=None):
     """A ``uvicorn.Server`` for ``model`` on an already bound socket (run it with ``server.run(sockets=[sock])``);
@@ -458,7 +500,8 @@ def make_server(model: CloudModel, settings: ServerSettings, sock: socket.socket
     import uvicorn
 
     app = create_app(model, settings, on_ready)
-    config = uvicorn.Config(app, log_level=log_level, access_log=False, timeout_keep_alive=30,
+    config = uvicorn.Config(app, log_level=log_level, access_log=False, http=_timed_protocol(settings.header_timeout_s),
+                            timeout_keep_alive=settings.idle_timeout_s,
                             limit_concurrency=4096, h11_max_incomplete_event_size=64 * 1024,
                             timeout_graceful_shutdown=settings.request_timeout_s + 5,
                             ssl_certfile=tls_cert, ssl_keyfile=tls_key)
