@@ -276,6 +276,7 @@ hybridexit summary --checkpoint checkpoints/{MAIN}
 # thresholds for another target, chosen on the checkpoint's validation split; a dry run writes nothing
 hybridexit calibrate checkpoints/{MAIN} --data-dir data --exit-fraction 0.62 --dry-run --plot calib.png
 # the cloud half as a server, the edge half as its client: it exits locally and sends only the rest
+# (each takes half of the machine's cores unless told --threads: the two share one machine here)
 export HYBRIDEXIT_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')
 hybridexit serve checkpoints/{MAIN} --port 8000 &
 until curl -sf http://127.0.0.1:8000/healthz >/dev/null; do sleep 1; done
