@@ -54,7 +54,7 @@ def kernels():
         # here instead, so a torch lock found while holding it is stale
         with FileLock(build / "build.lock"):
             (build / "lock").unlink(missing_ok=True)
-            return load(name="hybridexit_bconv", sources=[str(CSRC / "bconv.cpp")], extra_cflags=CFLAGS,
-                        build_directory=str(build), verbose=False)
+            return load(name="hybridexit_bconv", sources=[str(CSRC / "bconv.cpp"), str(CSRC / "kbit.cpp")],
+                        extra_cflags=CFLAGS, build_directory=str(build), verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         raise EngineError(f"building the packed engine's kernels failed: {str(e).splitlines()[0]}") from None

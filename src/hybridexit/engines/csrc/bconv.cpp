@@ -483,4 +483,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decide", &decide, "the whole edge decision: normalization, stem, blocks, exit heads, entropy, exit rule");
   m.def("best_isa", &best_isa, "best ISA level on this CPU: 0 portable, 1 avx2, 2 avx512bw, 3 avx512vpopcntdq");
   m.def("isa_name", [](int64_t i) { return std::string(kIsaNames[i]); });
+#if HX_HAVE_KBIT
+  m.def("run_kblocks", &run_kblocks, "a run of k-bit (2/4-bit) residual blocks, int8 dot products, fused epilogues");
+  m.def("kconv_int", &kconv_int, "exact integer sums of a k-bit 3x3 conv (padding 1)");
+  m.def("kconv_bitserial_int", &kconv_bitserial_int, "the same sums by bit-serial popcount (for measurement)");
+  m.def("kbit_best_isa", &kbit_best_isa, "best k-bit ISA level: 0 portable, 1 avx2, 2 avx512bw, 3 avx512vnni");
+#endif
 }
