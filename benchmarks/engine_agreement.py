@@ -193,6 +193,22 @@ def exact_onnx_decisions(model, split, thresholds, temperatures, batch_size: int
     return out
 
 
+def float64_decisions(model, split, thresholds, temperatures, batch_size: int) -> list:
+    """Decisions of the torch engine with the whole network in float64 (after ``Normalize``'s float32 x / 255)."""
+    import copy
+
+    from hybridexit.data import batches
+    from hybridexit.hybrid import conditional_inference
+    from hybridexit.records import decisions_from
+
+    edge, cloud = (copy.deepcopy(m).double().eval() for m in model.split())
+    out = []
+    for images, labels in batches(split, batch_size):
+        x = images.float().div_(255.0).double()  # Normalize takes floats in [0, 1] as they are (float32 first)
+        out.extend(decisions_from(conditional_inference(edge, cloud, x, thresholds, temperatures), labels, len(out)))
+    return out
+
+
 def update_rows(path: Path, row: dict) -> None:
     key = ("checkpoint", "engine", "kbit", "split")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
@@ -215,6 +231,9 @@ def main(argv=None) -> dict:
     p.add_argument("--torch-batch-check", type=int, default=None, metavar="B",
                    help="also run the torch engine at batch size B and count how often it agrees with itself at "
                         "--batch-size (the reference's own reproducibility)")
+    p.add_argument("--fp64-check", action="store_true",
+                   help="also run the torch engine in float64 (edge and cloud; the same float32 input scaling) and "
+                        "count how often float32 torch and the engine decide as it does")
     p.add_argument("--out", default="results/engine_agreement.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -248,6 +267,12 @@ def main(argv=None) -> dict:
     }
     if tracer:
         row["context"] = context(tracer, split.images[: a.trace_images], a.batch_size)
+    if a.fp64_check:
+        d64 = float64_decisions(model, split, thresholds, temperatures, a.batch_size)
+        row["float64_torch"] = {e: {"same_decision": sum(r.decided_at == t.decided_at for r, t in zip(runs[e], d64)),
+                                    "same_prediction": sum(r.prediction == t.prediction for r, t in zip(runs[e], d64)),
+                                    "same_both": sum((r.decided_at, r.prediction) == (t.decided_at, t.prediction)
+                                                     for r, t in zip(runs[e], d64))} for e in runs}
     if a.torch_batch_check:
         other = evaluate_conditional(model, split, thresholds, temperatures, a.torch_batch_check)
         row["torch_self_agreement"] = {

@@ -4,7 +4,8 @@
 
 One whole layer as ``onnx_export`` writes it (BatchNorm as Mul + Add, the activation quantizer, the conv, its scale)
 on the three ResNet-32 stage shapes (16 channels at 32x32, 32 at 16x16, 64 at 8x8; 3x3, stride 1), batch 1 and
-64, one thread, microseconds per image, each variant's fastest of ``--rounds`` interleaved rounds:
+64, one thread, microseconds per image, each variant's fastest of ``--rounds`` interleaved rounds (the machine's
+load average is recorded: on shared CPUs read the ratios within a row):
 
 - ``float_conv``: float ``Conv`` on torch's float levels (what the torch engine computes; not exact),
 - ``kbit_float_levels``: float ``Conv`` on the integer levels 2q - Z, 2r - Z (exact while 9 C Z^2 <= 2^24),
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -74,7 +76,7 @@ def main(argv=None) -> dict:
     import onnxruntime
 
     gen = torch.Generator().manual_seed(0)
-    rows = []
+    load_before, rows = os.getloadavg()[0], []
     for c, size in SHAPES:
         sessions = {v: session(layer(v, c, size, a.bits, gen)) for v in VARIANTS}
         for n in (1, 64):
@@ -93,7 +95,9 @@ def main(argv=None) -> dict:
             print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python benchmarks/onnx_conv_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "bits": a.bits, "threads": 1, "onnxruntime": onnxruntime.__version__, "cpu": platform.processor() or
-              platform.machine(), "rows": rows}
+              platform.machine(), "cpus": os.cpu_count(),
+              "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after: shared CPUs
+              "rows": rows}
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
 

@@ -32,18 +32,18 @@ Every network the trainer makes is exported (edge bits 1, 2, 4, 8 or 32, every r
 
   ``exact``: the exact integer sum S of the levels a = 2q - Z and w = 2r - Z over the valid taps (padding
   contributes 0, which is not a level), then ``S * s_c / Z^2`` in float: closer to the real-valued network than
-  torch's float32 sums, but a slightly different function of the weights, so it decides differently from the
-  torch engine on some images (measured on the 4-bit headline). ``QLinearConv`` cannot hold S: it requantizes its
-  output to 8 bits, and S spans up to 2 * 9 C Z^2 + 1 values (2-bit: 2,593 at C = 16). S is computed exactly
-  instead, by the faster of two exact ways (``benchmarks/onnx_conv_speed.py``): float ``Conv`` on the integer
-  levels, exact when 9 C Z^2 <= 2^24 (every product and partial sum is then an integer that float32 holds
-  exactly, whatever the summation order: every 2- and 4-bit layer up to 8,285 input channels, 8-bit layers up to
-  28), else ``ConvInteger`` on uint8 x uint8 (int32, exact), used by 8-bit layers wider than that: activations q
-  with zero point 2^(k-1) and weights r with zero point 2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1),
-  a = 2t + 1, w = 2v + 1, so S = 4 sum(t v) + 2 sum(t) + sum_valid(w): one extra output channel of ones gives
-  sum(t), and sum_valid(w) (per output channel and position: the borders have fewer taps) is a constant of the
-  graph. ONNX Runtime's ``ConvMulFusion`` would fold the scale into the weights and round every partial sum:
-  the engine's sessions disable it (``onnx_engine.KEEP_EXACT``).
+  torch's float32 sums, but a slightly different function of the weights, so it decides differently from the torch
+  engine on some images (measured on the 4-bit headline). ``QLinearConv`` cannot hold S: it requantizes its output
+  to 8 bits, and S spans up to 2 * 9 C Z^2 + 1 values (2-bit: 2,593 at C = 16). S is computed exactly instead, in
+  one of two ways that ran at about the speed of float ``Conv`` here (``benchmarks/onnx_conv_speed.py``;
+  ``QLinearConv`` ran several times faster): float ``Conv`` on the integer levels (fewer nodes), exact when 9 C Z^2
+  <= 2^24 (every product and partial sum is then an integer that float32 holds exactly, whatever the summation
+  order: every 2- and 4-bit layer up to 8,285 input channels, 8-bit layers up to 28), else ``ConvInteger`` on uint8
+  x uint8 (int32, exact), used by 8-bit layers wider than that: activations q with zero point 2^(k-1) and weights r
+  with zero point 2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1), a = 2t + 1, w = 2v + 1, so S = 4 sum(t v) + 2
+  sum(t) + sum_valid(w): one extra output channel of ones gives sum(t), and sum_valid(w) (per output channel and
+  position: the borders have fewer taps) is a constant of the graph. ONNX Runtime's ``ConvMulFusion`` would fold the
+  scale into the weights and round every partial sum: the engine's sessions disable it (``onnx_engine.KEEP_EXACT``).
 - Exit heads: BatchNorm, ``Relu``, ``AveragePool`` (kernel = stride = N for ``kN``) or ``GlobalAveragePool``,
   ``Flatten`` (channel-major, as ``torch.flatten``), then ``Gemm``, or with a hidden layer ``Gemm`` (no bias),
   the folded BatchNorm1d as ``Mul`` + ``Add``, ``Relu``, ``Gemm``.
