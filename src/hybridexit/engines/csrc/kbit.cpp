@@ -1,9 +1,9 @@
 // hybridexit k-bit integer engine (see kbit.h for the levels, layouts and ISA levels).
 //
 // Each image runs through a run of blocks in per-thread buffers: activation bytes in a (h + 2, w + 2, cp) buffer
-// whose border and spare channels hold u = Z (a = 0), float residual streams ping-ponging between two buffers.
-// A conv computes one output row of int32 sums at a time into a (wo, opad) scratch row (register tiles of pixels x
-// output channels, kbit_isa.inc), then runs the epilogue on each pixel of the row while the sums are in L1.
+// whose border holds u = Z (a = 0), float residual streams ping-ponging between two buffers. A conv computes the
+// int32 sums of a register tile of output pixels x output channels (kbit_isa.inc) and runs the epilogue on the
+// registers: the float output and the next conv's bytes are the only stores.
 #include "kbit.h"
 
 #include <ATen/Parallel.h>
@@ -128,6 +128,12 @@ QuantFn quant_fn(int isa) {
                               kx_isa3::quantize_image};
   return f[isa];
 }
+using BsPackFn = void (*)(const uint8_t*, int, int, int, int, uint64_t*);
+BsPackFn bs_pack_fn(int isa) {
+  static const BsPackFn f[] = {kx_isa0::bs_pack_image, kx_isa1::bs_pack_image, kx_isa2::bs_pack_image,
+                               kx_bs3::bs_pack_image};
+  return f[isa];
+}
 BsFn bs_fn(int isa) {
   static const BsFn f[] = {kx_isa0::bitserial_image, kx_isa1::bitserial_image, kx_isa2::bitserial_image,
                            kx_bs3::bitserial_image};
@@ -198,7 +204,17 @@ KJob kjob(const KLayer& l, const uint8_t* in, int h, int w, int stride, int32_t*
   return j;
 }
 
-void fill_border(std::vector<uint8_t>& buf, int z) { std::fill(buf.begin(), buf.end(), (uint8_t)z); }
+void fill_border(uint8_t* buf, int h, int w, int cp, int z) {
+  // the zero padding of a (h + 2, w + 2, cp) activation buffer: u = Z (a = 0). Spare channels (c >= cin) may hold
+  // anything: their weights are 0.
+  const size_t row = (size_t)(w + 2) * cp;
+  memset(buf, z, row);
+  memset(buf + (size_t)(h + 1) * row, z, row);
+  for (int y = 1; y <= h; ++y) {
+    memset(buf + (size_t)y * row, z, cp);
+    memset(buf + (size_t)y * row + (size_t)(w + 1) * cp, z, cp);
+  }
+}
 
 }  // namespace
 
@@ -218,7 +234,7 @@ torch::Tensor kconv_int(torch::Tensor u, torch::Tensor wk, torch::Tensor wbias, 
   KLayer l{};
   l.cin = cin; l.cout = (int)cout; l.opad = opad; l.wk = wk.data_ptr<int8_t>(); l.wbias = wbias.data_ptr<int32_t>();
   for (int i = 0; i < n; ++i) {
-    fill_border(buf, z);
+    fill_border(buf.data(), h, w, cp, z);
     const uint8_t* src = u.data_ptr<uint8_t>() + (size_t)i * h * w * cin;
     for (int y = 0; y < h; ++y)
       for (int x = 0; x < w; ++x)
@@ -262,15 +278,7 @@ torch::Tensor kconv_bitserial_int(torch::Tensor u, torch::Tensor w, int64_t bits
   j.wt = wt.data(); j.wpopw = wpopw.data(); j.cout = cout; j.opad = opad; j.cols = cols.data();
   for (int i = 0; i < n; ++i) {
     std::fill(planes.begin(), planes.end(), 0);
-    const uint8_t* src = u.data_ptr<uint8_t>() + (size_t)i * h * wd * cin;
-    for (int y = 0; y < h; ++y)
-      for (int x = 0; x < wd; ++x)
-        for (int c = 0; c < cin; ++c) {
-          const int q = src[((size_t)y * wd + x) * cin + c] / 2;
-          for (int b = 0; b < kb; ++b)
-            if ((q >> b) & 1)
-              planes[(((size_t)b * (h + 2) + y + 1) * (wd + 2) + x + 1) * cw + (c >> 6)] |= 1ull << (c & 63);
-        }
+    bs_pack_fn(isa)(u.data_ptr<uint8_t>() + (size_t)i * h * wd * cin, h, wd, cin, kb, planes.data());
     j.planes = planes.data();
     j.out = out.data_ptr<int32_t>() + (size_t)i * ho * wo * cout;
     bs_fn(isa)(j);
@@ -315,12 +323,12 @@ torch::Tensor run_kblocks(torch::Tensor x, std::vector<torch::Tensor> p, std::ve
     std::vector<int32_t> acc(maxacc);
     for (int64_t i = lo; i < hi; ++i) {
       const float* cur = xin + i * in_img;
-      fill_border(ua, zs[0]);
+      fill_border(ua.data(), hs[0], ws[0], cpad(l1[0].cin), zs[0]);
       quant(cur, hs[0], ws[0], l1[0].cin, l1[0].bn_a, l1[0].bn_b, l1[0].shift, 0.5f * zs[0], ua.data(), cpad(l1[0].cin));
       for (int b = 0; b < nb; ++b) {
         const int cin = l1[b].cin, cout = l1[b].cout, s = meta[4 * b + 2];
         // conv 1: bytes in ua -> RPReLU, BatchNorm 2, shift, quantize -> bytes in ub
-        fill_border(ub, zs[b]);
+        fill_border(ub.data(), hs[b + 1], ws[b + 1], cpad(cout), zs[b]);
         KJob j1 = kjob(l1[b], ua.data(), hs[b], ws[b], s, acc.data());
         j1.out_u8 = ub.data(); j1.cpo = cpad(cout);
         j1.na = l2[b].bn_a; j1.nb = l2[b].bn_b; j1.nsh = l2[b].shift; j1.nhz = 0.5f * zs[b];
@@ -331,7 +339,7 @@ torch::Tensor run_kblocks(torch::Tensor x, std::vector<torch::Tensor> p, std::ve
         j2.res = cur; j2.res_w = ws[b]; j2.res_c = cin; j2.res_pad = (cout - cin) / 2; j2.res_stride = s;
         j2.out_float = dst;
         if (b + 1 < nb) {
-          fill_border(ua, zs[b + 1]);
+          fill_border(ua.data(), hs[b + 1], ws[b + 1], cpad(cout), zs[b + 1]);
           j2.out_u8 = ua.data(); j2.cpo = cpad(cout);
           j2.na = l1[b + 1].bn_a; j2.nb = l1[b + 1].bn_b; j2.nsh = l1[b + 1].shift; j2.nhz = 0.5f * zs[b + 1];
         }
