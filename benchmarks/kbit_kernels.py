@@ -28,7 +28,6 @@ import copy
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from functools import partial
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from edge_speed import cpu_flags, cpu_name  # this script's folder is on sys.path when run as a script
 
 from hybridexit.checkpoint import load_model
 from hybridexit.data import get_split, load_cifar
@@ -45,16 +45,6 @@ from hybridexit.resnet import block_specs
 
 ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")
 BITSERIAL_NAMES = ("portable", "avx2", "avx512bw", "avx512vpopcntdq")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def fastest(variants: dict, rounds: int) -> dict[str, float]:
@@ -239,7 +229,7 @@ def main(argv=None) -> dict:
         "weights_sha256": hashlib.sha256((Path(a.checkpoint) / "model.safetensors").read_bytes()).hexdigest(),
         "fp32_weights_sha256": hashlib.sha256((Path(a.fp32) / "model.safetensors").read_bytes()).hexdigest(),
         "command": "python benchmarks/kbit_kernels.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs", "torch": torch.__version__, "threads": 1,
+        "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs", "cpu_flags": cpu_flags(), "torch": torch.__version__, "threads": 1,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "note": a.note,
         "best_isa": ISA_NAMES[k.kbit_best_isa()],
         "convs": measure_convs(k, model.cfg, a.rounds),
