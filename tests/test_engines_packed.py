@@ -86,9 +86,10 @@ def test_fused_block_equals_torch_block_to_float_rounding(isa, cin, cout, stride
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
-def _random_binary_net(depth=14, edge_layers=8, exits=(4, 8), seed=0, **options):
+def _random_binary_net(depth=14, edge_layers=8, exits=(4, 8), seed=0, edge_bits=1, **options):
     torch.manual_seed(seed)
-    model = HybridNet(HybridConfig(depth=depth, edge_layers=edge_layers, edge_bits=1, exits=exits, **options)).eval()
+    cfg = HybridConfig(depth=depth, edge_layers=edge_layers, edge_bits=edge_bits, exits=exits, **options)
+    model = HybridNet(cfg).eval()
     _randomize_bn(model, torch.Generator().manual_seed(seed))
     for ex in model.exits.values():  # sharper exits so that a threshold splits the batch
         ex.fc.weight.data *= 30 if ex.hidden is None else 3000
@@ -200,11 +201,18 @@ OPTION_NETS = {
     "all-k2": {"act_shift": True, "rprelu": True, "exit_hidden": 16, "exit_pool": "k2"},
     "global": {"rprelu": True, "exit_pool": "global"},
     "k4": {"act_shift": True, "exit_pool": "k4"},
+    "4-bit": {"edge_bits": 4},
+    "2-bit-options": {"edge_bits": 2, "act_shift": True, "rprelu": True, "exit_hidden": 16},
+    "4-bit-global": {"edge_bits": 4, "rprelu": True, "exit_pool": "global"},
 }
 
 
-@pytest.mark.parametrize("isa", [0, 1, kernels.best_isa()] if kernels.best_isa() > 1 else ISAS)
-@pytest.mark.parametrize("option", list(OPTION_NETS))
+# every option on this CPU's best kernels; three of them on every lower ISA level too
+OPTION_CASES = [(o, kernels.best_isa()) for o in OPTION_NETS] + [
+    (o, i) for o in ("plain", "all-k2", "4-bit") for i in range(min(kernels.best_isa(), 2))]
+
+
+@pytest.mark.parametrize("option,isa", OPTION_CASES)
 def test_every_recipe_option_decides_as_torch_in_one_native_call(option, isa):
     opts = OPTION_NETS[option]
     model = _random_binary_net(seed=11, **opts)
@@ -213,17 +221,23 @@ def test_every_recipe_option_decides_as_torch_in_one_native_call(option, isa):
     x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(13))
     thr = _thresholds(edge, x)
     ref = edge.decide(x, thr)
-    eng = PackedEdge.from_edge(edge, isa=isa)
+    kbit = opts.get("edge_bits", 1) != 1  # k-bit blocks number their ISA levels apart (csrc/kbit.h)
+    eng = PackedEdge.from_edge(edge, isa=min(isa, kernels.kbit_best_isa()) if kbit else isa)
     for images in (x, x.float() / 255):  # raw images and floats in [0, 1]
         got = eng.decide(images, thr)
         assert (ref.decided_at == 0).any() and (ref.decided_at == 1).any() and (ref.decided_at == CLOUD).any()
         assert torch.equal(got.decided_at, ref.decided_at)
         assert torch.equal(got.predictions, ref.predictions)
         assert torch.equal(got.remaining, ref.remaining)
-        torch.testing.assert_close(got.entropies, ref.entropies, rtol=1e-4, atol=1e-5, equal_nan=True)
-        torch.testing.assert_close(got.features, ref.features, rtol=1e-4, atol=1e-4)
+        close = torch.isclose(got.entropies, ref.entropies, rtol=1e-4, atol=1e-5, equal_nan=True).all(1)
+        fclose = (got.features - ref.features).abs().flatten(1).amax(1) <= 1e-4 + 1e-4 * ref.features.abs().flatten(1).amax(1)
+        if kbit:  # exact integer sums vs torch's float levels: a rare quantizer level flips (docs/engines.md)
+            assert close.float().mean() >= 0.9 and fclose.float().mean() >= 0.8, (close, fclose)
+        else:
+            assert close.all() and fclose.all(), (close, fclose)
     with torch.no_grad():
-        torch.testing.assert_close(eng.forward(x), edge(x), rtol=1e-4, atol=1e-4)
+        same = torch.isclose(eng.forward(x), edge(x), rtol=1e-4, atol=1e-4).flatten(1).all(1)
+    assert same.float().mean() >= (0.8 if kbit else 1.0)
 
 
 def test_native_decision_with_temperatures_and_an_exit_at_the_last_edge_block():

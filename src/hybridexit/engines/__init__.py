@@ -17,13 +17,16 @@ from pathlib import Path
 from ..errors import ConfigError, EngineError
 
 ENGINES = ("torch", "onnx", "packed")
-PACKED_BITS = (1, 2, 4, 8)  # engines.packed.SUPPORTED_BITS (not imported here: that module needs torch's kernels)
+CHOICES = ("auto", *ENGINES)  # what --engine accepts: auto = the fastest engine that can run the checkpoint here
+AUTO_ORDER = ("packed", "onnx", "torch")  # fastest first (results/edge_speed.json)
+PACKED_BITS = (1, 2, 4)  # engines.packed.SUPPORTED_BITS (not imported here: that module needs torch's kernels)
 
 
 def unsupported_options(cfg, engine: str) -> list[str]:
     """The network's recipe options (``resnet.OPTION_DEFAULTS``) that ``engine`` does not compute. ``ste`` only
     changes training gradients; the packed engine computes every option natively (RSign folded into the
-    sign-and-pack threshold, RPReLU in the conv epilogue, any exit head: ``engines.packed``); the onnx graph computes every option (``engines.onnx_export``)."""
+    sign-and-pack threshold, RPReLU in the conv epilogue, any exit head: ``engines.packed``); the onnx graph
+    computes every option (``engines.onnx_export``)."""
     if engine == "packed":  # every network the trainer makes: binary and k-bit edges, every recipe option
         return []
     if engine == "onnx":  # every network the trainer makes: binary, k-bit and float edges, every recipe option
@@ -52,8 +55,39 @@ def available_engines(cfg) -> list[str]:
     return names
 
 
+def resolve_engine(name: str, cfg, device="cpu") -> str:
+    """The concrete engine ``name`` stands for: itself, or for ``auto`` the first of ``AUTO_ORDER`` that can run
+    the network here (packed and onnx run on the CPU; the packed kernels must build: a machine without a C++
+    compiler falls back to the next)."""
+    if name != "auto":
+        if name not in ENGINES:
+            raise ConfigError(f"unknown engine {name!r}: use one of {', '.join(CHOICES)}")
+        return name
+    if str(device).split(":")[0] != "cpu":
+        return "torch"
+    usable = available_engines(cfg)
+    for cand in AUTO_ORDER:
+        if cand == "packed" and cand in usable:
+            try:
+                from .native import kernels
+
+                kernels()
+            except EngineError:
+                continue
+        if cand in usable:
+            return cand
+    return "torch"
+
+
+def engine_name(engine) -> str:
+    """The name of an engine object returned by ``get_engine``."""
+    return getattr(engine, "name", "torch")
+
+
 def get_engine(name: str, edge):
-    """The edge half ``edge`` (an eval-mode ``EdgeNet``) on engine ``name``."""
+    """The edge half ``edge`` (an eval-mode ``EdgeNet``) on engine ``name`` (``auto``: ``resolve_engine``)."""
+    if name == "auto":
+        name = resolve_engine(name, edge.cfg, next(edge.parameters()).device)
     if name == "torch":
         return edge
     if name == "packed":
@@ -64,4 +98,4 @@ def get_engine(name: str, edge):
         from .onnx_engine import OnnxEdge
 
         return OnnxEdge.from_edge(edge)
-    raise ConfigError(f"unknown engine {name!r}: use one of {', '.join(ENGINES)}")
+    raise ConfigError(f"unknown engine {name!r}: use one of {', '.join(CHOICES)}")

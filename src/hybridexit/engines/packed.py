@@ -31,7 +31,9 @@ from ..resnet import HybridConfig, block_specs
 from .native import kernels
 
 FORMAT = "hybridexit-packed-1"
-SUPPORTED_BITS = (1, 2, 4, 8)  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
+SUPPORTED_BITS = (1, 2, 4)
+# csrc/kbit.h  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
+KBIT_ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")
 
 
 def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,8 +96,8 @@ def export_state(edge: EdgeNet) -> dict[str, torch.Tensor]:
     conv its weight bits, scale, folded BatchNorm and recipe options (``_option_state``); k-bit convs as
     ``engines.kbit`` lays them out."""
     if edge.cfg.edge_bits not in SUPPORTED_BITS:
-        raise EngineError(f"the packed engine runs 1, 2, 4 and 8-bit edges; this edge has {edge.cfg.edge_bits}-bit "
-                          "layers (use --engine torch)")
+        raise EngineError(f"the packed engine runs 1, 2 and 4-bit edges; this edge has {edge.cfg.edge_bits}-bit "
+                          "layers (use --engine onnx or torch)")
     state = {k: v.detach().float().clone() for k, v in edge.state_dict().items()
              if not k.startswith("blocks.") and v.is_floating_point()}
     if edge.cfg.edge_bits != 1:
@@ -161,14 +163,19 @@ class PackedEdge:
 
     def __init__(self, cfg: HybridConfig, state: dict[str, torch.Tensor], isa: int | None = None):
         if cfg.edge_bits not in SUPPORTED_BITS:
-            raise EngineError(f"the packed engine runs 1, 2, 4 and 8-bit edges, not {cfg.edge_bits}-bit ones")
+            raise EngineError(f"the packed engine runs 1, 2 and 4-bit edges, not {cfg.edge_bits}-bit ones (8-bit levels "
+                              "do not fit its int8 dot products): use --engine onnx or torch")
         if cfg.edge_blocks == 0:
             raise EngineError("this network has no quantized edge blocks: nothing for the packed engine to run")
         self.cfg, self.state = cfg, state
         self.kernels = kernels()
         if cfg.edge_bits != 1 and not hasattr(self.kernels, "run_kblocks"):
             raise EngineError("these packed kernels were built without the k-bit blocks (use --engine torch)")
-        self.isa = self.kernels.best_isa() if isa is None else int(isa)
+        # ISA levels: binary blocks and the float parts (best_isa numbering); k-bit blocks (kbit_best_isa numbering).
+        # ``isa`` sets the level of the network's own blocks (tests force lower ones).
+        kbit = cfg.edge_bits != 1
+        self.isa = self.kernels.best_isa() if isa is None or kbit else int(isa)
+        self.kisa = (self.kernels.kbit_best_isa() if isa is None else int(isa)) if kbit else -1
         shell = HybridNet(cfg).split()[0].eval()  # the float modules, loaded below; its blocks are not used
         float_keys = {k for k, v in shell.state_dict().items() if not k.startswith("blocks.") and v.is_floating_point()}
         missing = sorted(float_keys - set(state))
@@ -182,7 +189,7 @@ class PackedEdge:
         else:
             from .kbit import kbit_block_params
 
-            self.blocks = [kbit_block_params(state, cfg, i) for i in range(len(specs))]
+            self.blocks = [kbit_block_params(state, cfg, i, i + 1) for i in range(len(specs))]
         self._runs: dict[tuple[int, int], tuple[list, list]] = {}
         self._native = self._native_args()
 
@@ -225,7 +232,9 @@ class PackedEdge:
 
     @property
     def isa_name(self) -> str:
-        return self.kernels.isa_name(self.isa)
+        if self._kind == 0:
+            return self.kernels.isa_name(self.isa)
+        return f"{KBIT_ISA_NAMES[self.kisa]} (k-bit blocks), {self.kernels.isa_name(self.isa)} (float parts)"
 
     def _run(self, first: int, last: int) -> tuple[list, list]:
         if (first, last) not in self._runs:  # the flat argument lists, built once per run of blocks
@@ -236,8 +245,9 @@ class PackedEdge:
     def run_blocks(self, h: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """Blocks [first, last) on channels-last float features (N, H, W, C)."""
         params, meta = self._run(first, last)
-        run = self.kernels.run_blocks if self._kind == 0 else self.kernels.run_kblocks
-        return run(h, params, meta, self.isa)
+        if self._kind == 0:
+            return self.kernels.run_blocks(h, params, meta, self.isa)
+        return self.kernels.run_kblocks(h, params, meta, self.kisa)
 
     def _images(self, x) -> torch.Tensor:
         want = (self.cfg.in_channels, self.cfg.image_size, self.cfg.image_size)
@@ -265,7 +275,7 @@ class PackedEdge:
         temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
         prologue, seg_p, seg_m, seg_k, heads, head_m = self._native
         preds, decided, ents, feats, idx = self.kernels.decide(self._images(x), prologue, seg_p, seg_m, seg_k, heads,
-                                                               head_m, list(thr), list(temps), self.isa)
+                                                               head_m, list(thr), list(temps), self.isa, self.kisa)
         return EdgeResult(preds, decided, ents, feats.permute(0, 3, 1, 2), idx)
 
 

@@ -335,10 +335,10 @@ torch::Tensor run_blocks(torch::Tensor x, std::vector<torch::Tensor> p, std::vec
 // ---- The whole edge decision (Algorithm 1) in one call ----
 
 torch::Tensor run_segment(int64_t kind, const torch::Tensor& h, const std::vector<torch::Tensor>& p,
-                          const std::vector<int64_t>& meta, int isa) {
+                          const std::vector<int64_t>& meta, int isa, int64_t kisa) {
   if (kind == 0) return run_blocks(h, p, meta, isa);
 #if HX_HAVE_KBIT
-  if (kind == 1) return run_kblocks(h, p, meta, isa);
+  if (kind == 1) return run_kblocks(h, p, meta, kisa);
 #endif
   TORCH_CHECK(false, "edge blocks of kind ", kind, " are not built into these kernels");
 }
@@ -390,12 +390,14 @@ std::vector<torch::Tensor> decide(torch::Tensor x, std::vector<torch::Tensor> pr
                                   std::vector<std::vector<torch::Tensor>> seg_params,
                                   std::vector<std::vector<int64_t>> seg_meta, std::vector<int64_t> seg_kind,
                                   std::vector<std::vector<torch::Tensor>> heads, std::vector<std::vector<int64_t>> head_meta,
-                                  std::vector<double> thresholds, std::vector<double> temperatures, int64_t isa_req) {
+                                  std::vector<double> thresholds, std::vector<double> temperatures, int64_t isa_req,
+                                  int64_t kisa) {
   // x: (N, C, H, W) uint8 (raw) or float in [0, 1]; prologue: mean (C), std (C), stem weights (3, 3, C, C0).
   // Segment s < K: the run of blocks before exit s; segment K: the blocks after the last exit (meta may be empty).
   // Returns predictions (N) int64 (-1 where no exit was reached), decided_at (N) int64 (exit k or -1 = cloud),
   // entropies (N, K) float (NaN where not reached), features (R, H', W', C') float channels last of the R samples
-  // that did not exit, and their indices (R) int64.
+  // that did not exit, and their indices (R) int64. isa_req: the binary blocks' and float parts' ISA level (best_isa
+  // numbering), kisa: the k-bit blocks' (kbit_best_isa numbering); -1: the best here.
   const int isa = resolve_isa(isa_req);
   const int K = (int)heads.size();
   TORCH_CHECK(x.dim() == 4 && x.is_contiguous() && (x.dtype() == torch::kUInt8 || x.dtype() == torch::kFloat32),
@@ -434,7 +436,7 @@ std::vector<torch::Tensor> decide(torch::Tensor x, std::vector<torch::Tensor> pr
   for (int i = 0; i < n; ++i) idx[i] = i;
   const HeadFn headf = head_fn(isa);
   for (int k = 0; k < K && !idx.empty(); ++k) {
-    h = run_segment(seg_kind[k], h, seg_params[k], seg_meta[k], isa);
+    h = run_segment(seg_kind[k], h, seg_params[k], seg_meta[k], isa, kisa);
     const int r = h.size(0), hh = h.size(1), ww = h.size(2), cc = h.size(3);
     const ExitHeadSpec hd = head_spec(heads[k], head_meta[k], cc, hh, ww);
     const size_t img = (size_t)hh * ww * cc;
@@ -466,7 +468,7 @@ std::vector<torch::Tensor> decide(torch::Tensor x, std::vector<torch::Tensor> pr
     h = nh;
     idx.swap(nidx);
   }
-  if (!idx.empty() && !seg_meta[K].empty()) h = run_segment(seg_kind[K], h, seg_params[K], seg_meta[K], isa);
+  if (!idx.empty() && !seg_meta[K].empty()) h = run_segment(seg_kind[K], h, seg_params[K], seg_meta[K], isa, kisa);
   if (idx.empty()) h = h.narrow(0, 0, 0);
   auto rem = torch::empty({(int64_t)idx.size()}, torch::kInt64);
   std::copy(idx.begin(), idx.end(), rem.data_ptr<int64_t>());
