@@ -31,9 +31,8 @@ from ..resnet import HybridConfig, block_specs
 from .native import kernels
 
 FORMAT = "hybridexit-packed-1"
-SUPPORTED_BITS = (1, 2, 4)
-# csrc/kbit.h  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
-KBIT_ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")
+SUPPORTED_BITS = (1, 2, 4)  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
+KBIT_ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")  # the k-bit kernels' levels (csrc/kbit.h)
 
 
 def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
