@@ -212,3 +212,45 @@ def test_a_cached_view_of_other_data_or_order_is_refused(tiny_ckpt, tiny_cifar, 
     (cache / "view0.json").unlink()  # a view without its record (cached before records existed) is refused too
     with pytest.raises(codecs.ConfigError, match="remove"):
         train_bottleneck(str(tiny_ckpt), tmp_path / "d", bcfg, data_dir=tiny_cifar, cache_dir=cache)
+
+
+def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, tiny_cifar, tmp_path):
+    """tune_cloud = false: only the bottleneck learns; export puts the codec into the checkpoint's codec/ folder and
+    leaves its model as it was, so every codec still runs on it. offload_weight weighs the offloaded samples."""
+    from hybridexit.checkpoint import fingerprint
+
+    run = tmp_path / "run"
+    bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=1, batch_size=32, match_blocks=0, tune_cloud=False,
+                            offload_weight=3.0, limit_train=64)
+    train_bottleneck(str(tiny_ckpt), run, bcfg, data_dir=tiny_cifar)
+    weights = [r for r in _lines(run / "log.jsonl") if r.get("event") == "offload_weights"]
+    assert len(weights) == 1 and 0 <= weights[0]["offloaded"] <= 1
+    before = (tiny_ckpt / "model.safetensors").read_bytes()
+    fp = fingerprint(tiny_ckpt)
+    export_checkpoint(run, tiny_ckpt)  # into the checkpoint itself
+    assert (tiny_ckpt / "model.safetensors").read_bytes() == before and fingerprint(tiny_ckpt) == fp
+    assert (tiny_ckpt / codecs.CODEC_DIR / codecs.CODEC_FILE).is_file()
+    assert codecs.required_codec(tiny_ckpt) is None and codecs.codec_home(tiny_ckpt) == tiny_ckpt / codecs.CODEC_DIR
+    with pytest.raises(codecs.ConfigError, match="already carries"):
+        export_checkpoint(run, tiny_ckpt)
+    other = tmp_path / "other"  # a checkpoint of another model is refused
+    import shutil
+
+    shutil.copytree(tiny_ckpt, other, ignore=shutil.ignore_patterns(codecs.CODEC_DIR))
+    t = load_file(str(other / "model.safetensors"))
+    t = {k: (v + 1 if v.is_floating_point() else v) for k, v in t.items()}
+    from safetensors.torch import save_file
+
+    save_file(t, str(other / "model.safetensors"))
+    with pytest.raises(codecs.ConfigError, match="another model fingerprint"):
+        export_checkpoint(run, other)
+
+
+def test_a_tuned_cloud_codec_is_not_added_to_an_existing_checkpoint(tiny_ckpt, tiny_cifar, tmp_path):
+    """A codec whose run fine-tuned the cloud half needs that cloud half: it exports as its own codec checkpoint."""
+    run = tmp_path / "run"
+    train_bottleneck(str(tiny_ckpt), run, BottleneckConfig(code_channels=4, bits=2, epochs=1, batch_size=32,
+                                                           match_blocks=0, limit_train=64), data_dir=tiny_cifar)
+    with pytest.raises(codecs.ConfigError, match="fine-tuned the cloud half"):
+        export_checkpoint(run, tiny_ckpt)
+    assert not (tiny_ckpt / codecs.CODEC_DIR).exists() and codecs.codec_home(tiny_ckpt) is None

@@ -49,6 +49,9 @@ def test_refine_is_a_switch_that_stage2_keeps_or_adds(tmp_path):
     assert kept["stage2"].refine
     refined = read_codec_recipe(Path(__file__).parents[1] / "recipes" / "codec-c16b2-refine.toml")
     assert refined["stage2"].refine and not refined["stage1"].refine
+    frozen = read_codec_recipe(Path(__file__).parents[1] / "recipes" / "codec-headline-c12b3-frozen.toml")
+    assert not any(st.tune_cloud for st in frozen.values()) and frozen["stage2"].offload_weight == 4.0
+    assert added["stage1"].tune_cloud and added["stage1"].offload_weight == 1.0  # the defaults: as before
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -65,6 +68,8 @@ def test_refine_is_a_switch_that_stage2_keeps_or_adds(tmp_path):
     ("[stage1]\nlr = 'fast'\n", "give a number"),
     ("[stage1]\nlr = nan\n", "finite"),
     ("[stage1]\nlr = 0\n", "give a number > 0"),
+    ("[stage1]\noffload_weight = 0\n", "offload_weight = 0: give a number > 0"),
+    ("[stage1]\ntune_cloud = 0\n", "tune_cloud = 0: give true or false"),
     ("[stage1]\nbits = 5\n", "bits = 5: out of range, give 1 to 4"),
     ("[stage1]\nepochs = 0\n", "epochs = 0: out of range"),
     ("[stage1]\nkd_alpha = 1.5\n", "kd_alpha"),

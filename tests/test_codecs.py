@@ -217,7 +217,10 @@ def net_ckpts(tmp_path_factory):
     b.init_pca(f)
     b.eval()
     codecs.write_learned_codec(learned, b, codecs.ContextCoder.estimate(b.symbols(f), 4), (32, 16, 16))
-    return plain, learned, images, f
+    folder = root / "folder"  # the same codec added in a codec/ folder: the model stays plain's
+    shutil.copytree(plain, folder)
+    codecs.write_learned_codec(folder / codecs.CODEC_DIR, b, codecs.ContextCoder.estimate(b.symbols(f), 4), (32, 16, 16))
+    return plain, learned, images, f, folder
 
 
 def _server(checkpoint):
@@ -228,18 +231,27 @@ def _server(checkpoint):
     return ThreadServer(checkpoint, ServerSettings())
 
 
-@pytest.mark.parametrize("name", ["q2", "bn"])
+@pytest.mark.parametrize("name", ["q2", "bn", "bn-folder", "fp32-folder"])
 def test_edge_over_the_network_gives_the_in_process_records(net_ckpts, name):
     from hybridexit.checkpoint import load_model
     from hybridexit.data import Split
     from hybridexit.records import Decision
     from hybridexit.runtime.client import EdgeOptions, Inputs, run_edge
 
-    plain, learned, images, f = net_ckpts
-    ckpt = learned if name == "bn" else plain
+    plain, learned, images, f, folder = net_ckpts
+    ckpt = {"bn": learned, "bn-folder": folder, "fp32-folder": folder}.get(name, plain)
+    name = name.split("-")[0]
     labels = torch.arange(N_NET) % 10
     model, meta = load_model(ckpt)
     codec = codecs.get(name, checkpoint=ckpt, calibration=f)
+    if ckpt == folder:  # the server of a checkpoint with a codec/ folder decodes bn and every other codec
+        srv = _server(ckpt)
+        try:
+            import httpx
+
+            assert "bn" in httpx.get(srv.url + "/v1/info").json()["codecs"]
+        finally:
+            srv.stop()
     want = codecs.evaluate_codec(model, Split(images, labels, "test"), meta["policy"].thresholds, codec, ckpt)
     srv = _server(ckpt)
     try:
@@ -258,7 +270,7 @@ def test_edge_over_the_network_gives_the_in_process_records(net_ckpts, name):
 def test_a_cloud_behind_a_learned_codec_refuses_other_codecs(net_ckpts):
     import httpx
 
-    plain, learned, images, f = net_ckpts
+    plain, learned, images, f, folder = net_ckpts
     from hybridexit.checkpoint import fingerprint
 
     srv = _server(learned)
@@ -278,7 +290,7 @@ def test_evaluate_command_reports_the_codec_and_the_link(net_ckpts, tiny_cifar, 
 
     from hybridexit.cli import main
 
-    plain, learned, images, f = net_ckpts
+    plain, learned, images, f, folder = net_ckpts
     assert main(["evaluate", str(plain), "--data-dir", str(tiny_cifar), "--limit", "12", "--codec", "int8+zstd",
                  "--link", "ble", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
@@ -296,7 +308,7 @@ def test_evaluate_command_reports_the_codec_and_the_link(net_ckpts, tiny_cifar, 
 def test_the_edge_stops_at_start_when_the_cloud_cannot_decode_its_codec(net_ckpts):
     from hybridexit.runtime.client import CloudRejected, EdgeOptions, Inputs, run_edge
 
-    plain, learned, images, f = net_ckpts
+    plain, learned, images, f, folder = net_ckpts
     srv = _server(learned)
     try:
         with pytest.raises(CloudRejected, match="decodes the codecs bn"):
@@ -304,3 +316,112 @@ def test_the_edge_stops_at_start_when_the_cloud_cannot_decode_its_codec(net_ckpt
                      EdgeOptions(srv.url, codec="int8", on_cloud_failure="fallback"))
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------------------------- coders
+@pytest.mark.parametrize("hw", [(16, 16), (8, 8), (5, 7), (1, 1), (32, 32), (3, 16)])
+def test_coding_steps_cover_the_grid_once_each_after_its_neighbours(hw):
+    h, w = hw
+    known = np.zeros(h * w + 1, bool)
+    known[h * w] = True  # "no neighbour"
+    for pos, nbr in codecs._coding_steps(h, w):
+        assert not known[pos].any() and known[nbr].all()  # new positions, contexts already decoded
+        known[pos] = True
+    assert known.all()
+    if hw == (16, 16):
+        assert len(codecs._coding_steps(h, w)) == 5
+
+
+def _correlated_symbols(n=40, c=3, h=8, w=8, levels=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randint(0, levels, (n, c, 1, 1), generator=g).expand(n, c, h, w).clone()
+    noise = torch.rand(base.shape, generator=g) < 0.1
+    return torch.where(noise, torch.randint(0, levels, base.shape, generator=g), base).to(torch.uint8)
+
+
+def _serial_reference_encode(probs: np.ndarray, sym: np.ndarray) -> bytes:
+    """The first learned codecs' encoder as it was written: one constriction call per anti-diagonal."""
+    import constriction
+
+    c, h, w = sym.shape
+    levels = probs.shape[2]
+    s = torch.from_numpy(sym.astype(np.int64))
+    up, left = torch.full_like(s, levels), torch.full_like(s, levels)
+    up[..., 1:, :], left[..., :, 1:] = s[..., :-1, :], s[..., :, :-1]
+    ctx = (up * (levels + 1) + left).numpy()
+    enc = constriction.stream.queue.RangeEncoder()
+    model = constriction.stream.model.Categorical(perfect=False)
+    for d in range(h + w - 1):
+        ys = np.arange(max(0, d - w + 1), min(h, d + 1))
+        xs = d - ys
+        p = probs[np.arange(c)[:, None], ctx[:, ys, xs]].reshape(-1, levels)
+        enc.encode(sym[:, ys, xs].reshape(-1).astype(np.int32), model, p)
+    return enc.get_compressed().tobytes()
+
+
+def test_format_1_codecs_keep_their_bytes_and_still_load(tmp_path, feats):
+    """The first codecs' checkpoints (format 1) code exactly as before, now in one call, and decode back."""
+    from safetensors.torch import save_file
+
+    sym = _correlated_symbols()
+    probs = codecs.SerialContextCoder.estimate(sym, 4)
+    coder = codecs.SerialContextCoder(probs)
+    for s in sym[:10].numpy():
+        data = coder.encode(s)
+        assert data == _serial_reference_encode(probs.numpy(), s)
+        assert np.array_equal(coder.decode(data, s.shape), s)
+    with pytest.raises(wire.CorruptPayload):
+        coder.decode(data + b"\0\0\0\0", s.shape)
+    torch.manual_seed(0)
+    b = Bottleneck(SHAPE[0], 6, 2).eval()
+    b.init_pca(feats)
+    tensors = {f"bottleneck.{k}": v.contiguous() for k, v in b.state_dict().items()}
+    tensors["coder.probs"] = codecs.SerialContextCoder.estimate(b.symbols(feats), 4)
+    save_file(tensors, str(tmp_path / codecs.CODEC_TENSORS))
+    (tmp_path / codecs.CODEC_FILE).write_text(
+        '{"format": 1, "name": "bn", "bottleneck": {"channels": 32, "code_channels": 6, "bits": 2}, '
+        '"feature_shape": [32, 8, 8]}')
+    c = codecs.get("bn", checkpoint=tmp_path)
+    assert c.format == 1 and c.params()[0] == 1 and isinstance(c.coder, codecs.SerialContextCoder)
+    back = wire.decode(codecs.frame(c, feats, FP), FP, (None, *SHAPE), codecs=codecs.held_codecs(tmp_path))
+    torch.testing.assert_close(back, c.reference(feats), rtol=0, atol=1e-5)
+
+
+def test_payloads_are_canonical_and_altered_ones_are_refused():
+    sym = _correlated_symbols(n=60, c=4, h=16, w=16, levels=8, seed=3)
+    coder = codecs.ContextCoder(codecs.ContextCoder.estimate(sym, 8).half())
+    rng = np.random.default_rng(0)
+    refused = tried = 0
+    for s in sym.numpy():
+        data = coder.encode(s)
+        assert data[-4:] != b"\0\0\0\0" and np.array_equal(coder.decode(data, s.shape), s)
+        bad = bytearray(data)
+        bad[rng.integers(len(bad))] ^= 1 << int(rng.integers(8))
+        tried += 1
+        try:
+            refused += not np.array_equal(coder.decode(bytes(bad), s.shape), s)
+        except wire.CorruptPayload:
+            refused += 1
+    assert refused == tried  # every one-bit change decodes to other symbols, and (all but 1 in 256) is refused
+    with pytest.raises(wire.WrongShape):
+        coder.encode(sym[0, :3].numpy())
+
+
+def test_a_codec_folder_adds_the_codec_to_an_unchanged_checkpoint(net_ckpts, tiny_cifar, capsys):
+    """A checkpoint's codec/ folder: the checkpoint keeps its cloud half, reads every codec, and also bn."""
+    from hybridexit.cli import main
+
+    plain, learned, images, f, folder = net_ckpts
+    assert codecs.required_codec(folder) is None and list(codecs.held_codecs(folder)) == ["bn"]
+    assert codecs.codec_home(folder) == folder / codecs.CODEC_DIR and codecs.codec_home(learned) == learned
+    assert codecs.codec_home(plain) is None and codecs.held_codecs(plain) == {}
+    for name in ("fp32", "bn"):
+        assert main(["evaluate", str(folder), "--data-dir", str(tiny_cifar), "--limit", "12", "--codec", name,
+                     "--json"]) == 0
+        assert json_out(capsys)["codec"] == name
+
+
+def json_out(capsys):
+    import json
+
+    return json.loads(capsys.readouterr().out)

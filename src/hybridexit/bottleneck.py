@@ -143,6 +143,8 @@ class BottleneckConfig:
     limit_train: int | None = None  # smoke tests: only the first N training images
     init_from: str | None = None  # a previous run's best.pt (bottleneck + cloud) to start from instead of PCA
     refine: bool = False  # a zero-initialized residual 3x3 conv on each side of the code (Bottleneck)
+    tune_cloud: bool = True  # False: the checkpoint's cloud half stays as it is; only the bottleneck learns
+    offload_weight: float = 1.0  # loss weight of the training samples the edge offloads at its thresholds (others: 1)
 
     def __post_init__(self):
         if self.epochs < 1 or self.views < 1 or self.batch_size < 1:
@@ -151,6 +153,8 @@ class BottleneckConfig:
             raise ConfigError(f"match_blocks={self.match_blocks} must be >= 0")
         if not 0 <= self.kd_alpha <= 1:
             raise ConfigError(f"kd_alpha={self.kd_alpha} must be in [0, 1]")
+        if not self.offload_weight > 0:
+            raise ConfigError(f"offload_weight={self.offload_weight} must be > 0")
 
 
 def _edge_features(edge, images: torch.Tensor, batch: int = 500) -> torch.Tensor:
@@ -219,6 +223,27 @@ def _val_accuracy(bneck, cloud, vf, vl, offloaded) -> tuple[float, float]:
     return float(ok.float().mean()), float(ok[offloaded].float().mean())
 
 
+@torch.no_grad()
+def _view_offloaded(edge, feats, policy, batch: int = 2000) -> torch.Tensor:
+    """Which samples of a cached view the edge offloads at ``policy``'s thresholds, from the cached (float16)
+    features: only for networks whose exits all read the split's features (the exit after the last edge block)."""
+    from .exits import exits_here
+
+    cfg = edge.cfg
+    last = cfg.edge_blocks - 1
+    if policy is None or any(cfg.exit_after_block(b) is not None for b in range(last)) or cfg.exit_after_block(last) is None:
+        raise ConfigError("offload_weight needs a calibrated checkpoint whose only exit reads the split's features "
+                          "(exits after the last edge block); remove offload_weight from the recipe")
+    j = cfg.exit_after_block(last)
+    head = edge.exits[cfg.exit_key(j)].eval()
+    temps = policy.temperatures or [1.0] * len(cfg.exits)
+    out = []
+    for i in range(0, len(feats), batch):
+        f = torch.from_numpy(np.asarray(feats[i:i + batch], dtype=np.float32))
+        out.append(~exits_here(head(f), policy.thresholds[j], temps[j])[0])
+    return torch.cat(out)
+
+
 def _save_state(run: Path, bneck, cloud, opt, epoch, history):
     tmp = run / "state.pt.tmp"
     torch.save({"bottleneck": bneck.state_dict(), "cloud": cloud.state_dict(), "opt": opt.state_dict(),
@@ -275,8 +300,17 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
         cloud.load_state_dict(st["cloud"])
     k = bcfg.match_blocks
     tuned = cloud.blocks[:k] if k else cloud  # the part of the cloud that learns; the rest stays as it is
-    params = [{"params": list(bneck.parameters()), "lr": bcfg.lr},
-              {"params": list(tuned.parameters()), "lr": bcfg.cloud_lr}]
+    params = [{"params": list(bneck.parameters()), "lr": bcfg.lr}]
+    if bcfg.tune_cloud:
+        params.append({"params": list(tuned.parameters()), "lr": bcfg.cloud_lr})
+    else:  # the checkpoint's own cloud reads the codec's output: gradients pass it, its weights stay
+        cloud.requires_grad_(False)
+    weights = [None] * len(views)
+    if bcfg.offload_weight != 1.0:
+        for v, (feats, _) in enumerate(views):
+            off = _view_offloaded(edge, feats, meta["policy"])
+            weights[v] = torch.where(off, bcfg.offload_weight, 1.0)
+            log({"event": "offload_weights", "view": v, "offloaded": float(off.float().mean())})
     opt = torch.optim.AdamW(params, weight_decay=bcfg.weight_decay)
     start, history = 0, []
     if (run / "state.pt").exists():
@@ -296,7 +330,8 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
         feats, tlogits = views[epoch % len(views)]
         bneck.train()
         cloud.eval()
-        tuned.train()
+        if bcfg.tune_cloud:
+            tuned.train()
         perm = torch.randperm(n)
         tot, seen = 0.0, 0
         for b, i in enumerate(range(0, n, bcfg.batch_size)):
@@ -307,7 +342,8 @@ def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, 
             scale = 0.5 * (1 + math.cos(math.pi * step / steps))
             for g, base in zip(opt.param_groups, (bcfg.lr, bcfg.cloud_lr)):
                 g["lr"] = base * scale
-            loss = _match_loss(bneck, cloud0, tuned, f, k) if k else _kd_loss(cloud(bneck(f)), tl, y, bcfg)
+            wv = None if weights[epoch % len(views)] is None else weights[epoch % len(views)][idx]
+            loss = _match_loss(bneck, cloud0, tuned, f, k, wv) if k else _kd_loss(cloud(bneck(f)), tl, y, bcfg, wv)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -394,9 +430,13 @@ def train_codec(init: str, recipe_path, run_dir, data_dir=None, cache_dir=None) 
     return out
 
 
-def _match_loss(bneck, cloud0, tuned, f, k: int):
+def _weighted_mean(per_sample: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    return per_sample.mean() if w is None else (per_sample * w).sum() / w.sum()
+
+
+def _match_loss(bneck, cloud0, tuned, f, k: int, w: torch.Tensor | None = None):
     """MSE between the tuned first k cloud blocks on the bottleneck's output and the original's on ``f``,
-    relative to the target's mean square."""
+    relative to the target's mean square; ``w``: per-sample weights (None: all 1)."""
     with torch.no_grad():
         t = f
         for block in cloud0.blocks[:k]:
@@ -404,13 +444,14 @@ def _match_loss(bneck, cloud0, tuned, f, k: int):
     h = bneck(f)
     for block in tuned:
         h = block(h)
-    return F.mse_loss(h, t) / t.pow(2).mean()
+    return _weighted_mean((h - t).pow(2).flatten(1).mean(1), w) / t.pow(2).mean()
 
 
-def _kd_loss(out, tl, y, bcfg: BottleneckConfig):
+def _kd_loss(out, tl, y, bcfg: BottleneckConfig, w: torch.Tensor | None = None):
     T = bcfg.kd_temperature
-    kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(tl / T, 1), reduction="batchmean", log_target=True) * T**2
-    return bcfg.kd_alpha * kd + (1 - bcfg.kd_alpha) * F.cross_entropy(out, y)
+    kd = F.kl_div(F.log_softmax(out / T, 1), F.log_softmax(tl / T, 1), reduction="none", log_target=True).sum(1) * T**2
+    ce = F.cross_entropy(out, y, reduction="none")
+    return _weighted_mean(bcfg.kd_alpha * kd + (1 - bcfg.kd_alpha) * ce, w)
 
 
 def _offloaded(edge, split, policy) -> torch.Tensor:
@@ -428,17 +469,23 @@ def _offloaded(edge, split, policy) -> torch.Tensor:
 
 
 def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000) -> dict:
-    """A new checkpoint from a bottleneck run's ``best.pt``: the init checkpoint's files, its cloud half replaced
-    by the fine-tuned one (the edge and exit tensors are checked bit-identical), and the learned codec
-    (``codec.json``, ``codec.safetensors``) whose coder tables are estimated on the symbols of the first
-    ``tables_from`` images of the cached training view (``cache_dir``, default the run's folder: training split).
+    """The learned codec of a bottleneck run's ``best.pt`` (``codec.json``, ``codec.safetensors``), whose coder
+    tables are estimated on the symbols of the first ``tables_from`` images of the cached training view
+    (``cache_dir``, default the run's folder: training split). Where it goes:
+
+    - the run fine-tuned the cloud half: a new codec checkpoint ``out_dir`` (it must not exist), the init checkpoint's
+      files with its cloud half replaced by the fine-tuned one (the edge and exit tensors are checked bit-identical)
+      and the codec beside them; its cloud half reads only this codec;
+    - the cloud half is the init's, bit for bit (``tune_cloud = false``): the codec goes into ``out_dir/codec/``,
+      ``out_dir`` being the init checkpoint itself (or a copy: the same model fingerprint; copied from the init when
+      it does not exist). The checkpoint's own files stay as they are: one folder carries the model and its codec,
+      and every other codec still works.
+
     ``run_dir``: a ``train_bottleneck`` run, a ``train_codec`` run (its recipe's last stage, which must be finished)
     or one stage of it; ``cache_dir``: the one the run was trained with (a ``train_codec`` run recorded its own)."""
     import shutil
 
     from safetensors.torch import load_file, save_file
-
-    from .codecs import ContextCoder, write_learned_codec
 
     run, views, codec_run = _export_source(Path(run_dir), cache_dir)
     out = Path(out_dir)
@@ -449,13 +496,16 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     if not (views / "view0.f16").is_file():
         raise ConfigError(f"no cached training view {views / 'view0.f16'}: give the cache folder {run} was trained with")
     best = torch.load(run / "best.pt", weights_only=True)
-    if out.exists():
-        raise ConfigError(f"{out} exists: choose another output folder")
-    shutil.copytree(init, out)
     from .checkpoint import load_model
-    from .resnet import edge_feature_shape
 
     net_cfg = load_model(init)[0].cfg
+    if _cloud_unchanged(init, best["cloud"], net_cfg.edge_blocks):
+        return _export_codec_only(run, init, out, best, bcfg, views, codec_run, net_cfg, tables_from)
+    if out.exists():
+        raise ConfigError(f"{out} exists: {run} fine-tuned the cloud half, so it exports as a new codec checkpoint; "
+                          f"give a folder that does not exist (only a codec trained with tune_cloud = false goes into "
+                          f"an existing checkpoint's codec/ folder)")
+    shutil.copytree(init, out)
     eb = net_cfg.edge_blocks
     old = load_file(str(Path(init) / "model.safetensors"))
     new = dict(old)
@@ -470,6 +520,59 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     if not all(torch.equal(old[k], new[k]) for k in edge_keys):
         raise ConfigError("edge or exit tensors changed: the exits' thresholds would no longer be valid")
     save_file(new, str(out / "model.safetensors"))
+    extra = _write_codec(out, run, init, best, bcfg, views, codec_run, net_cfg, tables_from,
+                         {"edge_and_exits_bit_identical": True, "edge_tensors_checked": len(edge_keys)})
+    return extra
+
+
+def _cloud_unchanged(init: str, cloud: dict, edge_blocks: int) -> bool:
+    """Whether a run's cloud half (CloudNet keys) is the init checkpoint's, bit for bit."""
+    from safetensors.torch import load_file
+
+    old = load_file(str(Path(init) / "model.safetensors"))
+    for k, v in cloud.items():
+        if k.startswith("blocks."):
+            j, rest = k[len("blocks."):].split(".", 1)
+            k = f"blocks.{edge_blocks + int(j)}.{rest}"
+        if k not in old or not torch.equal(old[k], v):
+            return False
+    return True
+
+
+def _export_codec_only(run: Path, init: str, out: Path, best: dict, bcfg, views: Path, codec_run, net_cfg,
+                       tables_from: int) -> dict:
+    """``export_checkpoint`` of a run that left the cloud half as it was: the codec into ``out``'s ``codec/`` folder
+    (``out`` copied from the init when it does not exist)."""
+    import shutil
+
+    from .checkpoint import fingerprint
+    from .codecs import CODEC_DIR, CODEC_FILE
+
+    if not out.exists():
+        shutil.copytree(init, out)
+    elif not (out / "model.safetensors").is_file() or fingerprint(out) != fingerprint(init):
+        raise ConfigError(f"{out} is not {init} (another model fingerprint): give that checkpoint, or a new folder "
+                          f"to copy it to")
+    if (out / CODEC_FILE).is_file() or (out / CODEC_DIR).exists():
+        raise ConfigError(f"{out} already carries a learned codec ({out / CODEC_DIR}): remove it first, or give "
+                          f"another folder")
+    tmp = out / (CODEC_DIR + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    facts = {"cloud": "the checkpoint's own, unchanged (tune_cloud = false): its model.safetensors reads this "
+                      "codec's output and every other codec's"}
+    extra = _write_codec(tmp, run, init, best, bcfg, views, codec_run, net_cfg, tables_from, facts)
+    tmp.rename(out / CODEC_DIR)
+    return extra
+
+
+def _write_codec(dest: Path, run: Path, init: str, best: dict, bcfg, views: Path, codec_run, net_cfg,
+                 tables_from: int, facts: dict) -> dict:
+    """Write the codec of ``best`` (tables from the cached training view), its recipe and log into ``dest``."""
+    import shutil
+
+    from .codecs import ContextCoder, write_learned_codec
+    from .resnet import edge_feature_shape
+
     b = Bottleneck(**best["spec"])
     b.load_state_dict(best["bottleneck"])
     b.eval()
@@ -478,15 +581,15 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
                      for i in range(0, min(tables_from, len(feats)), 1000)])
     probs = ContextCoder.estimate(sym, b.levels)
     extra = {"trained": {"run": str(run), "init": init, "config": asdict(bcfg), "chosen_epoch": best["epoch"],
-                         "val_at_choice": best["val"], "tables_from_train_samples": int(len(sym)),
-                         "edge_and_exits_bit_identical": True, "edge_tensors_checked": len(edge_keys)}}
+                         "val_at_choice": best["val"], "tables_from_train_samples": int(len(sym)), **facts}}
+    dest.mkdir(parents=True, exist_ok=True)
     if codec_run is not None:  # the recipe it was run from travels with the codec
         extra["trained"].update({"codec_run": str(codec_run), "stage": run.name,
                                  "recipe": (codec_run / RECIPE_COPY).read_text()})
-        shutil.copy(codec_run / RECIPE_COPY, out / "codec_recipe.toml")
-    write_learned_codec(out, b, probs, edge_feature_shape(net_cfg), extra)
+        shutil.copy(codec_run / RECIPE_COPY, dest / "codec_recipe.toml")
+    write_learned_codec(dest, b, probs, edge_feature_shape(net_cfg), extra)
     if (run / "log.jsonl").exists():
-        shutil.copy(run / "log.jsonl", out / "codec_log.jsonl")
+        shutil.copy(run / "log.jsonl", dest / "codec_log.jsonl")
     return extra
 
 

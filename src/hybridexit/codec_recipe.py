@@ -28,7 +28,7 @@ EXAMPLE = "recipes/codec-c16b2.toml"
 _RANGES = {"code_channels": (1, None), "bits": (min(GAUSS_STEP), max(GAUSS_STEP)), "epochs": (1, None),
            "views": (1, None), "match_blocks": (0, None), "batch_size": (1, None), "seed": (0, None),
            "limit_train": (1, None), "weight_decay": (0.0, None), "kd_alpha": (0.0, 1.0)}
-_POSITIVE = ("lr", "cloud_lr", "kd_temperature")
+_POSITIVE = ("lr", "cloud_lr", "kd_temperature", "offload_weight")
 
 
 def stage_keys() -> dict[str, type]:

@@ -15,11 +15,14 @@ Registry (``NAMES``):
   channel is chosen on the VALIDATION split (``ClippedUniform.calibrate``: the p and 1 - p quantiles, p chosen
   on validation accuracy); the symbols are bit-packed and zstd-compressed (level 19) per sample. The frame
   carries b and the clip ranges (float16). Bound: half a step inside [lo, hi], plus the clipping distance.
-- ``bn``: the learned bottleneck of a checkpoint that carries one (``codec.json`` + ``codec.safetensors``,
-  see ``bottleneck.py``): the edge sends c x H x W symbols of ``bits`` bits, coded by a range coder
-  (``constriction``) whose per-channel model is conditioned on the symbols above and to the left (tables
-  estimated on the training split). The frame carries a digest of the codec's files, so a cloud with other
-  weights refuses it. Bound: the round trip equals the bottleneck's own float output (``Bottleneck.forward``
+- ``bn``: the learned bottleneck of a checkpoint that carries one (``codec.json`` + ``codec.safetensors``, see
+  ``bottleneck.py``), in the checkpoint folder (a codec checkpoint: its cloud half was trained behind the codec and
+  reads nothing else) or in its ``codec/`` folder (a codec for the checkpoint's unchanged cloud half, beside the
+  other codecs): the edge sends c x H x W symbols of ``bits`` bits, range-coded (``constriction``) coarse to fine
+  with a model per (step, channel, context of the known neighbours) (``ContextCoder``, codec format 2; format 1,
+  ``SerialContextCoder``, is the first codecs' above/left model), tables estimated on the training split. The
+  frame carries the codec format and a digest of the codec's files, so a cloud with other weights refuses it.
+  Bound: the round trip equals the bottleneck's own float output (``Bottleneck.forward``
   in eval mode) up to float rounding; the symbols themselves round-trip exactly.
 """
 
@@ -229,89 +232,288 @@ class ClippedUniform(Codec):
 
 
 # ---------------------------------------------------------------------------------------------- bn (learned)
+def _coding_steps(h: int, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The coding order of an h x w grid, coarse to fine, as steps whose symbols are coded together (each a vector
+    of flat positions and an (n, 4) array of the flat positions of their context neighbours, ``h * w`` where a
+    neighbour falls outside the grid). Step 0: the grid of stride S (S the largest power of two that keeps at least
+    16 positions; no neighbours). Then for t = S/2, ..., 1: the centres of the stride-2t grid's cells, whose 4
+    diagonal neighbours at distance t are known, and the rest of the stride-t grid, whose 4 axial neighbours at
+    distance t are known. 16 x 16: S = 4, 5 steps."""
+    s = 1
+    while math.ceil(h / (2 * s)) * math.ceil(w / (2 * s)) >= 16:
+        s *= 2
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    steps = [((yy % s == 0) & (xx % s == 0), ())]
+    t = s // 2
+    while t >= 1:
+        steps.append(((yy % (2 * t) == t) & (xx % (2 * t) == t), ((-t, -t), (-t, t), (t, -t), (t, t))))
+        steps.append(((yy % t == 0) & (xx % t == 0) & ((yy // t) % 2 != (xx // t) % 2), ((-t, 0), (t, 0), (0, -t), (0, t))))
+        t //= 2
+    out = []
+    for mask, offsets in steps:
+        ys, xs = np.nonzero(mask)
+        nbr = np.full((len(ys), 4), h * w, np.int64)
+        for k, (dy, dx) in enumerate(offsets):
+            y2, x2 = ys + dy, xs + dx
+            ok = (y2 >= 0) & (y2 < h) & (x2 >= 0) & (x2 < w)
+            nbr[ok, k] = (y2 * w + x2)[ok]
+        out.append((ys * w + xs, nbr))
+    return out
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What one (c, h, w) symbol map is coded with, all symbols in coding order (step, channel, position):
+    ``idx`` their flat indices in the (c, h*w + 1) map (a zero column last, for missing neighbours), ``nbr`` their
+    neighbours' (4, n), ``row`` their table row before the neighbours' sum is added, ``cuts`` where each step ends."""
+
+    idx: np.ndarray
+    nbr: np.ndarray
+    row: np.ndarray
+    cuts: tuple[int, ...]
+
+
 class ContextCoder:
-    """Range coding (``constriction``) of (c, H, W) symbols in [0, L) with one categorical model per channel and
-    context (the symbol above, the symbol to the left; L where there is none). Symbols are coded in
-    anti-diagonal order (y + x), so the decoder needs one call per diagonal, vectorized over the rest."""
+    """Range coding (``constriction``) of (c, H, W) symbols in [0, L), coarse to fine (``_coding_steps``): a symbol's
+    model is a categorical table per (step, channel, context), the context being how many of its 4 neighbours exist
+    and the sum of their symbols. Every symbol of a step depends only on earlier steps, so encoding is one vectorized
+    call and decoding one call per step (5 for 16 x 16). A last symbol, uniform over 256 values, is a check byte
+    of the symbols (CRC-32's low byte): a truncated or altered payload is refused (all but 1 in 256). Trailing zero
+    words, which the decoder reads as implied, are dropped, so a payload that ends with one was padded: refused."""
+
+    FORMAT = 2
+
+    def __init__(self, probs: torch.Tensor):
+        p = probs.detach().to(torch.float32).numpy()
+        if p.ndim != 4 or not np.isfinite(p).all() or (p < 0).any() or (p.sum(3) <= 0).any():
+            raise ConfigError(f"context coder tables have shape {p.shape}: need (steps, c, contexts, L), finite, >= 0")
+        self.steps, self.channels, self.contexts, self.levels = p.shape
+        if self.contexts != self.context_count(self.levels):
+            raise ConfigError(f"context coder tables have {self.contexts} contexts; {self.levels} levels need "
+                              f"{self.context_count(self.levels)}")
+        self.table = np.ascontiguousarray((p / p.sum(3, keepdims=True)).reshape(-1, self.levels), np.float32)
+        self._plans: dict[tuple[int, int, int], _Plan] = {}
+
+    @staticmethod
+    def _offsets(levels: int) -> np.ndarray:
+        """First context of each neighbour count k = 0..4 (k neighbours sum to 0 .. k(L-1)); the last: the total."""
+        return np.concatenate([[0], np.cumsum([k * (levels - 1) + 1 for k in range(5)])])
+
+    @staticmethod
+    def context_count(levels: int) -> int:
+        return int(ContextCoder._offsets(levels)[-1])
+
+    @staticmethod
+    def plan(shape: tuple[int, int, int], levels: int) -> _Plan:
+        c, h, w = shape
+        off = ContextCoder._offsets(levels)
+        steps = _coding_steps(h, w)
+        ch = np.arange(c)[:, None]
+        idx, nbr, row, cuts = [], [], [], []
+        for k, (pos, nb) in enumerate(steps):
+            base = ch * (h * w + 1)
+            idx.append((base + pos[None, :]).reshape(-1))
+            nbr.append((base[:, :, None] + nb[None]).reshape(-1, 4))
+            count = (nb < h * w).sum(1)
+            row.append((((k * c + ch) * ContextCoder.context_count(levels)) + off[count][None, :]).reshape(-1))
+            cuts.append(sum(map(len, idx)))
+        return _Plan(np.concatenate(idx), np.ascontiguousarray(np.concatenate(nbr).T), np.concatenate(row), tuple(cuts))
+
+    def _plan(self, shape) -> _Plan:
+        shape = tuple(int(v) for v in shape)
+        if shape not in self._plans:
+            if shape[0] != self.channels or len(_coding_steps(*shape[1:])) != self.steps:
+                raise WrongShape(f"the context coder's tables are for {self.channels} channels in {self.steps} steps, "
+                                 f"not symbols of shape {shape}")
+            self._plans[shape] = self.plan(shape, self.levels)
+        return self._plans[shape]
+
+    @staticmethod
+    def estimate(symbols: torch.Tensor, levels: int, prior: float = 0.5) -> torch.Tensor:
+        """Tables from (N, c, H, W) training symbols: counts per (step, channel, context) + ``prior``, normalized."""
+        s = symbols.to(torch.int64).numpy()
+        n, c, h, w = s.shape
+        p = ContextCoder.plan((c, h, w), levels)
+        flat = np.concatenate([s.reshape(n, c, h * w), np.zeros((n, c, 1), np.int64)], 2).reshape(n, -1)
+        rows = p.row[None, :] + flat[:, p.nbr].sum(1)
+        steps = len(p.cuts)
+        k = ContextCoder.context_count(levels)
+        counts = np.bincount((rows * levels + flat[:, p.idx]).reshape(-1), minlength=steps * c * k * levels)
+        counts = counts.reshape(steps, c, k, levels) + prior
+        return torch.from_numpy(counts / counts.sum(3, keepdims=True))
+
+    @staticmethod
+    def _check_byte(sym: np.ndarray) -> int:
+        import zlib
+
+        return zlib.crc32(np.ascontiguousarray(sym, np.uint8).tobytes()) & 0xFF
+
+    def encode(self, sym: np.ndarray) -> bytes:
+        import constriction
+
+        p = self._plan(sym.shape)
+        c, h, w = sym.shape
+        flat = np.zeros((c, h * w + 1), np.int32)
+        flat[:, :-1] = sym.reshape(c, -1)
+        flat = flat.reshape(-1)
+        enc = constriction.stream.queue.RangeEncoder()
+        enc.encode(flat.take(p.idx), constriction.stream.model.Categorical(perfect=False),
+                   self.table.take(p.row + flat.take(p.nbr).sum(0), axis=0))
+        enc.encode(self._check_byte(sym), constriction.stream.model.Uniform(256))
+        words = enc.get_compressed()
+        n = len(words)
+        while n and words[n - 1] == 0:  # the decoder reads missing words as zeros: the canonical payload drops them
+            n -= 1
+        return words[:n].tobytes()
+
+    def decode(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
+        import constriction
+
+        p = self._plan(shape)
+        c, h, w = shape
+        if len(data) % 4:
+            raise CorruptPayload(f"range-coded payload of {len(data)} bytes is not a whole number of 32-bit words")
+        if data[-4:] == b"\0\0\0\0":
+            raise CorruptPayload("range-coded payload ends with a zero word: not as encoded (padded)")
+        dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, np.uint32).copy())
+        model = constriction.stream.model.Categorical(perfect=False)
+        flat = np.zeros(c * (h * w + 1), np.int32)
+        start = 0
+        try:
+            for end in p.cuts:
+                rows = p.row[start:end] + flat.take(p.nbr[:, start:end]).sum(0)
+                flat[p.idx[start:end]] = dec.decode(model, self.table.take(rows, axis=0))
+                start = end
+            check = int(dec.decode(constriction.stream.model.Uniform(256)))
+        except Exception as e:  # constriction raises plain errors on invalid data
+            raise CorruptPayload(f"range-coded payload does not decode ({e})") from None
+        sym = flat.reshape(c, h * w + 1)[:, :-1].reshape(c, h, w).astype(np.uint8)
+        if check != self._check_byte(sym) or not dec.maybe_exhausted():
+            raise CorruptPayload("range-coded payload fails its check (altered, truncated or padded)")
+        return sym
+
+
+class SerialContextCoder:
+    """The first learned codecs' coder (codec format 1; checkpoints c10-r32-e20-b1-x20-bn*): one categorical model
+    per channel and context (the symbol above, the symbol to the left; L where there is none), symbols coded in
+    anti-diagonal order (y + x), channel-major within a diagonal, with float64 tables as stored. Encoding is one
+    call over all diagonals (the same bytes as one call per diagonal); decoding one call per diagonal (31 for
+    16 x 16), then re-encodes to check (a payload is exactly the coding of what it decodes to)."""
+
+    FORMAT = 1
 
     def __init__(self, probs: torch.Tensor):
         self.probs = probs.detach().to(torch.float64).numpy()  # (c, (L+1)^2, L)
         self.levels = self.probs.shape[2]
         if self.probs.shape[1] != (self.levels + 1) ** 2 or not np.isfinite(self.probs).all() or (self.probs < 0).any():
             raise ConfigError(f"context coder tables have shape {self.probs.shape}: need (c, (L+1)^2, L), finite, >= 0")
+        self.table = np.ascontiguousarray(self.probs.reshape(-1, self.levels))
+        self._plans: dict = {}
 
     @staticmethod
     def estimate(symbols: torch.Tensor, levels: int, prior: float = 0.5) -> torch.Tensor:
         """Tables from (N, c, H, W) training symbols: counts per (channel, context) + ``prior``, normalized."""
         s = symbols.long()
         n, c, h, w = s.shape
-        ctx = ContextCoder._contexts(s, levels)
-        idx = (torch.arange(c)[None, :, None, None] * (levels + 1) ** 2 + ctx) * levels + s
-        counts = torch.bincount(idx.reshape(-1), minlength=c * (levels + 1) ** 2 * levels).double()
-        counts = counts.reshape(c, (levels + 1) ** 2, levels) + prior
-        return counts / counts.sum(2, keepdim=True)
-
-    @staticmethod
-    def _contexts(s: torch.Tensor, levels: int) -> torch.Tensor:
         up = torch.full_like(s, levels)
         left = torch.full_like(s, levels)
         up[..., 1:, :] = s[..., :-1, :]
         left[..., :, 1:] = s[..., :, :-1]
-        return up * (levels + 1) + left
+        ctx = up * (levels + 1) + left
+        idx = (torch.arange(c)[None, :, None, None] * (levels + 1) ** 2 + ctx) * levels + s
+        counts = torch.bincount(idx.reshape(-1), minlength=c * (levels + 1) ** 2 * levels).double()
+        counts = counts.reshape(c, (levels + 1) ** 2, levels) + prior
+        return counts / counts.sum(2, keepdims=True)
 
-    @staticmethod
-    def _order(h: int, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
-        return [(np.arange(max(0, d - w + 1), min(h, d + 1)), d - np.arange(max(0, d - w + 1), min(h, d + 1)))
-                for d in range(h + w - 1)]
+    def _plan(self, shape):
+        """Flat indices, in coding order, into the (c, h+1, w+1) map padded with L above and to the left: each
+        symbol's own, the one above and the one to the left, its channel's first table row, and each diagonal's end."""
+        shape = tuple(int(v) for v in shape)
+        if shape not in self._plans:
+            c, h, w = shape
+            if c != self.probs.shape[0]:
+                raise WrongShape(f"the context coder's tables are for {self.probs.shape[0]} channels, not {c}")
+            own, up, left, row, cuts = [], [], [], [], []
+            for d in range(h + w - 1):
+                ys = np.arange(max(0, d - w + 1), min(h, d + 1))
+                xs = d - ys
+                base = np.arange(c)[:, None] * (h + 1) * (w + 1)
+                own.append((base + (ys + 1) * (w + 1) + xs + 1).reshape(-1))
+                up.append((base + ys * (w + 1) + xs + 1).reshape(-1))
+                left.append((base + (ys + 1) * (w + 1) + xs).reshape(-1))
+                row.append(np.repeat(np.arange(c) * (self.levels + 1) ** 2, len(ys)))
+                cuts.append(sum(map(len, own)))
+            self._plans[shape] = tuple(map(np.concatenate, (own, up, left, row))) + (tuple(cuts),)
+        return self._plans[shape]
 
     def encode(self, sym: np.ndarray) -> bytes:
         import constriction
 
+        own, up, left, row, _ = self._plan(sym.shape)
         c, h, w = sym.shape
-        ctx = self._contexts(torch.from_numpy(sym.astype(np.int64)), self.levels).numpy()
+        pad = np.full((c, h + 1, w + 1), self.levels, np.int64)
+        pad[:, 1:, 1:] = sym
+        pad = pad.reshape(-1)
         enc = constriction.stream.queue.RangeEncoder()
-        model = constriction.stream.model.Categorical(perfect=False)
-        ch = np.arange(c)
-        for ys, xs in self._order(h, w):
-            s = sym[:, ys, xs].reshape(-1).astype(np.int32)  # channel-major within the diagonal
-            p = self.probs[ch[:, None], ctx[:, ys, xs]].reshape(-1, self.levels)
-            enc.encode(s, model, p)
+        enc.encode(pad.take(own).astype(np.int32), constriction.stream.model.Categorical(perfect=False),
+                   self.table.take(row + pad.take(up) * (self.levels + 1) + pad.take(left), axis=0))
         return enc.get_compressed().tobytes()
 
     def decode(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
         import constriction
 
+        own, up, left, row, cuts = self._plan(shape)
         c, h, w = shape
         if len(data) % 4:
             raise CorruptPayload(f"range-coded payload of {len(data)} bytes is not a whole number of 32-bit words")
         dec = constriction.stream.queue.RangeDecoder(np.frombuffer(data, np.uint32).copy())
         model = constriction.stream.model.Categorical(perfect=False)
-        out = np.full((c, h + 1, w + 1), self.levels, np.int64)  # padded: row 0 / column 0 are "none"
-        ch = np.arange(c)
-        for ys, xs in self._order(h, w):
-            ctx = out[:, ys, xs + 1] * (self.levels + 1) + out[:, ys + 1, xs]  # up, left in padded coordinates
-            p = self.probs[ch[:, None], ctx].reshape(-1, self.levels)
+        pad = np.full(c * (h + 1) * (w + 1), self.levels, np.int64)
+        start = 0
+        for end in cuts:
+            sl = slice(start, end)
             try:
-                s = dec.decode(model, p)
+                rows = row[sl] + pad.take(up[sl]) * (self.levels + 1) + pad.take(left[sl])
+                pad[own[sl]] = dec.decode(model, self.table.take(rows, axis=0))
             except Exception as e:  # constriction raises plain errors on exhausted or invalid data
                 raise CorruptPayload(f"range-coded payload does not decode ({e})") from None
-            out[:, ys + 1, xs + 1] = np.asarray(s).reshape(c, len(ys))
-        sym = out[:, 1:, 1:].astype(np.uint8)
+            start = end
+        sym = pad.reshape(c, h + 1, w + 1)[:, 1:, 1:].astype(np.uint8)
         if self.encode(sym) != bytes(data):  # coding is deterministic: anything else was altered or padded
             raise CorruptPayload("range-coded payload is not the coding of the symbols it decodes to")
         return sym
 
 
+CODERS = {ContextCoder.FORMAT: ContextCoder, SerialContextCoder.FORMAT: SerialContextCoder}
+CODEC_DIR = "codec"  # a checkpoint's own folder for a codec its unchanged cloud half reads (tune_cloud = false)
+
+
+def codec_home(checkpoint) -> Path | None:
+    """Where a checkpoint's learned codec files are: the checkpoint folder itself (a codec checkpoint, whose cloud
+    half was trained behind the codec), its ``codec/`` folder (a codec added to a checkpoint whose cloud half is
+    unchanged), or None."""
+    d = Path(checkpoint)
+    for home in (d, d / CODEC_DIR):
+        if (home / CODEC_FILE).is_file():
+            return home
+    return None
+
+
 class LearnedCodec(Codec):
     """The bottleneck of a checkpoint: edge-side reduction + quantizer, range-coded symbols, cloud-side expansion."""
 
-    FORMAT = 1
+    FORMAT = ContextCoder.FORMAT  # what write_learned_codec writes
     name = LEARNED
 
-    def __init__(self, bottleneck, probs: torch.Tensor, digest: bytes, feature_shape: tuple[int, int, int]):
+    def __init__(self, bottleneck, probs: torch.Tensor, digest: bytes, feature_shape: tuple[int, int, int],
+                 fmt: int = FORMAT):
         self.bottleneck = bottleneck.eval()
-        self.coder = ContextCoder(probs)
+        self.format = fmt
+        self.coder = CODERS[fmt](probs)
         self.digest, self.feature_shape = digest, tuple(feature_shape)
+        self._fast = _FastBottleneck(self.bottleneck)
+        self._code_shape = (self.bottleneck.code_channels, *self.feature_shape[1:])
+        self._levels = self.bottleneck.levels
 
     @classmethod
     def load(cls, checkpoint) -> LearnedCodec:
@@ -319,30 +521,34 @@ class LearnedCodec(Codec):
 
         from .bottleneck import Bottleneck
 
-        d = Path(checkpoint)
-        if not (d / CODEC_FILE).is_file() or not (d / CODEC_TENSORS).is_file():
-            raise ConfigError(f"{d} carries no learned codec ({CODEC_FILE}, {CODEC_TENSORS}): use a checkpoint "
-                              f"trained with one (see docs/codecs.md) or another codec")
+        d = codec_home(checkpoint)
+        if d is None:
+            raise ConfigError(f"{checkpoint} carries no learned codec ({CODEC_FILE}, {CODEC_TENSORS}, in the folder or "
+                              f"in {CODEC_DIR}/): use a checkpoint trained with one (see docs/codecs.md) or another codec")
+        if not (d / CODEC_TENSORS).is_file():
+            raise ConfigError(f"{d} has {CODEC_FILE} but no {CODEC_TENSORS}: copy the codec's files together")
         raw_json, raw_t = (d / CODEC_FILE).read_bytes(), (d / CODEC_TENSORS).read_bytes()
         meta = json.loads(raw_json)
-        if meta.get("format") != cls.FORMAT:
-            raise ConfigError(f"{d / CODEC_FILE}: codec format {meta.get('format')} is not supported")
+        if meta.get("format") not in CODERS:
+            raise ConfigError(f"{d / CODEC_FILE}: codec format {meta.get('format')} is not supported "
+                              f"(this version reads {', '.join(map(str, sorted(CODERS)))})")
         spec = meta["bottleneck"]
         b = Bottleneck(spec["channels"], spec["code_channels"], spec["bits"], spec.get("refine", False))
         t = load_file(str(d / CODEC_TENSORS))
         b.load_state_dict({k[len("bottleneck."):]: v for k, v in t.items() if k.startswith("bottleneck.")})
         digest = hashlib.sha256(raw_json + raw_t).digest()[:8]
-        return cls(b, t["coder.probs"], digest, tuple(meta["feature_shape"]))
+        return cls(b, t["coder.probs"], digest, tuple(meta["feature_shape"]), meta["format"])
 
     def params(self) -> bytes:
-        return struct.pack("<B8s", self.FORMAT, self.digest)
+        return struct.pack("<B8s", self.format, self.digest)
 
     def check_params(self, params: bytes) -> None:
         if len(params) != 9:
             raise CorruptPayload(f"bn codec parameters are 9 bytes, got {len(params)}")
         fmt, digest = struct.unpack("<B8s", params)
-        if fmt != self.FORMAT:
-            raise UnknownCodec(f"bn codec format {fmt} is not supported (this side: {self.FORMAT})")
+        if fmt != self.format:
+            raise UnknownCodec(f"bn codec format {fmt} is not this side's ({self.format}): edge and cloud must use "
+                               f"the codec files of the same checkpoint")
         if digest != self.digest:
             raise CodecMismatch(f"the frame's learned codec {digest.hex()} is not this side's {self.digest.hex()}: "
                                 f"edge and cloud must use the codec files of the same checkpoint")
@@ -355,19 +561,18 @@ class LearnedCodec(Codec):
     def encode(self, x):
         x = _check_batch(x, self.name)
         self._check(x.shape)
-        sym = self.bottleneck.symbols(x).numpy()
+        sym = self._fast.symbols(x).numpy()
         return [self.coder.encode(s) for s in sym]
 
     def code_shape(self) -> tuple[int, int, int]:
-        b = self.bottleneck
-        return (b.code_channels, *self.feature_shape[1:])
+        return self._code_shape
 
     def decode(self, payloads, shape):
         self._check(shape)
-        sym = np.stack([self.coder.decode(p, self.code_shape()) for p in payloads])
-        if (sym >= self.bottleneck.levels).any():
+        sym = np.stack([self.coder.decode(p, self._code_shape) for p in payloads])
+        if sym.max() >= self._levels:  # a format-2 coder cannot give more; a format-1 table could be larger
             raise CorruptPayload("decoded symbols out of range")
-        return self.bottleneck.from_symbols(torch.from_numpy(sym))
+        return self._fast.from_symbols(torch.from_numpy(sym))
 
     def reference(self, x):
         with torch.no_grad():
@@ -383,21 +588,59 @@ class LearnedCodec(Codec):
         return self.bottleneck.cloud_macs(shape[1], shape[2])
 
     def describe(self):
-        return {"name": self.name, "lossless": False, **self.bottleneck.spec(), "digest": self.digest.hex()}
+        return {"name": self.name, "lossless": False, **self.bottleneck.spec(), "digest": self.digest.hex(),
+                "format": self.format}
+
+
+class _FastBottleneck:
+    """``Bottleneck.symbols`` / ``from_symbols`` for inference: the same operations in the same order (so the same
+    symbols and values), called as functions on the weights taken once (no module dispatch), with the step computed
+    once instead of per call."""
+
+    def __init__(self, b):
+        import torch.nn.functional as F
+
+        self.F, self.refine, self.half = F, b.refine, b.levels // 2
+        with torch.no_grad():
+            self.step = b.log_step.detach().exp()[None, :, None, None]
+            bn = b.bn
+            self.bn = (bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps)
+            self.reduce, self.expand = b.reduce.weight.detach(), (b.expand.weight.detach(), b.expand.bias.detach())
+            self.enc = (b.enc.weight.detach(), b.enc.bias.detach()) if b.refine else None
+            self.dec = (b.dec.weight.detach(), b.dec.bias.detach()) if b.refine else None
+
+    @torch.no_grad()
+    def symbols(self, f: torch.Tensor) -> torch.Tensor:
+        F = self.F
+        if self.refine:
+            f = f + F.conv2d(torch.relu(f), *self.enc, padding=1)
+        mean, var, w, bias, eps = self.bn
+        z = F.batch_norm(F.conv2d(f, self.reduce), mean, var, w, bias, False, 0.0, eps)
+        t = (z / self.step - 0.5).clamp_(-self.half, self.half - 1)
+        return (torch.round(t) + self.half).round_().to(torch.uint8)
+
+    @torch.no_grad()
+    def from_symbols(self, sym: torch.Tensor) -> torch.Tensor:
+        F = self.F
+        g = F.conv2d((sym.to(torch.float32) - self.half + 0.5) * self.step, *self.expand)
+        return g + F.conv2d(torch.relu(g), *self.dec, padding=1) if self.refine else g
 
 
 def write_learned_codec(directory, bottleneck, probs: torch.Tensor, feature_shape, extra: dict | None = None) -> None:
-    """Write ``codec.json`` + ``codec.safetensors`` (the bottleneck's weights and the coder's tables) into a
-    checkpoint directory, so that ``get("bn", checkpoint=directory)`` loads them."""
+    """Write ``codec.json`` + ``codec.safetensors`` (the bottleneck's weights and the coder's tables, ``probs`` from
+    ``ContextCoder.estimate``, stored as float16) into ``directory``: a checkpoint folder, or its ``codec/`` folder
+    (``codec_home``), so that ``get("bn", checkpoint=...)`` loads them."""
     from safetensors.torch import save_file
 
     d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
     tensors = {f"bottleneck.{k}": v.detach().contiguous() for k, v in bottleneck.state_dict().items()}
-    tensors["coder.probs"] = probs.detach().to(torch.float64).contiguous()
+    tensors["coder.probs"] = probs.detach().to(torch.float16).contiguous()
     save_file(tensors, str(d / CODEC_TENSORS))
-    meta = {"format": LearnedCodec.FORMAT, "name": LEARNED, "bottleneck": bottleneck.spec(),
-            "feature_shape": list(feature_shape), "coder": "range coding, per-channel model given the symbols above "
-            "and to the left", **(extra or {})}
+    meta = {"format": ContextCoder.FORMAT, "name": LEARNED, "bottleneck": bottleneck.spec(),
+            "feature_shape": list(feature_shape), "coder": "range coding, coarse to fine in 5 steps for 16 x 16 "
+            "(codecs.ContextCoder): a table per (step, channel, context), context = how many of the 4 known "
+            "neighbours exist and the sum of their symbols; a check byte last", **(extra or {})}
     (d / CODEC_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -428,7 +671,8 @@ def check_name(name: str) -> str:
 
 
 def required_codec(checkpoint) -> str | None:
-    """``bn`` when the checkpoint carries a learned codec (its cloud half reads only the codec's output)."""
+    """``bn`` when the checkpoint is a codec checkpoint (its cloud half, trained behind the codec, reads only the
+    codec's output); None for others, including those whose ``codec/`` folder adds a codec to an unchanged cloud."""
     return LEARNED if (Path(checkpoint) / CODEC_FILE).is_file() else None
 
 
@@ -450,9 +694,9 @@ def from_frame(name: str, params: bytes, held: dict | None = None) -> Codec:
 
 
 def held_codecs(checkpoint) -> dict:
-    """The checkpoint-bound codecs a receiver can decode (the learned one, when the checkpoint has it)."""
-    d = Path(checkpoint)
-    return {LEARNED: LearnedCodec.load(d)} if (d / CODEC_FILE).is_file() else {}
+    """The checkpoint-bound codecs a receiver can decode (the learned one, when the checkpoint carries one, in its
+    folder or its ``codec/`` folder)."""
+    return {LEARNED: LearnedCodec.load(checkpoint)} if codec_home(checkpoint) is not None else {}
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
