@@ -58,12 +58,16 @@ def main(argv=None) -> dict:
         "engine": {"edge": sorted({r.get("engine") for r in edge}), "in_process": local.get("engine")},
         "same": {k: sum(e.get(k) == i.get(k) for e, i in zip(edge, inproc)) for k in FIELDS},
         "identical_records": len(edge) - len(diff), "differences": diff[:20],
+        "thresholds": summary.get("thresholds"),
         "edge_summary": {k: summary.get(k) for k in ("accuracy", "edge_fraction", "payload_bytes_per_offloaded",
                                                        "throughput_per_s", "latency_ms_p50", "latency_ms_p95")},
         "in_process_summary": {k: local.get(k) for k in ("accuracy", "edge_fraction", "payload_bytes_per_offloaded")},
         "command": "python benchmarks/deploy_check.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    out = Path(a.out)  # one row per checkpoint and codec; a run replaces its own row
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    rows = [r for r in rows if (r["checkpoint"], r["codec"]) != (a.checkpoint, codec)] + [result]
+    out.write_text(json.dumps({"rows": sorted(rows, key=lambda r: (r["checkpoint"], r["codec"]))}, indent=1) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k != "differences"}))
     return result
 

@@ -95,13 +95,46 @@ exit, in process or as an edge client talking to a cloud server over HTTP.
 """
 
 
+def _deployed(p: dict) -> tuple[str, str]:
+    """(images per second vs FP32 at batch 1, bytes per offloaded sample) for a headline row, from the runs that
+    measured this checkpoint at this row's thresholds (results/edge_speed.json, results/deploy_check.json); "-"
+    where none did. FP32 rows: 1.00x and the raw features are not sent (the whole network is in one place)."""
+    if not (p["network"]["exits"] if "network" in p else p.get("exits")):
+        return "1.00x", "-"
+    ckpt, thr = f"checkpoints/{ckpt_name(p)}", p.get("thresholds") or []
+
+    def same(t):
+        return t is not None and len(t) == len(thr) and all(abs(a - b) < 1e-9 for a, b in zip(t, thr))
+
+    speed = next((r for r in (load("edge_speed.json") or {}).get("rows", [])
+                  if r["checkpoint"] == ckpt and same(r["thresholds"])), None)
+    sent = next((r for r in (load("deploy_check.json") or {}).get("rows", [])
+                 if r["checkpoint"] == ckpt and same(r.get("thresholds"))), None)
+    per_off = sent and sent["edge_summary"]["payload_bytes_per_offloaded"]
+    return (f"{speed['speedup']:.2f}x ({speed['engine']})" if speed else "-",
+            f"{per_off:,.0f} ({sent['codec']})" if per_off else "-")
+
+
+def deployed_note() -> str:
+    """Where the two deployment columns come from, and on which machine they were measured."""
+    s = load("edge_speed.json") or {}
+    if not s.get("rows"):
+        return ""
+    return (f"*images/s vs FP32*: the hybrid (edge on the engine named, cloud half in PyTorch) against the FP32 "
+            f"network, batch 1, one thread, in the same run: `python benchmarks/edge_speed.py` on {s['cpu']} "
+            f"({s['cpu_flags']}); *bytes per offloaded sample*: `make demo`'s deployed pair "
+            "(`python benchmarks/deploy_check.py`), codec named; \"-\": not measured at that row's thresholds.\n\n")
+
+
 def _headline_row(label: str, p: dict) -> list[str]:
     return [label, thresholds(p), pct(p["accuracy"]), pct(p["edge_fraction"]), f"{p['edge_uj']:.1f}",
-            f"{p['cloud_uj']:.1f}", f"{p['expected_uj']:.1f}", f"{p['reduction']:.2f}x", p.get("paper", "")]
+            f"{p['cloud_uj']:.1f}", f"{p['expected_uj']:.1f}", f"{p['reduction']:.2f}x", *_deployed(p),
+            p.get("paper", "")]
 
 
 HEADLINE_HEADERS = ["test split", "threshold", "accuracy %", "exiting at the edge %", "edge uJ", "cloud uJ",
-                    "expected uJ/image", "vs FP32", "paper"]
+                    "expected uJ/image", "vs FP32", "images/s vs FP32, batch 1", "bytes per offloaded sample",
+                    "paper"]
 
 
 def guarantee_text(p: dict) -> str:
@@ -149,9 +182,9 @@ def readme_headline() -> str | None:
     return (f"## Result\n\nResNet-32 on CIFAR-10, {net['edge_layers']} {bits} convolutions at the edge with an exit at "
             f"layer {net['exits'][0]}, on the {hybrid['n']:,} test images; energy is computational, per image, from the "
             f"measured exit fractions (the paper's Table I constants).\n\n"
-            + md_table(HEADLINE_HEADERS, table, right=(1, 2, 3, 4, 5, 6, 7)) + "\n\n"
+            + md_table(HEADLINE_HEADERS, table, right=(1, 2, 3, 4, 5, 6, 7, 8, 9)) + "\n\n"
             f"Thresholds, chosen on the validation split ({plot_link(t['hybrid'])}): {points}.\n\n"
-            + against_targets(data["points"]))
+            + deployed_note() + against_targets(data["points"]))
 
 
 def floor(what, got, need, need_text, shortfall) -> str:
@@ -214,7 +247,7 @@ def readme_cifar100() -> str | None:
         rows = [_headline_row(f"`{p['name']}`", p) for p in mains if not p["network"]["exits"]]
         best = max(hybrids, key=lambda p: p["accuracy"])
         rows.append(_headline_row(f"`{best['name']}`", best))
-        return "CIFAR-100:\n\n" + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7)) + "\n"
+        return "CIFAR-100:\n\n" + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7, 8, 9)) + "\n"
     sweep = load("sweep-cifar100.json") or []
     h = C100_HEADLINE
     selection, ckpt = load(h["selection"]) or {}, h["checkpoint"]
@@ -230,7 +263,7 @@ def readme_cifar100() -> str | None:
             f"layer 24, trained {heads[0]['epochs']} epochs and calibrated on validation as every sweep point"
             + (" (chosen over " + ", ".join(str(c["epochs"]) for c in selection["candidates"] if c["checkpoint"] != ckpt)
                + f" epochs on validation: results/{h['selection']})" if selection.get("chosen") == ckpt else "") + ":\n\n"
-            + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7)) + "\n\n")
+            + md_table(HEADLINE_HEADERS, rows, right=(1, 2, 3, 4, 5, 6, 7, 8, 9)) + "\n\n")
     guaranteed = next((r for r in heads if r["point"] == "guaranteed"), None)  # the checkpoint's exit policy then
     if guaranteed:
         text += f"*guaranteed*, the checkpoint's exit policy: {guarantee_text(guaranteed)}.\n\n"
