@@ -13,7 +13,7 @@ from hybridexit import ConfigError, HybridConfig
 from hybridexit.checkpoint import fingerprint, load_model, read_tensors, save_model
 from hybridexit.cli import build_parser
 from hybridexit.energy import EnergyTable, count_layers, energy_report
-from hybridexit.engines import available_engines, get_engine
+from hybridexit.engines import available_engines, get_engine, unsupported_options
 from hybridexit.errors import EngineError
 from hybridexit.hybrid import HybridNet
 from hybridexit.quant import ChannelShift, QuanConv, QuantConv2d, RPReLU, quantize_activation, set_float_weights
@@ -226,15 +226,16 @@ def test_energy_rows_are_found_by_type_not_name():
 
 # ---- engines refuse what they do not compute ---------------------------------------------------------------------
 
-def test_engines_refuse_the_options():
-    for kw, refused in ((dict(act_shift=True), ("onnx", "packed")), (dict(rprelu=True), ("onnx", "packed")),
-                        (dict(exit_hidden=8), ("onnx",)), (dict(exit_pool="k2"), ("onnx",))):
+def test_every_engine_offers_every_option():
+    """Since issue 34 no engine refuses a recipe option: the packed kernels fold RSign into the packing threshold
+    and RPReLU into the conv epilogue, the onnx graph has them as nodes (tests/test_engines_*.py check the
+    decisions); only what an engine cannot run at all is left out (packed: no 8-bit edges)."""
+    for kw in (dict(act_shift=True), dict(rprelu=True), dict(exit_hidden=8), dict(exit_pool="k2")):
         cfg = HybridConfig(**EDGE, **kw)
-        edge, _ = HybridNet(cfg).eval().split()
-        for name in refused:
-            assert name not in available_engines(cfg)
-            with pytest.raises(EngineError, match="--engine torch"):
-                get_engine(name, edge)
+        assert unsupported_options(cfg, "onnx") == unsupported_options(cfg, "packed") == []
+    assert "packed" not in available_engines(HybridConfig(**{**EDGE, "edge_bits": 8}))
+    with pytest.raises(EngineError, match="8-bit"):
+        get_engine("packed", HybridNet(HybridConfig(**{**EDGE, "edge_bits": 8})).eval().split()[0])
 
 
 def test_packed_engine_runs_wider_exits_as_torch():
