@@ -30,7 +30,11 @@ GUARD = textwrap.dedent('''
     import os
     import re
     import sys
-    import tomllib
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the tomli backport, a dependency of hybridexit there
+        import tomli as tomllib
 
     def _norm(name):
         return re.sub(r"[-_.]+", "-", name).lower()
