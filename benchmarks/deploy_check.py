@@ -7,7 +7,8 @@ Runs exactly what ``make demo`` runs (``runtime.demo.run_demo``: ``hybridexit se
 loopback, ``hybridexit edge`` with ``--engine auto`` and the codec over HTTP, one thread per process) on the first
 ``--limit`` test images, and ``hybridexit evaluate CKPT --split test --limit N --engine auto --codec CODEC --out``
 in process on the same images; compares every record: prediction, where it was decided, payload bytes. The
-default codec is the checkpoint's own (``codecs.default_codec``), else fp32.
+default codec is the checkpoint's own (``runtime.demo.default_codec``: its learned codec if it carries one), else
+fp32.
 """
 
 from __future__ import annotations
@@ -36,10 +37,9 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="results/deploy_check.json")
     a = p.parse_args(argv)
-    from hybridexit import codecs
-    from hybridexit.runtime.demo import run_demo
+    from hybridexit.runtime.demo import default_codec, run_demo
 
-    codec = a.codec or getattr(codecs, "default_codec", lambda c: None)(a.checkpoint) or "fp32"
+    codec = a.codec or default_codec(a.checkpoint)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as d:
         edge_out, local_out = f"{d}/edge.jsonl", f"{d}/local.jsonl"

@@ -69,8 +69,38 @@ def speed_section(s: dict) -> list[str]:
     return out
 
 
+def engine_agreement_section(d: dict) -> list[str]:
+    """results/engine_agreement.json: each engine against the torch engine on a whole split (issue 34's 99.9 %),
+    with the float64 network and the torch engine's own batch-size reproducibility where measured."""
+    out = ["## Agreement of the headlines with the torch engine (`results/engine_agreement.json`)", "",
+           "`python benchmarks/engine_agreement.py --checkpoint CKPT --engine E [--kbit exact] --fp64-check "
+           "[--torch-batch-check 1]`: the library call behind `hybridexit evaluate CKPT --split test --engine E`, one "
+           "thread, batches of 500. *same* = same decision (exit or cloud) and same prediction as the torch engine; "
+           "the float64 columns compare each engine with the torch network computed in float64.", "",
+           "| checkpoint | engine | images | same decision | same prediction | same (both) | vs float64: engine / torch | "
+           "torch batch 1 vs 500 | accuracy torch / engine |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in d["rows"]:
+        n = r["n"]
+        f64 = r.get("float64_torch") or {}
+        eng = r["engine"] + (f" ({r['kbit']})" if r.get("kbit") else "")
+        v64 = (f"{100 * f64[r['engine']]['same_both'] / n:.2f} / {100 * f64['torch']['same_both'] / n:.2f} %"
+               if f64 else "")
+        selfa = r.get("torch_self_agreement")
+        out.append(f"| `{r['checkpoint'].rsplit('/', 1)[-1]}` | {eng} | {n:,} | {r['same_decision']:,} | "
+                   f"{r['same_prediction']:,} | {r['same_both']:,} ({100 * r['same_both'] / n:.2f} %) | {v64} | "
+                   + (f"{100 * selfa['same_both'] / n:.2f} %" if selfa else "") + " | "
+                   f"{100 * r['accuracy']['torch']:.2f} / {100 * r['accuracy'][r['engine']]:.2f} % |")
+    causes = Counter((r["engine"], (x.get("cause") or "").split(";")[0].split(" (")[0]) for r in d["rows"]
+                     for x in r["disagreements"])
+    if causes:
+        out += ["", "Causes of the disagreements (first part of each traced cause): " + "; ".join(
+            f"{e}: {k or 'not traced'} ({n})" for (e, k), n in sorted(causes.items())) + "."]
+    return out + [""]
+
+
 def agreement_section(a: dict) -> list[str]:
-    out = ["## Agreement with the torch engine (`results/edge_agreement.json`)", "",
+    out = ["## Agreement of the plain XNOR checkpoint, traced (`results/edge_agreement.json`)", "",
            f"`hybridexit evaluate {a['checkpoint']} --data-dir data --split {a['split']} --engine E --json --out E.jsonl`, "
            f"then `python benchmarks/edge_agreement.py`; {a['n']:,} images.", "",
            "| engine | same decision | same prediction | accuracy | causes of disagreement |",
@@ -100,7 +130,8 @@ def agreement_section(a: dict) -> list[str]:
 def render() -> str:
     text = DOC.read_text()
     body = []
-    for name, fn in (("edge_speed.json", speed_section), ("edge_agreement.json", agreement_section)):
+    for name, fn in (("edge_speed.json", speed_section), ("engine_agreement.json", engine_agreement_section),
+                     ("edge_agreement.json", agreement_section)):
         f = ROOT / "results" / name
         if f.exists():
             body += fn(json.loads(f.read_text()))

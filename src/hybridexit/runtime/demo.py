@@ -15,7 +15,14 @@ import time
 DEFAULT_CHECKPOINT = "checkpoints/c10-r32-e20-b1-x20"
 
 
-def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, codec: str = "fp32",
+def default_codec(checkpoint) -> str:
+    """The codec a checkpoint is deployed with: its learned codec (``bn``) when it carries one, else fp32."""
+    from ..codecs import LEARNED, codec_home
+
+    return LEARNED if codec_home(checkpoint) is not None else "fp32"
+
+
+def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, codec: str | None = None,
              compress: bool = False, batch_size: int = 1, threads: int | None = 1, out: str | None = None) -> dict:
     import torch
 
@@ -25,6 +32,7 @@ def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, co
     from .process import ServerProcess, ServerStartError
 
     meta = read_config(checkpoint)  # a missing checkpoint stops here, before anything starts
+    codec = codec or default_codec(checkpoint)
     d = meta.get("data", {})
     ds = load_cifar(d.get("name", "cifar10"), data_dir)
     split = get_split(ds, "test").limit(limit)
@@ -59,7 +67,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data-dir", default=None, help="CIFAR folder (default: $HYBRIDEXIT_DATA, then the cache)")
     p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8"])
+    p.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8", "bn"],
+                   help="feature codec (default: the checkpoint's learned codec bn if it carries one, else fp32)")
     p.add_argument("--compress", action="store_true")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
