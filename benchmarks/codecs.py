@@ -127,7 +127,7 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
     out = []
     ckpts = [c for c in HYBRIDS if (ROOT / c).is_dir()] + sorted(
         str(p.relative_to(ROOT)) for p in (ROOT / "checkpoints").glob("*") if (p / codecs.CODEC_FILE).is_file())
-    ckpts = [c for c in ckpts if not only or c in only]
+    ckpts = list(only) if only else ckpts  # --checkpoints: these, also one whose codec sits in its codec/ folder
     for ckpt in ckpts:
         model, meta = load_model(ckpt)
         policy = meta["policy"]
@@ -135,7 +135,7 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
         learned = codecs.required_codec(ckpt) is not None
         ep_test = codecs.edge_pass(model, ds.test.limit(limit), policy.thresholds, temps)
         ep_val = None
-        if not learned:  # the q codecs' clip ranges come from the offloaded validation features
+        if not learned and any(n in codecs.QUANT_NAMES for n in names or FEATURE_CODECS):  # q codecs' clip ranges
             ep_val = codecs.edge_pass(model, get_split(ds, "val", val_ids=read_val_ids(ckpt)), policy.thresholds, temps)
         rows, base = [], None
         for name in [codecs.LEARNED] if learned else (names or FEATURE_CODECS):
@@ -152,7 +152,14 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
                 base = r["accuracy"]
             row = {"codec": name, **{k: r[k] for k in ("n", "accuracy", "edge_fraction", "payload_bytes_per_offloaded",
                                                         "payload_bytes_per_input", "encode_ms_per_sample",
-                                                        "decode_ms_per_sample", "codec_edge_macs", "codec_cloud_macs")}}
+                                                        "decode_ms_per_sample", "encode_cpu_ms_per_sample",
+                                                        "decode_cpu_ms_per_sample", "codec_edge_macs",
+                                                        "codec_cloud_macs")}}
+            home = codecs.codec_home(ckpt) if name == codecs.LEARNED else None
+            if home is not None:  # which codec files made the row
+                row["codec_files"] = {"folder": str(home), "format": codec.format,
+                                      "codec_safetensors_sha256": _sha256(home / codecs.CODEC_TENSORS),
+                                      "codec_json_sha256": _sha256(home / codecs.CODEC_FILE)}
             if chosen:
                 row["clip_chosen_on_val"] = chosen
             rows.append(row)
@@ -170,8 +177,15 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
         for row in rows:
             row["accuracy_change_vs_fp32_points"] = None if base is None else 100 * (row["accuracy"] - base)
         out.append({"checkpoint": ckpt, "split_at_layer": model.cfg.edge_layers, "thresholds": list(policy.thresholds),
-                    "fp32_reference": against, "rows": rows})
+                    "fp32_reference": against, "rows": rows, "model_sha256": _sha256(ROOT / ckpt / "model.safetensors"),
+                    "command": "python benchmarks/codecs.py " + " ".join(sys.argv[1:])})
     return {"checkpoints": out}
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def _fp32_references(res: dict) -> None:
@@ -280,7 +294,8 @@ def render(res: dict) -> str:
                 lines.append(f"| {Path(e['checkpoint']).name} | {r['codec']} | {r['payload_bytes_per_offloaded']:,.0f} | "
                              f"{r['payload_bytes_per_input']:,.0f} | {_pct(r['accuracy'])} | "
                              f"{'n/a' if d is None else f'{d:+.2f} pt'} | {_pct(r['edge_fraction'])} | "
-                             f"{r['encode_ms_per_sample']:.1f} / {r['decode_ms_per_sample']:.1f} |")
+                             f"{r['encode_ms_per_sample']:.{2 if 'encode_cpu_ms_per_sample' in r else 1}f} / "
+                             f"{r['decode_ms_per_sample']:.{2 if 'encode_cpu_ms_per_sample' in r else 1}f} |")
         lines.append("")
     if "images" in res:
         lines += [f"Sending the image instead, classified by the float network `{res['images']['network']}` "
@@ -355,13 +370,53 @@ def _targets(res: dict) -> list[str]:
                    f"`{r['codec']}` on {Path(e['checkpoint']).name}, {r['payload_bytes_per_offloaded']:,.0f} B per "
                    f"offloaded sample at {d:+.2f} points ({100 * r['edge_fraction']:.2f} % of test images exiting): "
                    f"{'met' if d >= -0.2 else 'missed'}.")
+    for e, r in rows:  # the codecs measured with their CPU time too (this version's coder): the headline's
+        if r["codec"] != "bn" or "encode_cpu_ms_per_sample" not in r:
+            continue
+        d, b = r["accuracy_change_vs_fp32_points"], r["payload_bytes_per_offloaded"]
+        for budget, what in ((1024, "floor"), (512, "goal")):
+            out.append(f"- {what} on {Path(e['checkpoint']).name} (its own operating point, "
+                       f"{100 * r['edge_fraction']:.2f} % of test images exiting): `bn`, {b:,.0f} B per offloaded sample "
+                       f"({'within' if b <= budget else 'over'} {budget:,}) at {d:+.2f} points "
+                       f"({'within' if d >= -0.2 else 'not within'} 0.2): {'met' if b <= budget and d >= -0.2 else 'missed'}.")
+        worst = max(r["encode_ms_per_sample"], r["decode_ms_per_sample"])
+        out.append(f"- speed (encode and decode each <= 1 ms per offloaded sample, batch 1, one thread; goal 0.3 ms): "
+                   f"`bn` on {Path(e['checkpoint']).name}, {r['encode_ms_per_sample']:.2f} ms to encode and "
+                   f"{r['decode_ms_per_sample']:.2f} ms to decode (wall, mean over the offloaded test samples; this "
+                   f"thread's CPU time {r['encode_cpu_ms_per_sample']:.2f} / {r['decode_cpu_ms_per_sample']:.2f} ms): "
+                   f"{'goal met' if worst <= 0.3 else 'met' if worst <= 1 else 'missed'}.")
     return out + [""]
+
+
+def render_selection(sel: dict) -> str:
+    """The headline codec's choice on the validation split (results/codecs_selection.json, benchmarks/codec_select.py)."""
+    h = sel.get("headline")
+    if not h:
+        return ""
+    f = h["fp32"]
+    lines = [f"Chosen on the validation split of `{h['checkpoint']}` ({h['n']:,} images, {h['offloaded']:,} offloaded at "
+             f"threshold {', '.join(f'{t:.4f}' for t in h['thresholds'])}; fp32 codec: {_pct(f['val_accuracy'])}, "
+             f"{_pct(f['val_offloaded_accuracy'])} on the offloaded samples): the most accurate under "
+             f"{h['budget_bytes']:,} B per offloaded sample.", "",
+             "| run | best epoch | B per offloaded (val) | val accuracy | offloaded val accuracy | vs fp32 codec |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, e in h["runs"].items():
+        m = e["measured"]
+        if m is None:
+            lines.append(f"| {name}{' (chosen)' if name == h['chosen'] else ''} | not measured: {e['why_not']} | | | | |")
+            continue
+        lines.append(f"| {name}{' (chosen)' if name == h['chosen'] else ''} | {m['chosen_epoch']} | "
+                     f"{m['bytes_per_offloaded']:,.0f} | {_pct(m['val_accuracy'])} | "
+                     f"{_pct(m['val_offloaded_accuracy'])} | {m['change_vs_fp32_points']:+.2f} pt |")
+    return "\n".join(lines + ["", f"Generated from `results/codecs_selection.json` ({h['command']}).", ""])
 
 
 def render_doc(res: dict, doc: Path) -> None:
     text = doc.read_text()
     i, j = text.index(BEGIN), text.index(END)
-    doc.write_text(text[:i + len(BEGIN)] + "\n" + render(res) + "\n" + text[j:])
+    sel_path = ROOT / "results" / "codecs_selection.json"
+    sel = render_selection(json.loads(sel_path.read_text())) if sel_path.exists() else ""
+    doc.write_text(text[:i + len(BEGIN)] + "\n" + sel + render(res) + "\n" + text[j:])
 
 
 if __name__ == "__main__":

@@ -740,7 +740,8 @@ def apply_codec(model, ep: EdgePass, codec: Codec, checkpoint) -> dict:
     one-sample wire frames, decoded by the receiver's side (its own copy of a learned codec, from ``checkpoint``).
 
     Returns accuracy, edge fraction, bytes per offloaded sample (whole frames) and per input, encode / decode
-    time per offloaded sample, the codec's MACs, and per-sample ``predictions`` and ``payload_bytes``."""
+    time per offloaded sample (wall, and this thread's CPU time), the codec's MACs, and per-sample ``predictions``
+    and ``payload_bytes``."""
     from .checkpoint import fingerprint as model_fingerprint
     from .runtime import wire
 
@@ -752,14 +753,16 @@ def apply_codec(model, ep: EdgePass, codec: Codec, checkpoint) -> dict:
     n, off = len(ep.labels), len(ep.remaining)
     sizes = torch.zeros(n, dtype=torch.long)
     back = []
-    t_enc = t_dec = 0.0
+    t_enc = t_dec = c_enc = c_dec = 0.0
     for j in range(off):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         body = frame(codec, ep.features[j:j + 1], fp)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.thread_time()
         back.append(wire.decode(body, fp, (1, *shape), codecs=held))
         t_dec += time.perf_counter() - t1
+        c_dec += time.thread_time() - c1
         t_enc += t1 - t0
+        c_enc += c1 - c0
         sizes[ep.remaining[j]] = len(body)
     preds = ep.predictions.clone()
     if off:
@@ -769,6 +772,7 @@ def apply_codec(model, ep: EdgePass, codec: Codec, checkpoint) -> dict:
             "payload_bytes_per_offloaded": int(sizes.sum()) / off if off else None,
             "payload_bytes_per_input": int(sizes.sum()) / n,
             "encode_ms_per_sample": 1000 * t_enc / max(off, 1), "decode_ms_per_sample": 1000 * t_dec / max(off, 1),
+            "encode_cpu_ms_per_sample": 1000 * c_enc / max(off, 1), "decode_cpu_ms_per_sample": 1000 * c_dec / max(off, 1),
             "codec_edge_macs": codec.edge_macs(shape), "codec_cloud_macs": codec.cloud_macs(shape),
             "predictions": preds, "payload_bytes": sizes}
 
