@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -91,8 +92,9 @@ def engine_agreement_section(d: dict) -> list[str]:
                    f"{r['same_prediction']:,} | {r['same_both']:,} ({100 * r['same_both'] / n:.2f} %) | {v64} | "
                    + (f"{100 * selfa['same_both'] / n:.2f} %" if selfa else "") + " | "
                    f"{100 * r['accuracy']['torch']:.2f} / {100 * r['accuracy'][r['engine']]:.2f} % |")
-    causes = Counter((r["engine"], (x.get("cause") or "").split(";")[0].split(" (")[0]) for r in d["rows"]
-                     for x in r["disagreements"])
+    causes = Counter((r["checkpoint"].rsplit("/", 1)[-1] + " on " + r["engine"] + (f" ({r['kbit']})" if r.get("kbit") else ""),
+                      re.sub(r" at conv \d+", "", (x.get("cause") or "").split(";")[0].split(" (")[0]))
+                     for r in d["rows"] for x in r["disagreements"])
     if causes:
         out += ["", "Causes of the disagreements (first part of each traced cause): " + "; ".join(
             f"{e}: {k or 'not traced'} ({n})" for (e, k), n in sorted(causes.items())) + "."]
