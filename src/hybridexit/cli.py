@@ -23,6 +23,7 @@ from .cli_types import (
     positive_int,
     threshold,
 )
+from .engines import CHOICES as ENGINE_CHOICES
 from .errors import HybridExitError
 
 DATA_DIR_HELP = ("folder holding the official CIFAR archive or its extracted folder (default: $HYBRIDEXIT_DATA, "
@@ -202,11 +203,13 @@ def _load_data_for(meta, a):
 
 def cmd_evaluate(a):
     from .checkpoint import fingerprint, load_model, split_of
+    from .engines import resolve_engine
     from .evaluate import evaluate_checkpoint_summary
     from .hybrid import resolve_thresholds
     from .policy import read_policy_file
 
     model, meta = load_model(a.checkpoint)
+    engine = resolve_engine(a.engine, model.cfg, next(model.parameters()).device)  # auto: the fastest here
     policy = read_policy_file(a.policy, fingerprint(a.checkpoint)) if a.policy else meta["policy"]
     thresholds = a.thresholds if a.thresholds is not None else (policy.thresholds if policy else None)
     temperatures = policy.temperatures or None if policy else None
@@ -230,28 +233,28 @@ def cmd_evaluate(a):
         ds = _load_data_for(meta, a)
         split, where, classes = split_of(a.checkpoint, ds, a.split).limit(a.limit), a.split, ds.classes
     summary, recs = evaluate_checkpoint_summary(model, split, thresholds, temperatures, a.batch_size,
-                                                progress=not a.json, engine=a.engine)
+                                                progress=not a.json, engine=engine)
     if bool((split.labels < 0).any()):  # unlabelled images: no accuracy to report
         summary["cloud_accuracy"] = None
-    coded = _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary)
-    summary = {"checkpoint": a.checkpoint, "split": where, "engine": a.engine, **summary}
+    coded = _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary, engine)
+    summary = {"checkpoint": a.checkpoint, "split": where, "engine": engine, **summary}
     if folder is not None:  # every file accounted for: n counts the answered images only
         summary.update(inputs=len(folder.labels), unreadable_inputs=len(folder.errors), **folder.folder_summary())
     if a.out:
-        _write_evaluate_records(a.out, recs, classes, coded, folder)
+        _write_evaluate_records(a.out, recs, classes, coded, folder, engine)
     if a.json:
         print(json.dumps(summary))
     else:
         print(format_table(summary))
 
 
-def _write_evaluate_records(out, recs, classes, coded, folder) -> None:
+def _write_evaluate_records(out, recs, classes, coded, folder, engine: str) -> None:
     """evaluate --out: one JSON record per input, in input order; an unreadable file of an image folder gets the
     record ``edge`` gives it (``decided_at: "unreadable"``, no prediction, the reason in ``error``)."""
     from .runtime.client import unreadable_record
 
     def line(r):
-        d = r.to_json(classes)
+        d = {**r.to_json(classes), "engine": engine}
         if coded:
             d.update(prediction=int(coded["predictions"][r.index]), payload_bytes=int(coded["payload_bytes"][r.index]))
         if folder is not None:
@@ -309,7 +312,7 @@ def _codec_choice(a) -> str | None:
     return a.codec or required
 
 
-def _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary) -> dict | None:
+def _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary, engine: str = "torch") -> dict | None:
     """evaluate --codec / --link: the offloaded features through a feature codec (docs/codecs.md), and the edge's
     transmit energy per image over a named link. Updates ``summary``; returns the codec run (or None)."""
     from . import codecs, links
@@ -323,7 +326,7 @@ def _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary) ->
         from .checkpoint import split_of
 
         val = split_of(a.checkpoint, _load_data_for(meta, a), "val") if name in codecs.QUANT_NAMES else None
-        coded = codecs.codec_summary(model, split, thresholds, temperatures, name, a.checkpoint, val)
+        coded = codecs.codec_summary(model, split, thresholds, temperatures, name, a.checkpoint, val, engine)
         summary["accuracy_without_codec"] = None if required else summary["accuracy"]
         if required:  # the final classifier alone was run on features the codec never saw: not meaningful
             summary["cloud_accuracy"] = None
@@ -488,8 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--limit", type=positive_int, default=None, help="the first N images of the split")
     v.add_argument("--batch-size", type=positive_int, default=500, help="images per forward pass")
     v.add_argument("--out", type=output_file, default=None, help="write one JSON record per image (JSONL)")
-    v.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
-                   help="engine of the edge half (onnx, packed: CPU); the cloud half runs in torch")
+    v.add_argument("--engine", default="auto", choices=list(ENGINE_CHOICES),
+                   help="engine of the edge half (default auto: the fastest that can run the checkpoint here, packed "
+                        "then onnx then torch; onnx, packed: CPU); the cloud half runs in torch")
     v.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8", "fp32+zstd", "fp16+zstd", "int8+zstd",
                                                      "q1", "q2", "q3", "q4", "bn"],
                    help="send the offloaded features through this codec as wire frames and report the bytes "
@@ -517,10 +521,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the cached edge features of the training views (default: OUT/views)")
     k.set_defaults(func=cmd_train_codec)
 
-    xc = sub.add_parser("export-codec", help="a new checkpoint carrying the learned codec of a train-codec run")
+    xc = sub.add_parser("export-codec", help="the learned codec of a train-codec run: a new codec checkpoint, or (cloud "
+                        "half not tuned) the checkpoint's own codec/ folder")
     xc.add_argument("run", type=existing_dir,
                     help="train-codec run folder (its recipe's last stage, finished) or one of its stage folders")
-    xc.add_argument("--out", type=output_dir, required=True, help="checkpoint folder to write (must not exist)")
+    xc.add_argument("--out", type=output_dir, required=True,
+                    help="checkpoint folder to write (must not exist); a run with tune_cloud = false may also name the "
+                         "checkpoint it was trained on: its codec goes into OUT/codec/")
     xc.set_defaults(func=cmd_export_codec)
 
     c = sub.add_parser("calibrate", help="choose exit thresholds on the validation split for a target")

@@ -721,9 +721,11 @@ class EdgePass:
 
 
 @torch.no_grad()
-def edge_pass(model, split, thresholds, temperatures=None, batch_size: int = 500) -> EdgePass:
+def edge_pass(model, split, thresholds, temperatures=None, batch_size: int = 500, engine: str = "torch") -> EdgePass:
+    from .engines import get_engine
+
     edge, _ = model.split()
-    edge.eval()
+    edge = get_engine(engine, edge.eval())  # the engine the run's own decisions came from (evaluate --engine)
     preds, decided, rem, feats = [], [], [], []
     for i in range(0, len(split), batch_size):
         r = edge.decide(split.images[i:i + batch_size], thresholds, temperatures)
@@ -782,7 +784,8 @@ def calibration_features(model, val_split, thresholds, temperatures=None) -> tor
     return edge_pass(model, val_split, thresholds, temperatures).features
 
 
-def codec_summary(model, split, thresholds, temperatures, name: str, checkpoint, val_split=None) -> dict:
+def codec_summary(model, split, thresholds, temperatures, name: str, checkpoint, val_split=None,
+                  engine: str = "torch") -> dict:
     """``hybridexit evaluate --codec NAME``: the conditional run with the codec applied to the offloaded features.
     Keys: codec, accuracy (with the codec), payload bytes per offloaded sample / per input, raw image bytes,
     encode / decode ms per sample, the codec's MACs; ``predictions`` and ``payload_bytes`` per sample."""
@@ -794,11 +797,13 @@ def codec_summary(model, split, thresholds, temperatures, name: str, checkpoint,
             raise ConfigError(f"codec {name} chooses its clip ranges on the validation split: it is needed")
         calib = calibration_features(model, val_split, thresholds, temperatures)
     r = evaluate_codec(model, split, thresholds, get(name, checkpoint=checkpoint, calibration=calib), checkpoint,
-                       temperatures)
+                       temperatures, engine=engine)
     return {"codec": name, "raw_image_bytes": RAW_IMAGE_BYTES, **{k: v for k, v in r.items() if k != "decided_at"}}
 
 
-def evaluate_codec(model, split, thresholds, codec: Codec, checkpoint, temperatures=None, batch_size: int = 500) -> dict:
-    """Conditional run of ``model`` on ``split`` with the offloaded features sent through ``codec``."""
-    ep = edge_pass(model, split, thresholds, temperatures, batch_size)
+def evaluate_codec(model, split, thresholds, codec: Codec, checkpoint, temperatures=None, batch_size: int = 500,
+                   engine: str = "torch") -> dict:
+    """Conditional run of ``model`` on ``split`` with the offloaded features sent through ``codec``, the edge on
+    ``engine``."""
+    ep = edge_pass(model, split, thresholds, temperatures, batch_size, engine)
     return {**apply_codec(model, ep, codec, checkpoint), "decided_at": ep.decided_at}

@@ -88,7 +88,7 @@ class EdgeOptions:
     thresholds: tuple[float, ...] | None = None
     device: str | None = None
     ca: str | None = None  # CA certificate (PEM) that signed an https server's certificate; None: the system's
-    engine: str = "torch"  # the edge half's engine (hybridexit.engines): torch, onnx or packed
+    engine: str = "auto"  # the edge half's engine (hybridexit.engines): auto (the fastest here), torch, onnx, packed
     audit_rate: float = 0.0  # share of exited inputs also sent to the cloud to measure disagreement (runtime/audit.py)
     audit_eps: float | None = None  # the disagreement the audit holds the exits to (default: the policy's EPS)
     audit_seed: int = 0
@@ -326,9 +326,10 @@ class EdgeRunner:
         self.wire_codec = feature_codec if feature_codec is not None else options.codec
         self.device = pick_device(options.device or None)
         edge, _ = model.split()
-        from ..engines import get_engine
+        from ..engines import engine_name, get_engine
 
         self.edge = get_engine(options.engine, edge.eval().to(self.device))
+        self.engine = engine_name(self.edge)  # what auto resolved to, named in every record and the summary
         self.cfg = model.cfg
         given = options.thresholds if options.thresholds is not None else (policy.thresholds if policy else None)
         self.thresholds = resolve_thresholds(self.cfg, given)
@@ -438,6 +439,7 @@ class EdgeRunner:
         for i, rec in enumerate(recs):
             rec["latency_ms"] = round(lat[i], 3)
             rec["payload_bytes"] = sent[i]
+            rec["engine"] = self.engine
             if i in errors:
                 rec["error"] = errors[i]
             if self.audit:
@@ -684,6 +686,8 @@ def format_summary(s: dict) -> str:
         rows.append(("  disagreement now", "no audits at this level yet" if est["share"] is None else (
             f"{_fmt_pct(est['share'])} of {est['audits']} audits (upper bound {_fmt_pct(est['upper_bound'])}; "
             f"EPS {_fmt_pct(s['audit_eps'])})")))
+    if "engine" in s:
+        rows.append(("edge engine", s["engine"]))
     if "codec" in s:
         rows.append(("codec", f"{s['codec']}{' + zstd' if s['compressed'] else ''}, batch size {s['batch_size']}"))
     if "requests" in s:
@@ -733,6 +737,7 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
                 on_record(rec)
     report = energy_report(model.cfg)
     summary = edge_summary(recs, report, runner.thresholds, runner.stats, options, inputs.labelled)
+    summary["engine"] = runner.engine
     if runner.audit:
         summary.update(runner.audit.summary(), audit_cloud_uj=runner.audit.audits * report.cloud_uj)
     return summary, recs

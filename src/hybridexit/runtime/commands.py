@@ -26,6 +26,7 @@ from ..cli_types import (
     threshold,
 )
 from ..codecs import LEARNED, QUANT_NAMES
+from ..engines import CHOICES as ENGINE_CHOICES
 from ..errors import HybridExitError
 from ..threads import runtime_threads, runtime_threads_help
 
@@ -203,8 +204,9 @@ def add_parsers(sub) -> None:
                    help="fallback: answer with the last exit's prediction (marked); error: stop")
     e.add_argument("--device", type=device, default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     e.add_argument("--threads", type=positive_int, default=runtime_threads(), help=runtime_threads_help("edge"))
-    e.add_argument("--engine", default="torch", choices=["torch", "onnx", "packed"],
-                   help="engine of the edge half (onnx, packed: CPU; the cloud half is unchanged)")
+    e.add_argument("--engine", default="auto", choices=list(ENGINE_CHOICES),
+                   help="engine of the edge half (default auto: the fastest that can run the checkpoint here, packed "
+                        "then onnx then torch; onnx, packed: CPU; the cloud half is unchanged)")
     e.add_argument("--audit-rate", type=float, default=0.0, metavar="P",
                    help="also send this share of the exited inputs to the cloud; the edge's answer stays, the cloud's "
                         "measures disagreement, and the exits tighten when it exceeds EPS (docs/trust.md)")
