@@ -32,6 +32,8 @@ def export_checkpoint(checkpoint, fmt: str, out) -> dict:
     with tempfile.TemporaryDirectory() as d:
         save_file({k: v.contiguous() for k, v in edge.state_dict().items()}, f"{d}/edge.safetensors")
         float_bytes = os.path.getsize(f"{d}/edge.safetensors")
+    for name in FILES[fmt]:  # safetensors writes 0600; an exported artifact is meant to be copied to a device
+        os.chmod(out / name, 0o644)
     files = {name: (out / name).stat().st_size for name in FILES[fmt]}
     return {"format": fmt, "out": str(out), "files": files, "edge_bytes": files[FILES[fmt][0]],
             "edge_float_bytes": float_bytes}
