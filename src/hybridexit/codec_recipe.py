@@ -14,7 +14,7 @@ import math
 import typing
 from dataclasses import fields, replace
 
-from .bottleneck import GAUSS_STEP, BottleneckConfig
+from .bottleneck_net import GAUSS_STEP, BottleneckConfig
 from .errors import ConfigError
 from .recipes import read_toml
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError
+from .runtime import wire
 from .runtime.wire import CodecMismatch, CorruptPayload, UnknownCodec, WrongShape
 
 V1_NAMES = ("fp32", "fp16", "int8")
@@ -519,7 +520,7 @@ class LearnedCodec(Codec):
     def load(cls, checkpoint) -> LearnedCodec:
         from safetensors.torch import load_file
 
-        from .bottleneck import Bottleneck
+        from .bottleneck_net import Bottleneck
 
         d = codec_home(checkpoint)
         if d is None:
@@ -693,10 +694,18 @@ def from_frame(name: str, params: bytes, held: dict | None = None) -> Codec:
     raise UnknownCodec(f"unknown named codec {name!r} in frame: known {', '.join((*QUANT_NAMES, LEARNED))}")
 
 
-def held_codecs(checkpoint) -> dict:
+class HeldCodecs(dict):
+    """A receiver's checkpoint-bound codecs by name, and the registry's rebuilding of any frame's codec with them
+    (``from_frame``): what ``wire.decode`` is given, so the wire format needs no import of this registry."""
+
+    def from_frame(self, name: str, params: bytes) -> Codec:
+        return from_frame(name, params, self)
+
+
+def held_codecs(checkpoint) -> HeldCodecs:
     """The checkpoint-bound codecs a receiver can decode (the learned one, when the checkpoint carries one, in its
     folder or its ``codec/`` folder)."""
-    return {LEARNED: LearnedCodec.load(checkpoint)} if codec_home(checkpoint) is not None else {}
+    return HeldCodecs({LEARNED: LearnedCodec.load(checkpoint)} if codec_home(checkpoint) is not None else {})
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
@@ -807,3 +816,6 @@ def evaluate_codec(model, split, thresholds, codec: Codec, checkpoint, temperatu
     ``engine``."""
     ep = edge_pass(model, split, thresholds, temperatures, batch_size, engine)
     return {**apply_codec(model, ep, codec, checkpoint), "decided_at": ep.decided_at}
+
+
+wire.use_codec_registry(HeldCodecs())  # named frames decoded without a checkpoint's codecs (q1..q4)

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import EngineError
 from ..resnet import HybridConfig, block_specs
-from .packed import fold_bn
+from .folding import fold_bn
 
 KBITS = (2, 4)
 TENSORS_PER_CONV = 9  # bn_a, bn_b, shift, wk, wbias, mult, rp_gamma, rp_beta, rp_zeta (csrc/kbit.h)

@@ -59,7 +59,7 @@ from torch import nn
 from ..errors import EngineError
 from ..resnet import block_specs, edge_feature_shape
 from . import check_options
-from .packed import fold_bn
+from .folding import fold_bn
 
 OPSET = 17
 # k-bit convs: "torch" computes the torch engine's float arithmetic and decides as it does; "exact" computes the

@@ -28,19 +28,12 @@ from torch import nn
 from ..errors import EngineError, InputShapeError
 from ..hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
 from ..resnet import HybridConfig, block_specs
+from .folding import fold_bn  # noqa: F401  (re-exported: the engines' shared BatchNorm fold)
 from .native import kernels
 
 FORMAT = "hybridexit-packed-1"
 SUPPORTED_BITS = (1, 2, 4)  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
 KBIT_ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")  # the k-bit kernels' levels (csrc/kbit.h)
-
-
-def fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) with bn(x) = fma(x, a, b) in eval mode: float32, as PyTorch's CPU BatchNorm folds them
-    (a = rsqrt(var + eps) * weight, b = fma(-mean, a, bias); the product is exact in float64)."""
-    a = torch.rsqrt(bn.running_var.float() + bn.eps) * bn.weight.float()
-    b = (bn.bias.double() - bn.running_mean.double() * a.double()).float()
-    return a.contiguous(), b.contiguous()
 
 
 def pack_bits(w: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,6 @@ from dataclasses import dataclass, field
 
 from ..errors import ConfigError
 from ..risk import binom_cdf
-from . import wire
 
 SCALED_LADDER = (0.25, 0.5, 0.75, 1.0)
 
@@ -394,49 +393,6 @@ def would_exit(entropies, thresholds) -> list[bool]:
 
     t = torch.as_tensor(thresholds, dtype=entropies.dtype)
     return (entropies < t).any(1).tolist()
-
-
-def audit_batch(runner, images, preds, decided, entropies, start: int, level: int) -> dict[int, dict]:
-    """The audits of one batch that the edge decided at ``level`` (``EdgeRunner.run_batch``): the chosen exited
-    inputs' edge features go to the cloud in one request (headers ``X-Hybridexit-Audit``: the edge's answers,
-    ``X-Hybridexit-Audit-Level``), each outcome goes to the controller. At level 0 the cloud's answer replaces the
-    edge's (``preds`` / ``decided`` are changed in place). Returns per batch index the record fields."""
-    from ..hybrid import CLOUD, FALLBACK
-    from .client import CloudError, _split_bytes
-
-    ctl: AuditController = runner.audit
-    shadow = level == 0
-    out = {i: {"thresholds": list(ctl.levels[level]), "audit_level": level, "audited": False}
-           for i in range(len(preds))}
-    for i, w in enumerate(would_exit(entropies, ctl.levels[ctl.top])):  # the drift monitor sees every input
-        if ctl.see(w, start + i):
-            out[i]["drift_alarm"] = True
-    chosen = [i for i in (decided >= 0).nonzero().flatten().tolist() if ctl.draw()]
-    if not chosen:
-        return out
-    feats = runner.edge.forward(images[chosen].to(runner.device))
-    body = wire.encode(feats, runner.fingerprint, runner.wire_codec, runner.opt.compress)
-    edge_answers = [int(preds[i]) for i in chosen]
-    headers = {"X-Hybridexit-Audit": ",".join(map(str, edge_answers)), "X-Hybridexit-Audit-Level": f"{level}/{ctl.top}"}
-    try:
-        reply = runner.cloud.infer(body, runner.fingerprint, runner.cfg.num_classes, headers=headers)
-    except CloudError as e:
-        ctl.failed_audits += 1
-        if shadow and runner.opt.on_cloud_failure == "error":
-            raise
-        for i in chosen if shadow else []:  # level 0: the cloud was to answer them; the edge's answer falls back
-            decided[i] = FALLBACK
-            out[i]["error"] = str(e)
-        return out
-    ctl.request_bytes += reply.request_bytes
-    ctl.response_bytes += reply.response_bytes
-    for i, b, c in zip(chosen, _split_bytes(reply.request_bytes, len(chosen)), reply.logits.argmax(1).tolist()):
-        out[i].update(audited=True, audit_disagrees=c != int(preds[i]), audit_bytes=b)
-        ctl.observe(level, c != int(preds[i]), start + i)
-        if shadow:
-            preds[i], decided[i] = c, CLOUD
-            out[i]["payload_bytes"] = b
-    return out
 
 
 def count_audit(stats, headers, logits, body_bytes: int, cloud_uj: float) -> None:

@@ -36,7 +36,7 @@ import torch
 from ..device import pick_device
 from ..errors import ConfigError, DatasetError, HybridExitError
 from ..hybrid import FALLBACK, Decisions, resolve_thresholds
-from . import wire
+from . import audit, wire
 
 RAW_IMAGE_BYTES = 3 * 32 * 32  # a CIFAR image as uint8: what sending the input itself would cost
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -316,6 +316,49 @@ def _split_bytes(total: int, n: int) -> list[int]:
     return [q + (1 if i < r else 0) for i in range(n)]
 
 
+def _audit_batch(runner, images, preds, decided, entropies, start: int, level: int) -> dict[int, dict]:
+    """The audits of one batch that the edge decided at ``level`` (``EdgeRunner.run_batch``; the statistics are
+    ``audit.AuditController``'s): the chosen exited
+    inputs' edge features go to the cloud in one request (headers ``X-Hybridexit-Audit``: the edge's answers,
+    ``X-Hybridexit-Audit-Level``), each outcome goes to the controller. At level 0 the cloud's answer replaces the
+    edge's (``preds`` / ``decided`` are changed in place). Returns per batch index the record fields."""
+    from ..hybrid import CLOUD
+
+    ctl = runner.audit
+    shadow = level == 0
+    out = {i: {"thresholds": list(ctl.levels[level]), "audit_level": level, "audited": False}
+           for i in range(len(preds))}
+    for i, w in enumerate(audit.would_exit(entropies, ctl.levels[ctl.top])):  # the drift monitor sees every input
+        if ctl.see(w, start + i):
+            out[i]["drift_alarm"] = True
+    chosen = [i for i in (decided >= 0).nonzero().flatten().tolist() if ctl.draw()]
+    if not chosen:
+        return out
+    feats = runner.edge.forward(images[chosen].to(runner.device))
+    body = wire.encode(feats, runner.fingerprint, runner.wire_codec, runner.opt.compress)
+    edge_answers = [int(preds[i]) for i in chosen]
+    headers = {"X-Hybridexit-Audit": ",".join(map(str, edge_answers)), "X-Hybridexit-Audit-Level": f"{level}/{ctl.top}"}
+    try:
+        reply = runner.cloud.infer(body, runner.fingerprint, runner.cfg.num_classes, headers=headers)
+    except CloudError as e:
+        ctl.failed_audits += 1
+        if shadow and runner.opt.on_cloud_failure == "error":
+            raise
+        for i in chosen if shadow else []:  # level 0: the cloud was to answer them; the edge's answer falls back
+            decided[i] = FALLBACK
+            out[i]["error"] = str(e)
+        return out
+    ctl.request_bytes += reply.request_bytes
+    ctl.response_bytes += reply.response_bytes
+    for i, b, c in zip(chosen, _split_bytes(reply.request_bytes, len(chosen)), reply.logits.argmax(1).tolist()):
+        out[i].update(audited=True, audit_disagrees=c != int(preds[i]), audit_bytes=b)
+        ctl.observe(level, c != int(preds[i]), start + i)
+        if shadow:
+            preds[i], decided[i] = c, CLOUD
+            out[i]["payload_bytes"] = b
+    return out
+
+
 class EdgeRunner:
     """Runs the edge half of a checkpoint and talks to the cloud for the samples that do not exit."""
 
@@ -431,9 +474,7 @@ class EdgeRunner:
                     lat[i] = (t_done - t0) * 1000.0
                     sent[i] = b
         if self.audit:
-            from .audit import audit_batch
-
-            audited = audit_batch(self, images, preds, decided, r.entropies.cpu(), start, level)
+            audited = _audit_batch(self, images, preds, decided, r.entropies.cpu(), start, level)
         decisions = decisions_from(Decisions(preds, decided, r.entropies.cpu()), labels, start)
         recs = [d.to_json(self.classes) for d in decisions]
         for i, rec in enumerate(recs):

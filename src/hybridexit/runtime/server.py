@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..codecs import QUANT_NAMES
+from ..codecs import QUANT_NAMES, HeldCodecs
 from ..device import pick_device
 from ..errors import HybridExitError
 from . import wire
@@ -88,7 +88,7 @@ class CloudModel:
         from ..energy import energy_report
 
         self.cloud_uj = energy_report(cloud.cfg).cloud_uj  # per sample: what an audit costs here
-        self.codecs: dict = {}  # learned codecs of the checkpoint (hybridexit.codecs.held_codecs)
+        self.codecs: HeldCodecs = HeldCodecs()  # learned codecs of the checkpoint (hybridexit.codecs.held_codecs)
         self.required_codec: str | None = None  # a cloud half trained behind a learned codec reads only it
 
     @classmethod

@@ -306,10 +306,22 @@ def _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes) -> He
                   params, tuple(lens))
 
 
-def _decode_named(body, h: Header, codecs) -> torch.Tensor:
-    from .. import codecs as registry
+# The codec registry's rebuilding of a named frame's codec when the caller holds no checkpoint-bound codecs: set by
+# ``hybridexit.codecs`` when it is imported (``use_codec_registry``), so that this module does not import it.
+_REGISTRY = None
 
-    codec = registry.from_frame(h.codec, h.params, codecs)
+
+def use_codec_registry(held) -> None:
+    """Named frames decoded without ``codecs=`` rebuild their codec with ``held.from_frame(name, params)``."""
+    global _REGISTRY
+    _REGISTRY = held
+
+
+def _decode_named(body, h: Header, codecs) -> torch.Tensor:
+    codecs = codecs if codecs is not None else _REGISTRY
+    if codecs is None:
+        raise UnknownCodec(f"the frame uses the named codec {h.codec}: import hybridexit.codecs to decode it")
+    codec = codecs.from_frame(h.codec, h.params)
     start = len(body) - sum(h.sample_bytes)
     payloads = []
     for n in h.sample_bytes:
