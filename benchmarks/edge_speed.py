@@ -172,16 +172,21 @@ def measure(checkpoint: str, fp32_path: str | None, data_dir: str, n_images: int
     }
 
 
+def add_run_args(p, images: int, out: str) -> None:
+    """The options every timing benchmark here shares: data, images, rounds, output file, a note on the machine."""
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--images", type=int, default=images)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--out", default=out)
+    p.add_argument("--note", default="", help="how the machine was shared during the run (stored with the results)")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", default=None,
                    help="a checkpoint to measure (repeatable; default: both headlines)")
     p.add_argument("--fp32", default=None, help="the FP32 reference for every checkpoint (default: FP32_OF[dataset])")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", default="results/edge_speed.json")
-    p.add_argument("--note", default="", help="how the machine was shared during the run (stored with the results)")
+    add_run_args(p, images=256, out="results/edge_speed.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     rows = [measure(c, a.fp32, a.data_dir, a.images, a.rounds) for c in (a.checkpoint or HEADLINES)]

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from edge_speed import cpu_flags, cpu_name  # this script's folder is on sys.path when run as a script
+from edge_speed import add_run_args, cpu_flags, cpu_name  # this script's folder is on sys.path when run as a script
 
 from hybridexit.checkpoint import load_model
 from hybridexit.data import get_split, load_cifar
@@ -206,12 +206,8 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", default="checkpoints/c100-r32-e24-b4-x24")
     p.add_argument("--fp32", default="checkpoints/c100-r32-fp32")
-    p.add_argument("--data-dir", default="data")
-    p.add_argument("--images", type=int, default=128)
     p.add_argument("--agree", type=int, default=1000)
-    p.add_argument("--rounds", type=int, default=5)
-    p.add_argument("--out", default="results/kbit_kernels.json")
-    p.add_argument("--note", default="", help="how the machine was shared during the run (stored with the results)")
+    add_run_args(p, images=128, out="results/kbit_kernels.json")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     k = kernels()

@@ -6,6 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+# the packed engine's tests build (or skip on) the one native module both engines' kernels live in
+from test_engines_packed import _nhwc, kernels  # noqa: E402
+
 from hybridexit.engines.kbit import (
     kbit_block_params,
     kbit_state,
@@ -20,17 +23,9 @@ from hybridexit.hybrid import HybridNet
 from hybridexit.quant import quantize_weight
 from hybridexit.resnet import BasicBlock, HybridConfig
 
-try:
-    kernels = pytest.importorskip("hybridexit.engines.native").kernels()
-except EngineError as e:  # no C++ compiler or ninja here: the engine refuses with this one-line error
-    pytest.skip(str(e), allow_module_level=True)
 ISAS = list(range(kernels.kbit_best_isa() + 1))
 SHAPES = [(16, 16, 8, 1), (3, 5, 7, 1), (17, 33, 9, 2), (64, 8, 4, 2), (70, 65, 5, 1), (32, 64, 6, 2), (1, 1, 1, 1),
           (5, 3, 2, 2), (150, 20, 3, 1)]
-
-
-def _nhwc(x):
-    return x.permute(0, 2, 3, 1).contiguous()
 
 
 def _levels_and_reference(bits, cin, cout, size, stride, seed):
