@@ -34,7 +34,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FP32 = "checkpoints/c10-r32-fp32"
-HYBRIDS = ["checkpoints/c10-r32-e20-b1-x20-xnor", "checkpoints/c10-r32-e16-b1-x16-joint"]
+HYBRIDS = ["checkpoints/c10-r32-e20-b1-x20-xnor", "runs/checkpoints/c10-r32-e16-b1-x16-joint"]
 IMAGE_FORMATS = [("raw", None), ("png", None), ("webp", 50), ("webp", 75), ("webp", 90), ("webp", "lossless"),
                  ("jpeg", 50), ("jpeg", 75), ("jpeg", 90)]
 FEATURE_CODECS = ["fp32", "fp32+zstd", "fp16+zstd", "int8+zstd", "q4", "q3", "q2", "q1"]

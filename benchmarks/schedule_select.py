@@ -8,7 +8,7 @@ the target the calibration aimed at, the one with the largest energy reduction (
 README's CIFAR-100 headline cites the checkpoint chosen here (scripts/render_readme.py reads this file).
 
     python benchmarks/schedule_select.py --data-dir data \\
-        --candidates checkpoints/c100-r32-e24-b4-x24-joint-k3 checkpoints/c100-r32-e24-b4-x24
+        --candidates runs/checkpoints/c100-r32-e24-b4-x24-joint-k3 checkpoints/c100-r32-e24-b4-x24
 
 (The 30-epoch run was kept by `hybridexit sweep ... --epochs 30` as checkpoints/c100-r32-e24-b4-x24-joint-k3-ep30;
 once chosen here it took the headline's name, and the grid's 12-epoch checkpoint the sweep's own name for the point.)
@@ -25,7 +25,7 @@ from hybridexit.checkpoint import load_model, read_config, split_of
 from hybridexit.data import load_cifar
 from hybridexit.evaluate import evaluate_checkpoint_summary
 
-DEFAULT = ["checkpoints/c100-r32-e24-b4-x24-joint-k3", "checkpoints/c100-r32-e24-b4-x24"]  # 12 and 30 epochs
+DEFAULT = ["runs/checkpoints/c100-r32-e24-b4-x24-joint-k3", "checkpoints/c100-r32-e24-b4-x24"]  # 12 and 30 epochs
 
 
 def measure(path: str, data_dir) -> dict:

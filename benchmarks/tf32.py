@@ -28,7 +28,7 @@ from hybridexit.checkpoint import load_model, split_of
 from hybridexit.data import load_cifar
 from hybridexit.evaluate import collect_exit_stats
 
-DEFAULT = ["checkpoints/c10-r32-e20-b1-x20-joint-k3", "checkpoints/c10-r32-e20-b1-x20"]
+DEFAULT = ["runs/checkpoints/c10-r32-e20-b1-x20-joint-k3", "checkpoints/c10-r32-e20-b1-x20"]
 
 
 def tf32_round(t: torch.Tensor) -> torch.Tensor:
