@@ -12,7 +12,6 @@ torch ``CloudNet``.
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 from ..errors import ConfigError, EngineError
 
@@ -49,8 +48,7 @@ def available_engines(cfg) -> list[str]:
     if (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
             and not unsupported_options(cfg, "onnx")):
         names.append("onnx")
-    kbit_built = (Path(__file__).parent / "csrc" / "kbit.cpp").exists()
-    if (cfg.edge_bits == 1 or (cfg.edge_bits in PACKED_BITS and kbit_built)) and cfg.edge_blocks:
+    if cfg.edge_bits in PACKED_BITS and cfg.edge_blocks:
         names.append("packed")
     return names
 
