@@ -1,5 +1,8 @@
 """Build and load the packed engine's C++ kernels (``csrc/``) on first use, cached per source and torch version.
 
+The kernels are a torch-free core with a C ABI (``csrc/hx_edge.h``) and a thin torch binding (``torch_binding.cpp``);
+the hybridexit-edge package (``edge/``) builds the same core into a shared library without torch.
+
 ``torch.utils.cpp_extension.load`` compiles with the g++ and the torch already installed (no isolated build
 environment, so no second torch is pulled); the build directory is ``$HYBRIDEXIT_BUILD_DIR`` or
 ``~/.cache/hybridexit/ext/<hash>``, where the hash covers the sources, the compile flags and the torch version.
@@ -19,6 +22,9 @@ import torch
 from ..errors import EngineError
 
 CSRC = Path(__file__).parent / "csrc"
+# the torch-free core (C ABI: csrc/hx_edge.h, also built by the hybridexit-edge package in edge/) and its binding
+CORE_SOURCES = ("bconv.cpp", "kbit.cpp", "decide.cpp")
+SOURCES = (*CORE_SOURCES, "torch_binding.cpp")
 CFLAGS = ["-O3", "-ffp-contract=off", "-std=c++17"]
 
 
@@ -54,7 +60,7 @@ def kernels():
         # here instead, so a torch lock found while holding it is stale
         with FileLock(build / "build.lock"):
             (build / "lock").unlink(missing_ok=True)
-            return load(name="hybridexit_bconv", sources=[str(CSRC / "bconv.cpp"), str(CSRC / "kbit.cpp")],
+            return load(name="hybridexit_bconv", sources=[str(CSRC / f) for f in SOURCES],
                         extra_cflags=CFLAGS, build_directory=str(build), verbose=False)
     except (RuntimeError, OSError, ImportError) as e:
         raise EngineError(f"building the packed engine's kernels failed: {str(e).splitlines()[0]}") from None
