@@ -1,0 +1,1 @@
+../../src/hybridexit/errors.py

@@ -1,0 +1,161 @@
+"""hybridexit-edge (edge/): the edge without torch. Its wheel is built from this checkout (the kernels' torch-free
+core in src/hybridexit/engines/csrc, compiled by setup.py) and installed into a fresh venv without torch; there it
+runs an exported edge against a real ``hybridexit serve`` on loopback, and its records are compared with the main
+package's edge on the packed engine (``run_edge``, what ``hybridexit edge --engine packed`` runs): identical
+decisions, predictions, entropies and payload bytes.
+
+Cost: the wheel (one C++ build, ~15 s) is cached per source hash and the dependency wheels (numpy, safetensors)
+are fetched from PyPI once, both under ``~/.cache/hybridexit/edge-package`` (``$HYBRIDEXIT_EDGE_CACHE``); the
+venv itself is made fresh every run (a few seconds). Without network and without cached wheels the venv tests skip
+and say so."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_tiny_checkpoint
+
+from hybridexit.data import Inputs
+from hybridexit.engines.export import export_checkpoint
+from hybridexit.engines.packed import PackedEdge as TorchPacked
+from hybridexit.runtime import wire
+from hybridexit.runtime.client import EdgeOptions, run_edge
+from hybridexit.runtime.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGE = ROOT / "edge"
+CORE = ("bconv.cpp", "kbit.cpp", "decide.cpp", "bconv_isa.inc", "kbit_isa.inc", "hx_edge.h", "hx_internal.h")
+TOKEN = "edge-package-token-0123456789"
+COMPARED = ("index", "label", "prediction", "decided_at", "entropies", "payload_bytes", "prediction_name",
+            "label_name", "engine")
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    files = sorted(EDGE.glob("hybridexit_edge/*.py")) + [EDGE / "setup.py", EDGE / "pyproject.toml"]
+    for f in files + [EDGE / "csrc" / c for c in CORE]:
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _pip(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def edge_venv(tmp_path_factory) -> Path:
+    cache = Path(os.environ.get("HYBRIDEXIT_EDGE_CACHE") or Path.home() / ".cache" / "hybridexit" / "edge-package")
+    wheels, deps = cache / "wheels" / _source_hash(), cache / "deps"
+    if not list(wheels.glob("*.whl")):
+        r = _pip("wheel", "--no-deps", "--no-build-isolation", str(EDGE), "-w", str(wheels))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    if not list(deps.glob("numpy-*.whl")) or not list(deps.glob("safetensors-*.whl")):
+        r = _pip("download", "--only-binary=:all:", "numpy", "safetensors", "-d", str(deps))
+        if r.returncode != 0:
+            pytest.skip(f"numpy and safetensors wheels are neither cached in {deps} nor downloadable: "
+                        f"{r.stderr.strip().splitlines()[-1:]}")
+    venv = tmp_path_factory.mktemp("edge-venv") / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--find-links", str(deps),
+                        "--find-links", str(wheels), "hybridexit-edge"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return venv
+
+
+def _run(venv: Path, *args, env=None):
+    return subprocess.run([str(venv / "bin" / "hybridexit-edge"), *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny binary checkpoint with two exits, its packed export, 48 inputs and thresholds (from the packed engine's
+    own entropies) that send some inputs out at each exit and the rest to the cloud."""
+    d = tmp_path_factory.mktemp("edge-export")
+    ck = write_tiny_checkpoint(d / "ck", exits=(2, 4), thresholds=(1.0, 1.0))
+    export_checkpoint(ck, "packed", d / "edge")
+    g = torch.Generator().manual_seed(3)
+    images, labels = torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g), torch.arange(48) % 10
+    e = TorchPacked.load(d / "edge" / "edge.packed.safetensors").decide(images, (0.0, 0.0)).entropies  # none exit
+    t0 = float(e[:, 0].quantile(0.3))
+    t1 = float(e[e[:, 0] >= t0, 1].quantile(0.5))
+    np.savez(d / "inputs.npz", images=images.numpy(), labels=labels.numpy())
+    return ck, d / "edge", Inputs(images, labels), d / "inputs.npz", (t0, t1)
+
+
+def test_the_venv_has_no_torch(edge_venv):
+    r = subprocess.run([str(edge_venv / "bin" / "python"), "-c", "import torch"], capture_output=True, text=True)
+    assert r.returncode != 0 and "No module named 'torch'" in r.stderr
+    r = _run(edge_venv, "info")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["arch"] in ("x86_64", "aarch64")
+
+
+@pytest.mark.parametrize("codec,batch", [("fp32", 1), ("int8", 4)])
+def test_records_equal_hybridexit_edge_on_the_packed_engine(edge_venv, exported, tmp_path, codec, batch):
+    ck, art, inputs, npz, thr = exported
+    with ServerProcess(ck, ["--threads", "1"], env={"HYBRIDEXIT_TOKEN": TOKEN}) as srv:
+        s_main, ref = run_edge(ck, inputs, EdgeOptions(srv.url, token=TOKEN, engine="packed", codec=codec,
+                                                       batch_size=batch, thresholds=thr))
+        r = _run(edge_venv, "run", art, "--cloud", srv.url, "--inputs", npz, "--out", tmp_path / "r.jsonl", "--codec",
+                 codec, "--batch-size", batch, "--thresholds", *thr, "--json", env={"HYBRIDEXIT_TOKEN": TOKEN})
+    assert r.returncode == 0, r.stderr
+    got = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    routes = {x["decided_at"] for x in ref}
+    assert {"exit:0", "exit:1", "cloud"} <= routes, routes  # every route is exercised
+    assert [{k: x.get(k) for k in COMPARED} for x in got] == [{k: x.get(k) for k in COMPARED} for x in ref]
+    s = json.loads(r.stdout)
+    for key in ("n", "accuracy", "exit_fraction", "cloud_fraction", "fallback_fraction", "expected_uj", "reduction",
+                "payload_bytes_per_input", "payload_bytes_per_offloaded", "requests", "failed_requests", "thresholds"):
+        assert s[key] == pytest.approx(s_main[key]), key
+
+
+def test_cloud_down_falls_back_as_hybridexit_edge(edge_venv, exported, tmp_path):
+    ck, art, inputs, npz, thr = exported
+    import socket
+
+    with socket.socket() as sock:  # a loopback port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    opts = dict(retries=0, timeout_s=2.0)
+    with pytest.warns(UserWarning):
+        _, ref = run_edge(ck, inputs.head(12), EdgeOptions(url, engine="packed", thresholds=thr, **opts))
+    r = _run(edge_venv, "run", art, "--cloud", url, "--inputs", npz, "--limit", 12, "--out", tmp_path / "r.jsonl",
+             "--thresholds", *thr, "--retries", 0, "--timeout-s", 2)
+    assert r.returncode == 0 and "fall back" in r.stderr, r.stderr
+    got = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
+    keys = ("index", "prediction", "decided_at", "entropies", "payload_bytes")
+    assert [{k: x[k] for k in keys} for x in got] == [{k: x[k] for k in keys} for x in ref]
+    assert any(x["decided_at"] == "fallback" for x in got)
+
+
+def test_bad_input_is_one_line(edge_venv, exported, tmp_path):
+    _, art, _, npz, _ = exported
+    (tmp_path / "bad.npz").write_bytes(b"not an npz")
+    r = _run(edge_venv, "run", art, "--cloud", "http://127.0.0.1:9", "--inputs", tmp_path / "bad.npz")
+    assert r.returncode == 2 and r.stderr.startswith("hybridexit-edge: error:") and len(r.stderr.splitlines()) == 1
+    r = _run(edge_venv, "run", tmp_path, "--cloud", "http://127.0.0.1:9", "--inputs", npz)
+    assert r.returncode == 2 and "export" in r.stderr and "Traceback" not in r.stderr
+    r = _run(edge_venv, "run", art, "--cloud", "http://127.0.0.1:9", "--inputs", tmp_path / "bad.npz", "--codec", "bn")
+    assert r.returncode == 2 and "fp32, fp16 or int8" in r.stderr
+
+
+@pytest.mark.parametrize("codec", ["fp32", "fp16", "int8"])
+def test_frames_are_byte_identical_to_wire_encode(codec):
+    sys.path.insert(0, str(EDGE))
+    try:
+        from hybridexit_edge import frames
+    finally:
+        sys.path.remove(str(EDGE))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 8, 5, 5, generator=g) * torch.logspace(-3, 2, 8).view(1, 8, 1, 1)
+    x[1, 2] = 0.0
+    assert frames.encode(x.numpy(), "0123456789abcdef", codec) == wire.encode(x, "0123456789abcdef", codec)
