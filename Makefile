@@ -26,7 +26,7 @@ data: setup
 
 demo: setup data
 	HYBRIDEXIT_DATA=$$( [ -d $(DATA)/cifar-10-batches-py ] && echo $(abspath $(DATA)) ) \
-		$(PY) -m hybridexit.demo --checkpoint $(CKPT)
+		$(PY) -m hybridexit.cli.demo --checkpoint $(CKPT)
 
 test: setup
 	$(PY) -m pytest -q

@@ -29,10 +29,11 @@ import json
 import time
 from pathlib import Path
 
-from hybridexit.calibrate import calibrate_checkpoint, validation_split
-from hybridexit.checkpoint import load_model, read_config
+from hybridexit.calibration.calibrate import calibrate_checkpoint, validation_split
+from hybridexit.calibration.stats import collect_exit_stats
 from hybridexit.data import load_cifar
-from hybridexit.evaluate import collect_exit_stats, evaluate_checkpoint_summary
+from hybridexit.model.checkpoint import load_model, read_config
+from hybridexit.workflows.evaluate import evaluate_checkpoint_summary
 
 # Per dataset: the checkpoint-name prefix, the paper's fixed exit threshold, the fallback calibration target
 # (exit fraction on validation: the exit target plus a 2-point margin), and the checkpoints

@@ -5,7 +5,7 @@
 Each run is a ``hybridexit train-codec`` run with the cloud half frozen (``tune_cloud = false``): its last stage's
 ``best.pt`` (the epoch with the best accuracy of the offloaded validation samples) is exported into a temporary copy
 of the checkpoint (``export-codec RUN --out COPY``: the codec in COPY/codec/), and the checkpoint's offloaded
-validation samples are sent through it as batch-size-1 wire frames (``codecs.apply_codec``), beside the fp32 codec
+validation samples are sent through it as batch-size-1 wire frames (``evaluate.apply_codec``), beside the fp32 codec
 at the same thresholds. Rule: the highest validation accuracy with the codec among the runs under 1,024 bytes per
 offloaded validation sample. Runs that tuned the cloud half are listed with their logs, not exported. The test split
 is not read.
@@ -38,16 +38,17 @@ def main(argv=None):
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     from hybridexit import codecs
-    from hybridexit.bottleneck import CODEC_RUN, RECIPE_COPY, export_checkpoint
-    from hybridexit.checkpoint import load_model, split_of
-    from hybridexit.codec_recipe import read_codec_recipe
     from hybridexit.data import load_cifar
+    from hybridexit.model.checkpoint import load_model, split_of
+    from hybridexit.workflows import evaluate
+    from hybridexit.workflows.codec_recipe import read_codec_recipe
+    from hybridexit.workflows.train_codec import CODEC_RUN, RECIPE_COPY, export_checkpoint
 
     model, meta = load_model(a.checkpoint)
     policy = meta["policy"]
     val = split_of(a.checkpoint, load_cifar(meta["data"]["name"], a.data_dir), "val")
-    ep = codecs.edge_pass(model, val, policy.thresholds, policy.temperatures or None)
-    fp32 = codecs.apply_codec(model, ep, codecs.get("fp32"), a.checkpoint)
+    ep = evaluate.edge_pass(model, val, policy.thresholds, policy.temperatures or None)
+    fp32 = evaluate.apply_codec(model, ep, codecs.get("fp32"), a.checkpoint)
     off = len(ep.remaining)
     fp32_off = float((fp32["predictions"][ep.remaining] == ep.labels[ep.remaining]).float().mean())
     runs = {}
@@ -66,7 +67,7 @@ def main(argv=None):
             with tempfile.TemporaryDirectory() as tmp:
                 copy = Path(tmp) / "ck"
                 t = export_checkpoint(run, copy)["trained"]
-                r = codecs.apply_codec(model, ep, codecs.get("bn", checkpoint=copy), copy)
+                r = evaluate.apply_codec(model, ep, codecs.get("bn", checkpoint=copy), copy)
             ok_off = float((r["predictions"][ep.remaining] == ep.labels[ep.remaining]).float().mean())
             entry["measured"] = {"chosen_epoch": t["chosen_epoch"], "val_accuracy": r["accuracy"],
                                  "val_offloaded_accuracy": ok_off,

@@ -4,7 +4,7 @@
 
 For each checkpoint: the edge half runs on the first ``--limit`` images of the split at the checkpoint's exit
 thresholds; each offloaded sample's features then go through what a batch-size-1 edge and its server do, one sample
-at a time: ``encode`` is the whole frame (``codecs.frame``: the codec's edge-side layers, the entropy coder, the
+at a time: ``encode`` is the whole frame (``wire.frame``: the codec's edge-side layers, the entropy coder, the
 framing), ``decode`` is ``wire.decode`` with the receiver's own copy of the codec (parsing, checks, the entropy
 decoder, the codec's cloud-side layers). The parts are timed too: ``layers`` (the bottleneck's edge-side /
 cloud-side layers alone) and ``coder`` (the range coder alone). Each sample is timed ``--repeat`` times and its
@@ -52,14 +52,15 @@ def _sha256(path: Path) -> str:
 
 def measure(ckpt: str, name: str, split_name: str, limit: int, repeat: int, data_dir) -> dict:
     from hybridexit import codecs
-    from hybridexit.checkpoint import fingerprint, load_model, split_of
     from hybridexit.data import load_cifar
+    from hybridexit.model.checkpoint import fingerprint, load_model, split_of
     from hybridexit.runtime import wire
+    from hybridexit.workflows import evaluate
 
     model, meta = load_model(ckpt)
     policy = meta["policy"]
     split = split_of(ckpt, load_cifar(meta["data"]["name"], data_dir), split_name).limit(limit)
-    ep = codecs.edge_pass(model, split, policy.thresholds, policy.temperatures or None)
+    ep = evaluate.edge_pass(model, split, policy.thresholds, policy.temperatures or None)
     codec = codecs.get(name, checkpoint=ckpt)
     held, fp = codecs.held_codecs(ckpt), fingerprint(ckpt)
     shape = (1, *ep.features.shape[1:])
@@ -69,7 +70,7 @@ def measure(ckpt: str, name: str, split_name: str, limit: int, repeat: int, data
     learned = isinstance(codec, codecs.LearnedCodec)
     for j in range(len(ep.remaining)):
         x = ep.features[j:j + 1].contiguous()
-        w, c, body = _timed(repeat, codecs.frame, codec, x, fp)
+        w, c, body = _timed(repeat, wire.frame, codec, x, fp)
         parts["encode"].append(w)
         parts["encode_cpu"].append(c)
         w, c, _ = _timed(repeat, wire.decode, body, fp, shape, codecs=held)

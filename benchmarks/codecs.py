@@ -8,7 +8,7 @@ images: every CIFAR-10 test image encoded as raw uint8, PNG (Pillow, optimize), 
 features: for each hybrid checkpoint (the 20E main one, the 16E joint one where it exists, and the 20E checkpoint
   that carries the learned codec) and each codec: the real conditional run (edge, exits, cloud on the samples
   that did not exit), with the offloaded features sent through the codec as wire frames of one sample each
-  (``codecs.conditional_with_codec``): bytes per offloaded sample (the whole frame a batch-size-1 edge sends),
+  (``evaluate.evaluate_codec``): bytes per offloaded sample (the whole frame a batch-size-1 edge sends),
   bytes per input, test accuracy and its change against the fp32 codec, encode and decode time per sample (one
   thread, measured while other jobs share the machine: compare within a row set, not across machines).
   The q codecs choose their clip quantile on the checkpoint's VALIDATION split (accuracy of the offloaded
@@ -73,7 +73,7 @@ def _accuracy(model, images: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def part_images(ds, limit) -> dict:
-    from hybridexit.checkpoint import load_model
+    from hybridexit.model.checkpoint import load_model
 
     model, _ = load_model(FP32)
     test = ds.test.limit(limit)
@@ -106,11 +106,12 @@ def part_images(ds, limit) -> dict:
 def _choose_clip(name, ckpt, model, ep_val) -> tuple[float, dict]:
     """Clip quantile of a q codec, chosen on the validation split (offloaded accuracy, then payload)."""
     from hybridexit import codecs
+    from hybridexit.workflows import evaluate
 
     best, seen = None, {}
     for p in CLIP_P:
         codec = codecs.get(name, calibration=ep_val.features, clip_p=p)
-        r = codecs.apply_codec(model, ep_val, codec, ckpt)
+        r = evaluate.apply_codec(model, ep_val, codec, ckpt)
         seen[str(p)] = {"accuracy": r["accuracy"], "payload_bytes_per_offloaded": r["payload_bytes_per_offloaded"]}
         key = (r["accuracy"], -r["payload_bytes_per_offloaded"])
         if best is None or key > best[0]:
@@ -121,8 +122,9 @@ def _choose_clip(name, ckpt, model, ep_val) -> tuple[float, dict]:
 def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
     """Every codec on each hybrid checkpoint; the edge runs once per split, the codecs on its offloaded features."""
     from hybridexit import codecs
-    from hybridexit.checkpoint import load_model, read_val_ids
     from hybridexit.data import get_split
+    from hybridexit.model.checkpoint import load_model, read_val_ids
+    from hybridexit.workflows import evaluate
 
     out = []
     ckpts = [c for c in HYBRIDS if (ROOT / c).is_dir()] + sorted(
@@ -133,10 +135,10 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
         policy = meta["policy"]
         temps = policy.temperatures or None
         learned = codecs.required_codec(ckpt) is not None
-        ep_test = codecs.edge_pass(model, ds.test.limit(limit), policy.thresholds, temps)
+        ep_test = evaluate.edge_pass(model, ds.test.limit(limit), policy.thresholds, temps)
         ep_val = None
         if not learned and any(n in codecs.QUANT_NAMES for n in names or FEATURE_CODECS):  # q codecs' clip ranges
-            ep_val = codecs.edge_pass(model, get_split(ds, "val", val_ids=read_val_ids(ckpt)), policy.thresholds, temps)
+            ep_val = evaluate.edge_pass(model, get_split(ds, "val", val_ids=read_val_ids(ckpt)), policy.thresholds, temps)
         rows, base = [], None
         for name in [codecs.LEARNED] if learned else (names or FEATURE_CODECS):
             chosen = None
@@ -147,7 +149,7 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
                 codec, chosen = codecs.get(name, calibration=ep_val.features, clip_p=p), {"clip_p": p, "val_sweep": seen}
             else:
                 codec = codecs.get(name, checkpoint=ckpt)
-            r = codecs.apply_codec(model, ep_test, codec, ckpt)
+            r = evaluate.apply_codec(model, ep_test, codec, ckpt)
             if name == "fp32":
                 base = r["accuracy"]
             row = {"codec": name, **{k: r[k] for k in ("n", "accuracy", "edge_fraction", "payload_bytes_per_offloaded",
@@ -172,8 +174,8 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
                          if r["codec"] == "fp32" and e["thresholds"] == list(policy.thresholds)), None)
             if base is None and (ROOT / against).is_dir():  # its fp32 codec at these thresholds, measured now
                 ref, _ = load_model(against)
-                ep_ref = codecs.edge_pass(ref, ds.test.limit(limit), policy.thresholds, temps)
-                base = codecs.apply_codec(ref, ep_ref, codecs.get("fp32"), against)["accuracy"]
+                ep_ref = evaluate.edge_pass(ref, ds.test.limit(limit), policy.thresholds, temps)
+                base = evaluate.apply_codec(ref, ep_ref, codecs.get("fp32"), against)["accuracy"]
         for row in rows:
             row["accuracy_change_vs_fp32_points"] = None if base is None else 100 * (row["accuracy"] - base)
         out.append({"checkpoint": ckpt, "split_at_layer": model.cfg.edge_layers, "thresholds": list(policy.thresholds),
@@ -205,10 +207,10 @@ def _fp32_references(res: dict) -> None:
 def part_energy(res: dict) -> dict:
     if "features" not in res or "images" not in res:
         return {}
-    from hybridexit import links
-    from hybridexit.checkpoint import load_model
-    from hybridexit.energy import energy_report
-    from hybridexit.links import transmit_report
+    from hybridexit.codecs import links
+    from hybridexit.codecs.links import transmit_report
+    from hybridexit.model.checkpoint import load_model
+    from hybridexit.model.energy import energy_report
 
     fp32_uj = energy_report(load_model(FP32)[0].cfg).fp32_uj
     out = []
@@ -229,7 +231,7 @@ def part_energy(res: dict) -> dict:
 
 
 def t_break(report, row, lk, image_bytes):
-    from hybridexit.links import break_even_exit_rate
+    from hybridexit.codecs.links import break_even_exit_rate
 
     return break_even_exit_rate(report, row["payload_bytes_per_offloaded"] or 0, lk, image_bytes, row["codec_edge_macs"])
 

@@ -37,7 +37,7 @@ def main(argv=None) -> dict:
     p.add_argument("--data-dir", default="data")
     p.add_argument("--out", default="results/deploy_check.json")
     a = p.parse_args(argv)
-    from hybridexit.runtime.demo import default_codec, run_demo
+    from hybridexit.cli.deploy_demo import default_codec, run_demo
 
     codec = a.codec or default_codec(a.checkpoint)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

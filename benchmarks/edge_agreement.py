@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hybridexit.checkpoint import load_model
 from hybridexit.data import load_cifar
 from hybridexit.engines.packed import fold_bn
-from hybridexit.resnet import block_specs
+from hybridexit.model.checkpoint import load_model
+from hybridexit.model.resnet import block_specs
 
 ENGINES = ("packed", "onnx")
 

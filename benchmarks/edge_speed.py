@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from hybridexit.checkpoint import load_model
 from hybridexit.data import get_split, load_cifar
 from hybridexit.engines import available_engines, get_engine
-from hybridexit.hybrid import HybridNet, conditional_inference
+from hybridexit.model.checkpoint import load_model
+from hybridexit.model.hybrid import HybridNet, conditional_inference
 
 
 def cpu_name() -> str:

@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from hybridexit.checkpoint import load_model, split_of
 from hybridexit.data import load_cifar
-from hybridexit.evaluate import evaluate_conditional
-from hybridexit.exits import entropy
+from hybridexit.model.checkpoint import load_model, split_of
+from hybridexit.model.exits import entropy
+from hybridexit.workflows.evaluate import evaluate_conditional
 
 # the two engines' inputs to a quantizer (O(1) values) differing by less than this across a level boundary: a flip
 # by float rounding (of that layer, or accumulated over the layers before it)
@@ -186,8 +186,8 @@ def exact_onnx_decisions(model, split, thresholds, temperatures, batch_size: int
     """``evaluate_conditional``'s loop with the onnx edge built with kbit="exact" (not an engine name)."""
     from hybridexit.data import batches
     from hybridexit.engines.onnx_engine import OnnxEdge
-    from hybridexit.hybrid import conditional_inference
-    from hybridexit.records import decisions_from
+    from hybridexit.model.hybrid import conditional_inference
+    from hybridexit.model.records import decisions_from
 
     edge, cloud = model.split()
     edge = OnnxEdge.from_edge(edge.eval(), kbit="exact")
@@ -202,8 +202,8 @@ def float64_decisions(model, split, thresholds, temperatures, batch_size: int) -
     import copy
 
     from hybridexit.data import batches
-    from hybridexit.hybrid import conditional_inference
-    from hybridexit.records import decisions_from
+    from hybridexit.model.hybrid import conditional_inference
+    from hybridexit.model.records import decisions_from
 
     edge, cloud = (copy.deepcopy(m).double().eval() for m in model.split())
     out = []

@@ -31,14 +31,14 @@ from pathlib import Path
 
 import torch
 
-from hybridexit.checkpoint import load_model, validation_split
+from hybridexit.calibration.risk import ltt_policy
+from hybridexit.calibration.stats import collect_exit_stats
 from hybridexit.data import load_cifar
-from hybridexit.energy import energy_report
 from hybridexit.errors import TargetUnreachableError
-from hybridexit.evaluate import collect_exit_stats
-from hybridexit.hybrid import CLOUD
-from hybridexit.policy import ExitPolicy, policy_history
-from hybridexit.risk import ltt_policy
+from hybridexit.model.checkpoint import load_model, validation_split
+from hybridexit.model.energy import energy_report
+from hybridexit.model.hybrid import CLOUD
+from hybridexit.model.policy import ExitPolicy, policy_history
 
 HEADLINES = ["checkpoints/c10-r32-e20-b1-x20", "checkpoints/c100-r32-e24-b4-x24"]
 EPS_GRID = [round(0.005 * i, 3) for i in range(1, 61)]

@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from edge_speed import add_run_args, cpu_flags, cpu_name  # this script's folder is on sys.path when run as a script
 
-from hybridexit.checkpoint import load_model
 from hybridexit.data import get_split, load_cifar
 from hybridexit.engines.kbit import kbit_block_params, kbit_state, kernel_kweights
 from hybridexit.engines.native import kernels
-from hybridexit.resnet import block_specs
+from hybridexit.model.checkpoint import load_model
+from hybridexit.model.resnet import block_specs
 
 ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")
 BITSERIAL_NAMES = ("portable", "avx2", "avx512bw", "avx512vpopcntdq")

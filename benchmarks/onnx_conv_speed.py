@@ -30,7 +30,7 @@ import torch
 
 from hybridexit.engines.onnx_engine import session
 from hybridexit.engines.onnx_export import GraphBuilder, float_conv_exact, weight_levels
-from hybridexit.quant import QuanConv
+from hybridexit.model.quant import QuanConv
 
 SHAPES = ((16, 32), (32, 16), (64, 8))
 VARIANTS = ("float_conv", "kbit_float_levels", "kbit_convinteger", "kbit_qlinearconv", "binary_qlinearconv")

@@ -12,9 +12,9 @@ import argparse
 import json
 from pathlib import Path
 
-from hybridexit.energy import energy_report
-from hybridexit.recipes import read_recipe
-from hybridexit.resnet import HybridConfig
+from hybridexit.model.energy import energy_report
+from hybridexit.model.resnet import HybridConfig
+from hybridexit.workflows.recipes import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "results" / "recipe-energy.json"

@@ -21,9 +21,9 @@ import argparse
 import json
 from pathlib import Path
 
-from hybridexit.checkpoint import network_config, read_config
-from hybridexit.energy import energy_report
-from hybridexit.recipes import read_recipe
+from hybridexit.model.checkpoint import network_config, read_config
+from hybridexit.model.energy import energy_report
+from hybridexit.workflows.recipes import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREEN = ROOT / "recipes" / "screen-21"

@@ -32,13 +32,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hybridexit.checkpoint import fingerprint, load_model
+from hybridexit.codecs.links import RAW_IMAGE_BYTES
 from hybridexit.data import get_split, load_cifar
-from hybridexit.energy import energy_report
-from hybridexit.evaluate import evaluate_conditional
-from hybridexit.records import summarize
-from hybridexit.runtime.client import RAW_IMAGE_BYTES, EdgeOptions, EdgeRunner, EdgeStats, edge_summary
+from hybridexit.model.checkpoint import fingerprint, load_model
+from hybridexit.model.energy import energy_report
+from hybridexit.model.records import summarize
+from hybridexit.runtime.client import EdgeOptions, EdgeRunner
 from hybridexit.runtime.process import ServerProcess
+from hybridexit.runtime.summary import EdgeStats, edge_summary
+from hybridexit.workflows.evaluate import evaluate_conditional
 
 CODECS = [("fp32", False), ("fp32", True), ("fp16", False), ("fp16", True), ("int8", False), ("int8", True)]
 

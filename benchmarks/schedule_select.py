@@ -21,9 +21,9 @@ import json
 import platform
 from pathlib import Path
 
-from hybridexit.checkpoint import load_model, read_config, split_of
 from hybridexit.data import load_cifar
-from hybridexit.evaluate import evaluate_checkpoint_summary
+from hybridexit.model.checkpoint import load_model, read_config, split_of
+from hybridexit.workflows.evaluate import evaluate_checkpoint_summary
 
 DEFAULT = ["runs/checkpoints/c100-r32-e24-b4-x24-joint-k3", "checkpoints/c100-r32-e24-b4-x24"]  # 12 and 30 epochs
 

@@ -35,11 +35,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybridexit.checkpoint import fingerprint, load_model, validation_split
+from hybridexit.calibration.risk import ltt_policy
+from hybridexit.calibration.stats import ExitStats, collect_exit_stats
 from hybridexit.data import Split, load_cifar
-from hybridexit.energy import energy_report
-from hybridexit.evaluate import ExitStats, collect_exit_stats
-from hybridexit.risk import ltt_policy
+from hybridexit.model.checkpoint import fingerprint, load_model, validation_split
+from hybridexit.model.energy import energy_report
 from hybridexit.runtime import wire
 from hybridexit.runtime.audit import (
     HIGH_RATIOS,

@@ -24,9 +24,9 @@ from unittest import mock
 import torch
 import torch.nn.functional as F
 
-from hybridexit.checkpoint import load_model, split_of
+from hybridexit.calibration.stats import collect_exit_stats
 from hybridexit.data import load_cifar
-from hybridexit.evaluate import collect_exit_stats
+from hybridexit.model.checkpoint import load_model, split_of
 
 DEFAULT = ["runs/checkpoints/c10-r32-e20-b1-x20-joint-k3", "checkpoints/c10-r32-e20-b1-x20"]
 

@@ -13,9 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-from hybridexit import checkpoint as ck
 from hybridexit.data import get_split, image_ids, load_cifar
-from hybridexit.policy import POLICY_FILE, read_policy, write_policy
+from hybridexit.model import checkpoint as ck
+from hybridexit.model.policy import POLICY_FILE, read_policy, write_policy
 
 
 def migrate(path: Path, data_dir: str, rewrite_val: bool = False) -> str:

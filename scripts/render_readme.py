@@ -22,8 +22,8 @@ from tabulate import tabulate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from hybridexit.energy import energy_report, summary_table  # noqa: E402
-from hybridexit.resnet import HybridConfig  # noqa: E402
+from hybridexit.model.energy import energy_report, summary_table  # noqa: E402
+from hybridexit.model.resnet import HybridConfig  # noqa: E402
 
 README, RESULTS_DOC = "README.md", "docs/results.md"
 
@@ -278,7 +278,7 @@ def readme_cifar100() -> str | None:
             f"{100 * drop:.2f} points below FP32 (at most {100 * h['max_drop']:.1f}: "
             + ("met)" if drop <= h["max_drop"] + 1e-9 else f"**missed** by {100 * (drop - h['max_drop']):.2f} points)")])
             + ". ")
-    from hybridexit.sweep import load_sweep  # the grid's size, from the sweep file itself
+    from hybridexit.workflows.sweep import load_sweep  # the grid's size, from the sweep file itself
 
     grid = {p.name for p in load_sweep(ROOT / h["sweep"]).points}
     done = sorted({r["name"] for r in sweep if r["point"] == "calibrated"} & grid)

@@ -46,7 +46,7 @@ def random_inputs(n, seed=0):
     """``n`` random uint8 CIFAR-sized images with random labels, as the edge runtime's ``Inputs``."""
     import torch
 
-    from hybridexit.runtime.client import Inputs
+    from hybridexit.data import Inputs
 
     g = torch.Generator().manual_seed(seed)
     return Inputs(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g),
@@ -58,10 +58,10 @@ def write_tiny_checkpoint(path, exits=(4,), thresholds=(0.5,), seed=0):
     names and an exit policy: enough to serve, run the edge and exercise every command in seconds."""
     import torch
 
-    from hybridexit.checkpoint import save_model
-    from hybridexit.hybrid import HybridNet
-    from hybridexit.policy import ExitPolicy, write_policy
-    from hybridexit.resnet import HybridConfig
+    from hybridexit.model.checkpoint import save_model
+    from hybridexit.model.hybrid import HybridNet
+    from hybridexit.model.policy import ExitPolicy, write_policy
+    from hybridexit.model.resnet import HybridConfig
 
     torch.manual_seed(seed)
     model = HybridNet(HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=tuple(exits))).eval()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hybridexit.errors import ConfigError
-from hybridexit.policy import ExitPolicy
+from hybridexit.model.policy import ExitPolicy
 from hybridexit.runtime.audit import (
     HIGH_RATIOS,
     LOW_RATIOS,
@@ -180,13 +180,15 @@ def test_audited_edge_over_a_real_server(tmp_path):
     the audit changes no decision."""
     from test_runtime import MEAN, N_IMAGES, STD, ThreadServer  # the runtime tests' tiny setup
 
-    from hybridexit.checkpoint import fingerprint, load_model, save_model
-    from hybridexit.data import Split
-    from hybridexit.hybrid import HybridNet
-    from hybridexit.policy import write_policy
-    from hybridexit.resnet import HybridConfig
-    from hybridexit.runtime.client import CloudClient, EdgeOptions, EdgeRunner, Inputs, format_summary, run_edge
+    from hybridexit.data import Inputs, Split
+    from hybridexit.model.checkpoint import fingerprint, load_model, save_model
+    from hybridexit.model.hybrid import HybridNet
+    from hybridexit.model.policy import write_policy
+    from hybridexit.model.resnet import HybridConfig
+    from hybridexit.runtime.client import EdgeOptions, EdgeRunner, run_edge
     from hybridexit.runtime.server import ServerSettings
+    from hybridexit.runtime.summary import format_summary
+    from hybridexit.runtime.transport import CloudClient
 
     torch.manual_seed(0)
     model = HybridNet(HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(2, 4), mean=MEAN,

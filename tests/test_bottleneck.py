@@ -8,9 +8,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from hybridexit import codecs
-from hybridexit.bottleneck import Bottleneck, BottleneckConfig, export_checkpoint, train_bottleneck, train_codec
+from hybridexit import codecs, errors
 from hybridexit.cli import main
+from hybridexit.workflows import evaluate
+from hybridexit.workflows.train_codec import Bottleneck, BottleneckConfig, export_checkpoint, train_bottleneck, train_codec
 
 
 def test_symbols_are_what_the_forward_pass_quantizes():
@@ -59,20 +60,20 @@ def test_pca_start_reconstructs_low_rank_features():
 
 
 def test_bad_configs_are_refused():
-    with pytest.raises(codecs.ConfigError):
+    with pytest.raises(errors.ConfigError):
         Bottleneck(8, 9, 2)
-    with pytest.raises(codecs.ConfigError):
+    with pytest.raises(errors.ConfigError):
         Bottleneck(8, 2, 5)
-    with pytest.raises(codecs.ConfigError):
+    with pytest.raises(errors.ConfigError):
         BottleneckConfig(epochs=0)
 
 
 @pytest.fixture
 def tiny_ckpt(tmp_path, tiny_cifar):
-    from hybridexit.checkpoint import save_model
-    from hybridexit.hybrid import HybridNet
-    from hybridexit.policy import ExitPolicy, write_policy
-    from hybridexit.resnet import HybridConfig
+    from hybridexit.model.checkpoint import save_model
+    from hybridexit.model.hybrid import HybridNet
+    from hybridexit.model.policy import ExitPolicy, write_policy
+    from hybridexit.model.resnet import HybridConfig
 
     torch.manual_seed(0)
     cfg = HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(4,))
@@ -86,8 +87,8 @@ def tiny_ckpt(tmp_path, tiny_cifar):
 
 @pytest.mark.parametrize("refine", [False, True])
 def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cifar, tmp_path, refine):
-    from hybridexit.checkpoint import load_model
     from hybridexit.data import get_split, load_cifar
+    from hybridexit.model.checkpoint import load_model
 
     run = tmp_path / "run"
     bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=2, batch_size=32, match_blocks=1, refine=refine)
@@ -103,10 +104,10 @@ def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cif
     assert codecs.required_codec(out) == "bn"
     model, meta = load_model(out)
     ds = load_cifar("cifar10", tiny_cifar)
-    r = codecs.evaluate_codec(model, get_split(ds, "val", 40, 0), meta["policy"].thresholds, codecs.get("bn", out), out)
+    r = evaluate.evaluate_codec(model, get_split(ds, "val", 40, 0), meta["policy"].thresholds, codecs.get("bn", out), out)
     assert r["n"] == 40 and 0 < r["payload_bytes_per_offloaded"] < 4 * 16 * 16 * 2 / 8 + 64
     assert np.isfinite(r["accuracy"])
-    with pytest.raises(codecs.ConfigError):
+    with pytest.raises(errors.ConfigError):
         train_bottleneck(str(tiny_ckpt), run, BottleneckConfig(code_channels=5, epochs=2), data_dir=tiny_cifar)
 
 
@@ -158,7 +159,7 @@ def test_train_codec_runs_both_stages_resumes_and_exports(tiny_ckpt, tiny_cifar,
     assert (run / "stage1" / "log.jsonl").read_text() == logs["stage1"]  # stage 1 skipped, stage 2 trained again
     assert len((run / "stage2" / "log.jsonl").read_text()) > len(logs["stage2"])
     recipe.write_text(TWO_STAGES.replace("epochs = 1\nbatch_size", "epochs = 2\nbatch_size", 1))
-    with pytest.raises(codecs.ConfigError, match="another recipe"):
+    with pytest.raises(errors.ConfigError, match="another recipe"):
         train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar)
 
     out = tmp_path / "with-codec"  # the command exports the recipe's last stage
@@ -207,17 +208,17 @@ def test_a_cached_view_of_other_data_or_order_is_refused(tiny_ckpt, tiny_cifar, 
     assert key["n"] > 0 and len(key["split_sha256"]) == 64 and len(key["model_sha256"]) == 64
     train_bottleneck(str(tiny_ckpt), tmp_path / "b", bcfg, data_dir=tiny_cifar, cache_dir=cache)  # same: reused
     (cache / "view0.json").write_text(json.dumps({**key, "split_sha256": "0" * 64}))
-    with pytest.raises(codecs.ConfigError, match="another checkpoint, data or sample order"):
+    with pytest.raises(errors.ConfigError, match="another checkpoint, data or sample order"):
         train_bottleneck(str(tiny_ckpt), tmp_path / "c", bcfg, data_dir=tiny_cifar, cache_dir=cache)
     (cache / "view0.json").unlink()  # a view without its record (cached before records existed) is refused too
-    with pytest.raises(codecs.ConfigError, match="remove"):
+    with pytest.raises(errors.ConfigError, match="remove"):
         train_bottleneck(str(tiny_ckpt), tmp_path / "d", bcfg, data_dir=tiny_cifar, cache_dir=cache)
 
 
 def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, tiny_cifar, tmp_path):
     """tune_cloud = false: only the bottleneck learns; export puts the codec into the checkpoint's codec/ folder and
     leaves its model as it was, so every codec still runs on it. offload_weight weighs the offloaded samples."""
-    from hybridexit.checkpoint import fingerprint
+    from hybridexit.model.checkpoint import fingerprint
 
     run = tmp_path / "run"
     bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=1, batch_size=32, match_blocks=0, tune_cloud=False,
@@ -231,7 +232,7 @@ def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, 
     assert (tiny_ckpt / "model.safetensors").read_bytes() == before and fingerprint(tiny_ckpt) == fp
     assert (tiny_ckpt / codecs.CODEC_DIR / codecs.CODEC_FILE).is_file()
     assert codecs.required_codec(tiny_ckpt) is None and codecs.codec_home(tiny_ckpt) == tiny_ckpt / codecs.CODEC_DIR
-    with pytest.raises(codecs.ConfigError, match="already carries"):
+    with pytest.raises(errors.ConfigError, match="already carries"):
         export_checkpoint(run, tiny_ckpt)
     other = tmp_path / "other"  # a checkpoint of another model is refused
     import shutil
@@ -242,7 +243,7 @@ def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, 
     from safetensors.torch import save_file
 
     save_file(t, str(other / "model.safetensors"))
-    with pytest.raises(codecs.ConfigError, match="another model fingerprint"):
+    with pytest.raises(errors.ConfigError, match="another model fingerprint"):
         export_checkpoint(run, other)
 
 
@@ -251,6 +252,6 @@ def test_a_tuned_cloud_codec_is_not_added_to_an_existing_checkpoint(tiny_ckpt, t
     run = tmp_path / "run"
     train_bottleneck(str(tiny_ckpt), run, BottleneckConfig(code_channels=4, bits=2, epochs=1, batch_size=32,
                                                            match_blocks=0, limit_train=64), data_dir=tiny_cifar)
-    with pytest.raises(codecs.ConfigError, match="fine-tuned the cloud half"):
+    with pytest.raises(errors.ConfigError, match="fine-tuned the cloud half"):
         export_checkpoint(run, tiny_ckpt)
     assert not (tiny_ckpt / codecs.CODEC_DIR).exists() and codecs.codec_home(tiny_ckpt) is None

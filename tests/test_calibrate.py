@@ -3,13 +3,14 @@ import warnings
 import pytest
 
 from hybridexit import ConfigError, HybridConfig
-from hybridexit.calibrate import Point, calibrate_checkpoint, choose, choose_in_order, sweep, validation_split
-from hybridexit.checkpoint import load_model
+from hybridexit.calibration.calibrate import Point, calibrate_checkpoint, choose, choose_in_order, sweep, validation_split
+from hybridexit.calibration.stats import collect_exit_stats
 from hybridexit.data import load_cifar
-from hybridexit.energy import energy_report
-from hybridexit.evaluate import collect_exit_stats, evaluate_conditional
-from hybridexit.policy import policy_history, read_policy
-from hybridexit.train import TrainConfig, train
+from hybridexit.model.checkpoint import load_model
+from hybridexit.model.energy import energy_report
+from hybridexit.model.policy import policy_history, read_policy
+from hybridexit.workflows.evaluate import evaluate_conditional
+from hybridexit.workflows.train import TrainConfig, train
 
 NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
 

@@ -3,7 +3,7 @@ import os
 import torch
 
 from hybridexit import HybridConfig, HybridNet
-from hybridexit.checkpoint import fingerprint, load_model, read_config, save_model, write_checkpoint
+from hybridexit.model.checkpoint import fingerprint, load_model, read_config, save_model, write_checkpoint
 
 
 def test_a_reader_between_a_writers_two_renames_reads_the_old_copy_and_renames_nothing(tmp_path):

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from hybridexit.bottleneck import BottleneckConfig
-from hybridexit.codec_recipe import read_codec_recipe
 from hybridexit.errors import ConfigError
+from hybridexit.workflows.codec_recipe import read_codec_recipe
+from hybridexit.workflows.train_codec import BottleneckConfig
 
 CODEC_RECIPES = sorted((Path(__file__).parents[1] / "recipes").glob("codec-*.toml"))
 

@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from hybridexit import codecs
-from hybridexit.bottleneck import Bottleneck
+from hybridexit import codecs, errors
+from hybridexit.codecs.context import coding_steps
 from hybridexit.runtime import wire
+from hybridexit.workflows import evaluate
+from hybridexit.workflows.train_codec import Bottleneck
 
 FP = "0123456789abcdef"
 SHAPE = (32, 8, 8)
@@ -42,7 +44,7 @@ def _all_codecs(feats, learned_dir):
 
 def test_every_codec_round_trips_within_its_bound(feats, learned_dir):
     for c in _all_codecs(feats, learned_dir):
-        body = codecs.frame(c, feats, FP)
+        body = wire.frame(c, feats, FP)
         back = wire.decode(body, FP, (None, *SHAPE), codecs=codecs.held_codecs(learned_dir))
         err = (back - c.reference(feats)).abs()
         assert back.shape == feats.shape and back.dtype == torch.float32, c.name
@@ -85,19 +87,19 @@ def test_frame_length_is_the_byte_count_and_payloads_are_per_sample(feats, learn
     for c in _all_codecs(feats, learned_dir):
         if isinstance(c, codecs.V1Codec):
             continue
-        body = codecs.frame(c, feats, FP)
+        body = wire.frame(c, feats, FP)
         h = wire.parse_header(body)
         name = c.name.encode()
         payloads = c.encode(feats)
         assert h.sample_bytes == tuple(len(p) for p in payloads), c.name
         assert len(body) == 32 + 16 + 1 + len(name) + 2 + len(c.params()) + 2 * len(feats) + sum(h.sample_bytes)
-        one = codecs.frame(c, feats[:1], FP)  # what a batch-size-1 edge sends for the first sample
+        one = wire.frame(c, feats[:1], FP)  # what a batch-size-1 edge sends for the first sample
         assert len(one) == 32 + 16 + 1 + len(name) + 2 + len(c.params()) + 2 + len(payloads[0])
 
 
 def _named_body(feats):
     c = codecs.get("q2", calibration=feats)
-    return c, codecs.frame(c, feats[:2], FP)
+    return c, wire.frame(c, feats[:2], FP)
 
 
 def test_named_frames_refuse_truncation_and_inconsistency(feats, learned_dir):
@@ -143,14 +145,14 @@ def test_q_codec_refuses_bad_parameters(feats):
 
 def test_learned_codec_refuses_another_codec_and_altered_payloads(feats, learned_dir, tmp_path):
     c = codecs.get("bn", checkpoint=learned_dir)
-    body = codecs.frame(c, feats[:1], FP)
+    body = wire.frame(c, feats[:1], FP)
     with pytest.raises(wire.UnknownCodec):  # the receiver's checkpoint has no learned codec
         wire.decode(body, FP)
     other = Bottleneck(SHAPE[0], 6, 2)
     other.init_pca(feats * 2)
     other.eval()
     codecs.write_learned_codec(tmp_path, other, codecs.ContextCoder.estimate(other.symbols(feats), 4), SHAPE)
-    with pytest.raises(codecs.CodecMismatch):
+    with pytest.raises(errors.CodecMismatch):
         wire.decode(body, FP, codecs=codecs.held_codecs(tmp_path))
     payload = c.encode(feats[:1])[0]
     for bad in (payload[:-4], payload + b"\0\0\0\0", payload[:-1]):
@@ -162,16 +164,16 @@ def test_registry_refuses_unknown_names_and_missing_context(feats, tmp_path):
     for name in ("q5", "fp64", "bn+zstd", "q2+zstd"):
         with pytest.raises(wire.UnknownCodec):
             codecs.get(name, calibration=feats)
-    with pytest.raises(codecs.ConfigError):
+    with pytest.raises(errors.ConfigError):
         codecs.get("q2")
-    with pytest.raises(codecs.ConfigError):
+    with pytest.raises(errors.ConfigError):
         codecs.get("bn", checkpoint=tmp_path)
 
 
 def test_v1_frames_are_unchanged(feats):
     """The original codecs still make version-1 frames the old decoder reads (header codec ids 1-3)."""
     for name, cid in (("fp32", 1), ("fp16", 2), ("int8", 3)):
-        body = codecs.frame(codecs.get(name), feats[:1], FP)
+        body = wire.frame(codecs.get(name), feats[:1], FP)
         assert body[6] == cid and body == wire.encode(feats[:1], FP, name)
 
 
@@ -184,11 +186,11 @@ def net_ckpts(tmp_path_factory):
     """A tiny ResNet-8 hybrid (exit at layer 2, features 32x16x16) and a copy of it that carries a learned codec."""
     import shutil
 
-    from hybridexit.checkpoint import save_model
-    from hybridexit.exits import entropy
-    from hybridexit.hybrid import HybridNet
-    from hybridexit.policy import ExitPolicy, write_policy
-    from hybridexit.resnet import HybridConfig
+    from hybridexit.model.checkpoint import save_model
+    from hybridexit.model.exits import entropy
+    from hybridexit.model.hybrid import HybridNet
+    from hybridexit.model.policy import ExitPolicy, write_policy
+    from hybridexit.model.resnet import HybridConfig
 
     torch.manual_seed(0)
     cfg = HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(2,), mean=(0.5,) * 3, std=(0.25,) * 3)
@@ -233,10 +235,10 @@ def _server(checkpoint):
 
 @pytest.mark.parametrize("name", ["q2", "bn", "bn-folder", "fp32-folder"])
 def test_edge_over_the_network_gives_the_in_process_records(net_ckpts, name):
-    from hybridexit.checkpoint import load_model
-    from hybridexit.data import Split
-    from hybridexit.records import Decision
-    from hybridexit.runtime.client import EdgeOptions, Inputs, run_edge
+    from hybridexit.data import Inputs, Split
+    from hybridexit.model.checkpoint import load_model
+    from hybridexit.model.records import Decision
+    from hybridexit.runtime.client import EdgeOptions, run_edge
 
     plain, learned, images, f, folder = net_ckpts
     ckpt = {"bn": learned, "bn-folder": folder, "fp32-folder": folder}.get(name, plain)
@@ -252,7 +254,7 @@ def test_edge_over_the_network_gives_the_in_process_records(net_ckpts, name):
             assert "bn" in httpx.get(srv.url + "/v1/info").json()["codecs"]
         finally:
             srv.stop()
-    want = codecs.evaluate_codec(model, Split(images, labels, "test"), meta["policy"].thresholds, codec, ckpt)
+    want = evaluate.evaluate_codec(model, Split(images, labels, "test"), meta["policy"].thresholds, codec, ckpt)
     srv = _server(ckpt)
     try:
         summary, recs = run_edge(ckpt, Inputs(images, labels), EdgeOptions(srv.url, codec=name, batch_size=1),
@@ -271,14 +273,14 @@ def test_a_cloud_behind_a_learned_codec_refuses_other_codecs(net_ckpts):
     import httpx
 
     plain, learned, images, f, folder = net_ckpts
-    from hybridexit.checkpoint import fingerprint
+    from hybridexit.model.checkpoint import fingerprint
 
     srv = _server(learned)
     try:
         fp = fingerprint(learned)
         r = httpx.post(srv.url + "/v1/infer", content=wire.encode(f[:1], fp, "fp32"))
         assert r.status_code == 409 and r.json()["error"] == "wrong_codec"
-        ok = httpx.post(srv.url + "/v1/infer", content=codecs.frame(codecs.get("bn", checkpoint=learned), f[:1], fp))
+        ok = httpx.post(srv.url + "/v1/infer", content=wire.frame(codecs.get("bn", checkpoint=learned), f[:1], fp))
         assert ok.status_code == 200
         assert httpx.get(srv.url + "/v1/info").json()["codecs"] == ["bn"]
     finally:
@@ -306,7 +308,9 @@ def test_evaluate_command_reports_the_codec_and_the_link(net_ckpts, tiny_cifar, 
 
 
 def test_the_edge_stops_at_start_when_the_cloud_cannot_decode_its_codec(net_ckpts):
-    from hybridexit.runtime.client import CloudRejected, EdgeOptions, Inputs, run_edge
+    from hybridexit.data import Inputs
+    from hybridexit.runtime.client import EdgeOptions, run_edge
+    from hybridexit.runtime.transport import CloudRejected
 
     plain, learned, images, f, folder = net_ckpts
     srv = _server(learned)
@@ -324,12 +328,12 @@ def test_coding_steps_cover_the_grid_once_each_after_its_neighbours(hw):
     h, w = hw
     known = np.zeros(h * w + 1, bool)
     known[h * w] = True  # "no neighbour"
-    for pos, nbr in codecs._coding_steps(h, w):
+    for pos, nbr in coding_steps(h, w):
         assert not known[pos].any() and known[nbr].all()  # new positions, contexts already decoded
         known[pos] = True
     assert known.all()
     if hw == (16, 16):
-        assert len(codecs._coding_steps(h, w)) == 5
+        assert len(coding_steps(h, w)) == 5
 
 
 def _correlated_symbols(n=40, c=3, h=8, w=8, levels=4, seed=0):
@@ -383,7 +387,7 @@ def test_format_1_codecs_keep_their_bytes_and_still_load(tmp_path, feats):
         '"feature_shape": [32, 8, 8]}')
     c = codecs.get("bn", checkpoint=tmp_path)
     assert c.format == 1 and c.params()[0] == 1 and isinstance(c.coder, codecs.SerialContextCoder)
-    back = wire.decode(codecs.frame(c, feats, FP), FP, (None, *SHAPE), codecs=codecs.held_codecs(tmp_path))
+    back = wire.decode(wire.frame(c, feats, FP), FP, (None, *SHAPE), codecs=codecs.held_codecs(tmp_path))
     torch.testing.assert_close(back, c.reference(feats), rtol=0, atol=1e-5)
 
 

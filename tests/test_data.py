@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import write_tiny_cifar10
 
-from hybridexit.data import (
+from hybridexit.data.datasets import (
     augment,
     get_split,
     load_cifar,

@@ -7,12 +7,13 @@ import pytest
 import torch
 from conftest import random_inputs, write_tiny_checkpoint
 
-from hybridexit.checkpoint import load_model
 from hybridexit.cli import main
-from hybridexit.energy import energy_report
-from hybridexit.policy import ExitPolicy, write_policy
-from hybridexit.runtime.client import EdgeOptions, format_summary, run_edge
+from hybridexit.model.checkpoint import load_model
+from hybridexit.model.energy import energy_report
+from hybridexit.model.policy import ExitPolicy, write_policy
+from hybridexit.runtime.client import EdgeOptions, run_edge
 from hybridexit.runtime.server import bind_socket, url_of
+from hybridexit.runtime.summary import format_summary
 
 N = 24
 

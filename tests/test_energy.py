@@ -1,7 +1,7 @@
 import pytest
 
 from hybridexit import ConfigError, HybridConfig
-from hybridexit.energy import EnergyTable, energy_report, summary_table
+from hybridexit.model.energy import EnergyTable, energy_report, summary_table
 
 
 def test_fp32_resnet32_matches_hand_count():
@@ -51,7 +51,7 @@ def test_summary_table_lists_every_conv():
 
 def test_energy_comes_from_structure_not_module_names():
     """Renaming the stem and the block list (same modules, other attribute names) changes no energy figure."""
-    from hybridexit.hybrid import HybridNet
+    from hybridexit.model.hybrid import HybridNet
 
     class Renamed(HybridNet):
         stem = property(lambda self: self._modules["first_conv" if "first_conv" in self._modules else "stem"])

@@ -19,9 +19,9 @@ from hybridexit.engines.kbit import (
     weight_levels,
 )
 from hybridexit.errors import EngineError
-from hybridexit.hybrid import HybridNet
-from hybridexit.quant import quantize_weight
-from hybridexit.resnet import BasicBlock, HybridConfig
+from hybridexit.model.hybrid import HybridNet
+from hybridexit.model.quant import quantize_weight
+from hybridexit.model.resnet import BasicBlock, HybridConfig
 
 ISAS = list(range(kernels.kbit_best_isa() + 1))
 SHAPES = [(16, 16, 8, 1), (3, 5, 7, 1), (17, 33, 9, 2), (64, 8, 4, 2), (70, 65, 5, 1), (32, 64, 6, 2), (1, 1, 1, 1),

@@ -14,10 +14,10 @@ onnx = pytest.importorskip("onnx")
 from hybridexit.engines import available_engines  # noqa: E402
 from hybridexit.engines.onnx_engine import OnnxCloud, OnnxEdge, session  # noqa: E402
 from hybridexit.engines.onnx_export import GraphBuilder, float_conv_exact, weight_levels  # noqa: E402
-from hybridexit.exits import entropy  # noqa: E402
-from hybridexit.hybrid import CLOUD, HybridNet  # noqa: E402
-from hybridexit.quant import ChannelShift, QuanConv, RPReLU, quantize_weight, uniform_ste  # noqa: E402
-from hybridexit.resnet import HybridConfig  # noqa: E402
+from hybridexit.model.exits import entropy  # noqa: E402
+from hybridexit.model.hybrid import CLOUD, HybridNet  # noqa: E402
+from hybridexit.model.quant import ChannelShift, QuanConv, RPReLU, quantize_weight, uniform_ste  # noqa: E402
+from hybridexit.model.resnet import HybridConfig  # noqa: E402
 
 
 def _run(g: GraphBuilder, out: str, x: torch.Tensor, int32: bool = False) -> torch.Tensor:
@@ -278,9 +278,9 @@ def test_onnx_float_edge_matches_torch():
 def test_cli_exports_a_k_bit_edge_with_options_that_decides_as_torch(tmp_path, tiny_cifar, capsys):
     """``hybridexit export --format onnx``: the written graphs themselves (``evaluate --engine onnx`` on every
     engine a network admits: test_engines_packed)."""
-    from hybridexit.checkpoint import save_model
     from hybridexit.cli import main
     from hybridexit.data import load_cifar
+    from hybridexit.model.checkpoint import save_model
 
     model = _net(4, {"act_shift": True, "rprelu": True, "exit_hidden": 16}, seed=5)
     ck = str(tmp_path / "ck")

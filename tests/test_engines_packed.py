@@ -14,8 +14,8 @@ from hybridexit.engines.packed import (
     kernel_weights,
 )
 from hybridexit.errors import EngineError
-from hybridexit.hybrid import CLOUD, HybridNet
-from hybridexit.resnet import BasicBlock, HybridConfig
+from hybridexit.model.hybrid import CLOUD, HybridNet
+from hybridexit.model.resnet import BasicBlock, HybridConfig
 
 try:
     kernels = pytest.importorskip("hybridexit.engines.native").kernels()
@@ -140,7 +140,7 @@ def test_packed_artifact_round_trip_and_size(tmp_path):
 
 def _randomize_options(module, gen):
     """Random RSign thresholds and RPReLU shifts/slopes (identity at initialization, which would test nothing)."""
-    from hybridexit.quant import ChannelShift, RPReLU
+    from hybridexit.model.quant import ChannelShift, RPReLU
 
     for m in module.modules():
         if isinstance(m, ChannelShift):
@@ -266,10 +266,10 @@ def test_packed_engine_runs_every_option_and_refuses_what_it_cannot():
 def test_cli_export_and_evaluate_on_every_engine(tmp_path, tiny_cifar, capsys):
     import json
 
-    from hybridexit.checkpoint import save_model
     from hybridexit.cli import main
     from hybridexit.data import load_cifar
     from hybridexit.engines import available_engines
+    from hybridexit.model.checkpoint import save_model
 
     model = _random_binary_net()
     ck = str(tmp_path / "ck")
@@ -297,9 +297,10 @@ def test_edge_runtime_on_packed_engine_sends_the_same_records(tmp_path):
     pytest.importorskip("uvicorn")
     from test_runtime import TOKEN, ThreadServer
 
-    from hybridexit.checkpoint import save_model
-    from hybridexit.policy import ExitPolicy, write_policy
-    from hybridexit.runtime.client import EdgeOptions, Inputs, run_edge
+    from hybridexit.data import Inputs
+    from hybridexit.model.checkpoint import save_model
+    from hybridexit.model.policy import ExitPolicy, write_policy
+    from hybridexit.runtime.client import EdgeOptions, run_edge
     from hybridexit.runtime.server import ServerSettings
 
     model = _random_binary_net()

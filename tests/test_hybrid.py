@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hybridexit import CLOUD, ConfigError, HybridConfig, HybridNet, InputShapeError, conditional_inference
-from hybridexit.exits import entropy
+from hybridexit.model.exits import entropy
 
 
 def small(**kw):

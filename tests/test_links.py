@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from hybridexit import links
 from hybridexit.cli import main
-from hybridexit.energy import energy_report
+from hybridexit.codecs import links
 from hybridexit.errors import ConfigError
-from hybridexit.resnet import HybridConfig
+from hybridexit.model.energy import energy_report
+from hybridexit.model.resnet import HybridConfig
 
 CFG = HybridConfig(depth=8, num_classes=10, edge_layers=4, edge_bits=1, exits=(4,))
 

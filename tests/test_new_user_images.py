@@ -10,8 +10,7 @@ from conftest import write_tiny_checkpoint
 from PIL import Image
 
 from hybridexit.cli import main
-from hybridexit.data import image_extensions, load_image_files
-from hybridexit.runtime.client import inputs_from_folder
+from hybridexit.data import image_extensions, inputs_from_folder, load_image_files
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 

@@ -12,9 +12,9 @@ import torch
 from conftest import write_tiny_checkpoint
 from test_runtime import ThreadServer as Server
 
-from hybridexit.checkpoint import fingerprint
 from hybridexit.cli import main
 from hybridexit.errors import ConfigError
+from hybridexit.model.checkpoint import fingerprint
 from hybridexit.runtime import wire
 from hybridexit.runtime.client import EdgeOptions
 from hybridexit.runtime.server import CloudModel, ServerSettings

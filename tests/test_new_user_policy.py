@@ -12,9 +12,9 @@ from test_new_user_network import TOKEN, Server
 from hybridexit import HybridConfig
 from hybridexit.cli import main
 from hybridexit.data import load_cifar
-from hybridexit.policy import ExitPolicy, read_policy, write_policy
+from hybridexit.model.policy import ExitPolicy, read_policy, write_policy
 from hybridexit.runtime.server import ServerSettings
-from hybridexit.train import TrainConfig, train
+from hybridexit.workflows.train import TrainConfig, train
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -77,8 +77,8 @@ def test_a_guarantee_goes_to_its_own_file_and_the_commands_use_it(shipped, tmp_p
 def test_a_policy_file_of_another_checkpoint_is_refused(shipped, tmp_path, capsys):
     ck, data = shipped
     other = write_tiny_checkpoint(tmp_path / "other", exits=(2, 4), thresholds=(0.5, 0.5))
-    from hybridexit.checkpoint import fingerprint
-    from hybridexit.policy import write_policy_file
+    from hybridexit.model.checkpoint import fingerprint
+    from hybridexit.model.policy import write_policy_file
 
     write_policy_file(tmp_path / "p.json", ExitPolicy((0.1, 0.2)), other, fingerprint(other))
     assert main(["evaluate", str(ck), "--data-dir", str(data), "--policy", str(tmp_path / "p.json")]) == 2

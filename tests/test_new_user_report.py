@@ -6,7 +6,7 @@ import pytest
 from test_report import rows_for
 
 from hybridexit.cli import main
-from hybridexit.report import BEGIN, END
+from hybridexit.workflows.report import BEGIN, END
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py: the energy model's forward passes
 
@@ -29,7 +29,7 @@ def test_report_refuses_an_empty_results_folder_and_touches_nothing(tmp_path, ca
 
 
 def test_report_refuses_a_section_with_fewer_results_unless_forced(tmp_path, capsys, monkeypatch):
-    import hybridexit.report as report
+    import hybridexit.workflows.report as report
 
     monkeypatch.setattr(report, "plot_fig4", lambda d, rows, rdir, path: path.write_bytes(b"png"))  # (slow, tested
     monkeypatch.setattr(report, "plot_fig5", lambda rows, path: path.write_bytes(b"png"))  # in test_report.py)

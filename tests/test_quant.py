@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hybridexit.errors import ConfigError
-from hybridexit.quant import QuanConv, QuantConv2d, quantize_activation, quantize_weight, sign_ste, uniform_ste
+from hybridexit.model.quant import QuanConv, QuantConv2d, quantize_activation, quantize_weight, sign_ste, uniform_ste
 
 
 def test_binary_weight_is_plus_minus_alpha_per_output_channel():

@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 
 from hybridexit import ConfigError, HybridConfig
-from hybridexit.checkpoint import fingerprint, load_model, read_tensors, save_model
 from hybridexit.cli import build_parser
-from hybridexit.energy import EnergyTable, count_layers, energy_report
 from hybridexit.engines import available_engines, get_engine, unsupported_options
 from hybridexit.errors import EngineError
-from hybridexit.hybrid import HybridNet
-from hybridexit.quant import ChannelShift, QuanConv, QuantConv2d, RPReLU, quantize_activation, set_float_weights
-from hybridexit.recipes import load_recipe, read_recipe
-from hybridexit.resnet import EXIT_POOLS, block_specs
-from hybridexit.train import TrainConfig, _phases, build_model, train
+from hybridexit.model.checkpoint import fingerprint, load_model, read_tensors, save_model
+from hybridexit.model.energy import EnergyTable, count_layers, energy_report
+from hybridexit.model.hybrid import HybridNet
+from hybridexit.model.quant import ChannelShift, QuanConv, QuantConv2d, RPReLU, quantize_activation, set_float_weights
+from hybridexit.model.resnet import EXIT_POOLS, block_specs
+from hybridexit.workflows.recipes import load_recipe, read_recipe
+from hybridexit.workflows.train import TrainConfig, _phases, build_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE = dict(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
@@ -296,7 +296,7 @@ def test_two_stage_run_resumes_across_the_boundary(tmp_path, ds):
     model, meta = load_model(tmp_path / "part")
     set_float_weights(model, True)
     from hybridexit.data import get_split
-    from hybridexit.evaluate import evaluate_outputs
+    from hybridexit.workflows.evaluate import evaluate_outputs
     assert evaluate_outputs(model, get_split(ds, "val", 40, 0)) == meta["val_acc"]
     train(tmp_path / "part", net, cfg, ds, progress=False, resume=True)
     log = [json.loads(line) for line in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]

@@ -4,9 +4,9 @@ from pathlib import Path
 import pytest
 
 from hybridexit import ConfigError, HybridConfig
-from hybridexit.cli import _train_config, build_parser
-from hybridexit.recipes import load_recipe, read_recipe, recipe_fields
-from hybridexit.train import TrainConfig
+from hybridexit.cli.main import _train_config, build_parser
+from hybridexit.workflows.recipes import load_recipe, read_recipe, recipe_fields
+from hybridexit.workflows.train import TrainConfig
 
 RECIPES = sorted(p for p in [*(Path(__file__).parents[1] / "recipes").glob("*.toml"),
                              *(Path(__file__).parents[1] / "recipes").glob("screen-*/*.toml")]

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from hybridexit.data import DATASETS
-from hybridexit.energy import energy_report
-from hybridexit.report import BEGIN, END, PAPER_TABLE3, table3_rows, write_report
-from hybridexit.resnet import HybridConfig
+from hybridexit.model.energy import energy_report
+from hybridexit.model.resnet import HybridConfig
+from hybridexit.workflows.report import BEGIN, END, PAPER_TABLE3, table3_rows, write_report
 
 C100 = DATASETS["cifar100"]
 

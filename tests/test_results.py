@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from hybridexit.checkpoint import load_model
-from hybridexit.energy import energy_report
-from hybridexit.policy import read_policy
-from hybridexit.resnet import HybridConfig
+from hybridexit.model.checkpoint import load_model
+from hybridexit.model.energy import energy_report
+from hybridexit.model.policy import read_policy
+from hybridexit.model.resnet import HybridConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"

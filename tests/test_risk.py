@@ -5,9 +5,7 @@ import math
 import pytest
 import torch
 
-from hybridexit.errors import ConfigError, TargetUnreachableError
-from hybridexit.evaluate import ExitStats
-from hybridexit.risk import (
+from hybridexit.calibration.risk import (
     binom_cdf,
     fixed_sequence,
     hb_pvalue,
@@ -15,6 +13,8 @@ from hybridexit.risk import (
     ltt_policy,
     risk_counts,
 )
+from hybridexit.calibration.stats import ExitStats
+from hybridexit.errors import ConfigError, TargetUnreachableError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
@@ -134,8 +134,8 @@ def test_calibrate_cli_writes_a_certified_policy(tmp_path, tiny_cifar):
     from hybridexit import HybridConfig
     from hybridexit.cli import main
     from hybridexit.data import load_cifar
-    from hybridexit.policy import read_policy
-    from hybridexit.train import TrainConfig, train
+    from hybridexit.model.policy import read_policy
+    from hybridexit.workflows.train import TrainConfig, train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

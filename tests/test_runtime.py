@@ -16,25 +16,18 @@ import pytest
 import torch
 import zstandard
 
-from hybridexit.checkpoint import fingerprint, load_model, save_model
 from hybridexit.cli import main
-from hybridexit.data import Split
-from hybridexit.evaluate import evaluate_conditional
-from hybridexit.hybrid import HybridNet
-from hybridexit.policy import ExitPolicy, read_policy, write_policy
-from hybridexit.resnet import HybridConfig
+from hybridexit.data import Inputs, Split
+from hybridexit.model.checkpoint import fingerprint, load_model, save_model
+from hybridexit.model.hybrid import HybridNet
+from hybridexit.model.policy import ExitPolicy, read_policy, write_policy
+from hybridexit.model.resnet import HybridConfig
 from hybridexit.runtime import wire
-from hybridexit.runtime.client import (
-    CloudClient,
-    CloudRejected,
-    CloudUnavailable,
-    EdgeOptions,
-    EdgeRunner,
-    Inputs,
-    run_edge,
-)
+from hybridexit.runtime.client import EdgeOptions, EdgeRunner, run_edge
 from hybridexit.runtime.process import ServerProcess
 from hybridexit.runtime.server import CloudModel, ServerSettings, bind_socket, make_server, url_of
+from hybridexit.runtime.transport import CloudClient, CloudRejected, CloudUnavailable
+from hybridexit.workflows.evaluate import evaluate_conditional
 
 TOKEN = "test-token-0123456789"
 MEAN, STD = (0.49, 0.48, 0.45), (0.25, 0.24, 0.26)
@@ -67,7 +60,7 @@ def ckpt(tmp_path_factory, images):
             lin.weight.normal_(0, 1.0)  # spread the entropies and logits (no near-ties)
         model.eval()
         outs = model(images.images)
-    from hybridexit.exits import entropy
+    from hybridexit.model.exits import entropy
 
     e0, e1 = entropy(outs[0]), entropy(outs[1])
     t0 = float(e0.quantile(0.33))
@@ -558,8 +551,8 @@ def test_server_process_reports_why_it_did_not_start(tmp_path):
 
 
 def test_percentiles_and_summary_shape():
-    from hybridexit.energy import energy_report
-    from hybridexit.runtime.client import edge_summary, format_summary
+    from hybridexit.model.energy import energy_report
+    from hybridexit.runtime.summary import edge_summary, format_summary
 
     cfg = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
     recs = [{"index": i, "label": 0, "prediction": 0 if i % 2 else 1,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import write_tiny_checkpoint
 
-from hybridexit.checkpoint import fingerprint, load_model
+from hybridexit.model.checkpoint import fingerprint, load_model
 from hybridexit.runtime import wire
 from hybridexit.runtime.process import ServerProcess
 

@@ -10,7 +10,7 @@ import pytest
 from hybridexit import ConfigError
 from hybridexit.cli import main
 from hybridexit.errors import SweepError
-from hybridexit.sweep import load_sweep, read_rows, run_sweep
+from hybridexit.workflows.sweep import load_sweep, read_rows, run_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "sweeps" / "tiny.toml"
@@ -40,9 +40,9 @@ def log_epochs(ckpt: Path) -> list[dict]:
 
 
 def test_tiny_sweep_end_to_end_then_rerun_does_nothing(tmp_path, tiny_cifar):
-    from hybridexit.checkpoint import load_model
     from hybridexit.data import load_cifar
-    from hybridexit.evaluate import evaluate_checkpoint_summary
+    from hybridexit.model.checkpoint import load_model
+    from hybridexit.workflows.evaluate import evaluate_checkpoint_summary
 
     s = sweep(tmp_path, tiny_cifar, workers=2)
     assert set(states(s).values()) == {"done"} and not s["failed"]
@@ -136,9 +136,9 @@ def _spec_with(tmp_path, extra: str) -> Path:
 
 def test_adopts_a_finished_outside_run_and_reads_the_reference(tmp_path, tiny_cifar):
     from hybridexit.data import load_cifar
-    from hybridexit.resnet import HybridConfig
-    from hybridexit.sweep import Point
-    from hybridexit.train import train
+    from hybridexit.model.resnet import HybridConfig
+    from hybridexit.workflows.sweep import Point
+    from hybridexit.workflows.train import train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -169,8 +169,8 @@ def test_adopts_a_finished_outside_run_and_reads_the_reference(tmp_path, tiny_ci
 
 def test_adoption_refuses_another_recipe_and_waits_for_an_unfinished_run(tmp_path, tiny_cifar):
     from hybridexit.data import load_cifar
-    from hybridexit.sweep import Point
-    from hybridexit.train import train
+    from hybridexit.workflows.sweep import Point
+    from hybridexit.workflows.train import train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -229,7 +229,7 @@ def test_ray_runs_the_tiny_sweep_on_a_local_runtime(tmp_path, tiny_cifar):
 
 
 def _upsert_many(store: str, tag: str, n: int, barrier) -> None:
-    from hybridexit.sweep import upsert_rows
+    from hybridexit.workflows.sweep import upsert_rows
 
     barrier.wait()  # both writers at once (unlocked, this loses rows and crashes a writer on the temp file)
     for i in range(n):
@@ -252,7 +252,7 @@ def test_sweeps_sharing_a_store_never_lose_a_row(tmp_path):
 
 
 def test_a_point_locked_by_another_process_is_left_alone_and_partial_points_go_first(tmp_path, tiny_cifar):
-    from hybridexit.sweep import _point_lock, _tasks, point_state
+    from hybridexit.workflows.sweep import _point_lock, _tasks, point_state
 
     only = ["e2-b1-x2-joint-k3", "e4-b1-x4-separate-k3", "e4-b1-noexit-joint-k3"]
     sweep(tmp_path, tiny_cifar, only=only[1:2], stop_after_epochs=1)  # separate: 1 of 3 epochs

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from hybridexit.calibration.temperature import expected_calibration_error, fit_temperature, fit_temperatures, nll
 from hybridexit.errors import ConfigError
-from hybridexit.temperature import expected_calibration_error, fit_temperature, fit_temperatures, nll
 
 
 def _calibrated(n=6000, c=10, seed=0):

@@ -10,11 +10,12 @@ import pytest
 import torch
 from conftest import random_inputs, write_tiny_checkpoint
 
-from hybridexit.checkpoint import load_model
 from hybridexit.cli import main
-from hybridexit.runtime.client import CloudRejected, EdgeOptions, run_edge
+from hybridexit.model.checkpoint import load_model
+from hybridexit.runtime.client import EdgeOptions, run_edge
 from hybridexit.runtime.process import ServerProcess
 from hybridexit.runtime.server import CloudModel, ServerSettings, bind_socket, make_server, url_of
+from hybridexit.runtime.transport import CloudRejected
 
 trustme = pytest.importorskip("trustme")
 TOKEN = "tls-test-token-0123456789"

@@ -6,10 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from hybridexit import CheckpointError, ConfigError, HybridConfig
-from hybridexit.checkpoint import STATE_FILE, load_model, read_tensors, read_val_ids
 from hybridexit.data import augment, batches, get_split, image_ids
-from hybridexit.hybrid import HybridNet
-from hybridexit.train import TrainConfig, _per_sample_loss, train
+from hybridexit.model.checkpoint import STATE_FILE, load_model, read_tensors, read_val_ids
+from hybridexit.model.hybrid import HybridNet
+from hybridexit.workflows.train import TrainConfig, _per_sample_loss, train
 
 NET = HybridConfig(depth=8, edge_layers=4, edge_bits=1, exits=(2, 4))
 
@@ -70,7 +70,7 @@ def test_resume_refuses_a_different_config(tmp_path, ds):
 def test_interrupted_write_keeps_previous_checkpoint(tmp_path, ds, monkeypatch):
     train(tmp_path / "ck", NET, tcfg(epochs=1), ds, progress=False)
     before = read_tensors(tmp_path / "ck")
-    import hybridexit.checkpoint as ck
+    import hybridexit.model.checkpoint as ck
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -191,7 +191,7 @@ def test_cloud_mode_needs_an_init():
 
 def test_joint_trains_backbone_and_exits_together(tmp_path, ds):
     torch.manual_seed(0)
-    from hybridexit.hybrid import HybridNet
+    from hybridexit.model.hybrid import HybridNet
 
     init = HybridNet(NET).state_dict()
     train(tmp_path / "j", NET, tcfg(epochs=1, seed=0), ds, progress=False)
@@ -242,7 +242,7 @@ def test_thread_tuner_keeps_the_faster_setting():
 
 
 def test_training_never_sees_a_validation_image(tmp_path, ds, monkeypatch):
-    import hybridexit.train as tr
+    import hybridexit.workflows.train as tr
 
     seen = []  # every batch of raw images the training steps consume (before augmentation)
     real_prep = tr._prep

@@ -1,8 +1,8 @@
 """hybridexit: conditionally deep hybrid networks across edge and cloud (Long, Chakraborty, Roy, 2020)."""
 
 from .errors import CheckpointError, ConfigError, DatasetError, HybridExitError, InputShapeError
-from .hybrid import CLOUD, CloudNet, Decisions, EdgeNet, HybridNet, conditional_inference
-from .resnet import HybridConfig
+from .model.hybrid import CLOUD, CloudNet, Decisions, EdgeNet, HybridNet, conditional_inference
+from .model.resnet import HybridConfig
 
 __version__ = "0.1.0"
 __all__ = [

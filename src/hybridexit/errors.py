@@ -31,3 +31,56 @@ class EngineError(HybridExitError):
 
 class SweepError(HybridExitError):
     """A design-space sweep cannot go on as asked (a point failed, a worker died, a run cannot be adopted)."""
+
+
+# ---------------------------------------------------------------- the wire format and its codecs
+class WireError(HybridExitError, ValueError):
+    """A frame that cannot be accepted. ``code`` names the problem, ``http_status`` is the answer to give."""
+
+    code = "bad_frame"
+    http_status = 400
+
+
+class TruncatedFrame(WireError):
+    code = "truncated"
+
+
+class BadMagic(WireError):
+    code = "bad_magic"
+
+
+class UnsupportedVersion(WireError):
+    code = "unsupported_version"
+
+
+class UnknownCodec(WireError):
+    code = "unknown_codec"
+
+
+class WrongDtype(WireError):
+    code = "wrong_dtype"
+
+
+class WrongShape(WireError):
+    code = "wrong_shape"
+
+
+class CorruptPayload(WireError):
+    code = "corrupt_payload"
+
+
+class FingerprintMismatch(WireError):
+    code = "wrong_fingerprint"
+    http_status = 409
+
+
+class CodecMismatch(WireError):
+    """The frame's codec is not one this side accepts (another learned codec, or not the checkpoint's own)."""
+
+    code = "wrong_codec"
+    http_status = 409
+
+
+class FrameTooLarge(WireError):
+    code = "too_large"
+    http_status = 413

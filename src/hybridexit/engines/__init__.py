@@ -7,6 +7,8 @@ torch ``CloudNet``.
   k-bit blocks as integer dot products (``engines.packed``, ``engines.kbit``, ``csrc/``).
 - ``onnx``: the edge as an ONNX graph on ONNX Runtime, binary convs as ``QLinearConv``, k-bit convs as exact
   integer sums (``engines.onnx_export``, ``engines.onnx_engine``).
+
+May import: errors, device, threads, data, model.
 """
 
 from __future__ import annotations

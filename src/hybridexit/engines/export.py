@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from ..checkpoint import load_model
+from ..model.checkpoint import load_model
 
 FILES = {"onnx": ("edge.onnx", "cloud.onnx"), "packed": ("edge.packed.safetensors",)}
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import EngineError
-from ..resnet import HybridConfig, block_specs
+from ..model.resnet import HybridConfig, block_specs
 from .folding import fold_bn
 
 KBITS = (2, 4)

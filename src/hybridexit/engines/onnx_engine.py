@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..errors import EngineError, InputShapeError
-from ..hybrid import EdgeResult
+from ..model.hybrid import EdgeResult
 from .packed import algorithm1
 
 
@@ -54,7 +54,7 @@ class OnnxEdge:
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
-        from ..resnet import edge_feature_shape
+        from ..model.resnet import edge_feature_shape
 
         return edge_feature_shape(self.cfg)
 

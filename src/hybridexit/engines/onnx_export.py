@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import EngineError
-from ..resnet import block_specs, edge_feature_shape
+from ..model.resnet import block_specs, edge_feature_shape
 from . import check_options
 from .folding import fold_bn
 

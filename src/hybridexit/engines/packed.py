@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import EngineError, InputShapeError
-from ..hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
-from ..resnet import HybridConfig, block_specs
+from ..model.hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
+from ..model.resnet import HybridConfig, block_specs
 from .folding import fold_bn  # noqa: F401  (re-exported: the engines' shared BatchNorm fold)
 from .native import kernels
 
@@ -274,7 +274,7 @@ class PackedEdge:
 def algorithm1(cfg, n: int, thresholds, temperatures=None):
     """The torch engine's own Algorithm-1 state (``hybrid._Algorithm1``: the exit rule and the bookkeeping of who
     stopped where), shared by every engine so that all apply the exit rule the same way."""
-    from ..hybrid import _Algorithm1
+    from ..model.hybrid import _Algorithm1
 
     thr = resolve_thresholds(cfg, thresholds)
     temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(cfg, temperatures, "temperatures")

@@ -41,8 +41,8 @@ import random
 from collections import deque
 from dataclasses import dataclass, field
 
+from ..calibration.risk import binom_cdf
 from ..errors import ConfigError
-from ..risk import binom_cdf
 
 SCALED_LADDER = (0.25, 0.5, 0.75, 1.0)
 
@@ -376,7 +376,7 @@ def reference_share(policy) -> float | None:
 def controller_for(policy, thresholds, options) -> AuditController:
     """The edge runtime's controller: the policy's ladder (or, when ``thresholds`` override the policy, those
     scaled), EPS from ``options.audit_eps`` or the policy's guarantee."""
-    from ..policy import ExitPolicy
+    from ..model.policy import ExitPolicy
 
     if policy is None or tuple(policy.thresholds) != tuple(thresholds):
         policy = ExitPolicy(tuple(thresholds), (), {}, policy.guarantee if policy is not None else None)

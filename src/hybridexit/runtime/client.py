@@ -19,58 +19,36 @@ it is tried again. Every input gets exactly one record.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
-import math
-import socket
-import ssl
-import threading
+import json
 import time
 import warnings
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import numpy as np
 import torch
 
+from .. import codecs
+from ..data.inputs import Inputs
 from ..device import pick_device
-from ..errors import ConfigError, DatasetError, HybridExitError
-from ..hybrid import FALLBACK, Decisions, resolve_thresholds
+from ..errors import ConfigError
+from ..model.checkpoint import fingerprint, load_model
+from ..model.energy import energy_report
+from ..model.hybrid import FALLBACK, Decisions, resolve_thresholds
+from ..model.records import unreadable_record
 from . import audit, wire
+from .summary import EdgeStats, edge_summary
+from .transport import (
+    CloudClient,
+    CloudDownWarning,
+    CloudError,
+    CloudRejected,
+    CloudUnavailable,
+    is_loopback,
+    protocol_mismatch,
+    tls_context,
+)
 
-RAW_IMAGE_BYTES = 3 * 32 * 32  # a CIFAR image as uint8: what sending the input itself would cost
-RETRY_STATUS = {408, 429, 500, 502, 503, 504}
 FAILURE_POLICIES = ("fallback", "error")
-
-
-class CloudError(HybridExitError):
-    """The cloud could not answer. ``attempts``: how many times the request was sent (0: not tried)."""
-
-    def __init__(self, message: str, attempts: int = 1):
-        super().__init__(message)
-        self.attempts = attempts
-
-    def with_context(self, prefix: str, suffix: str = "") -> CloudError:
-        e = CloudError.__new__(type(self))
-        e.__dict__.update(self.__dict__)
-        e.args = (f"{prefix}{self}{suffix}",)
-        return e
-
-
-class CloudDownWarning(UserWarning):
-    """The cloud could not be reached; the edge goes on under the fallback policy."""
-
-
-class CloudUnavailable(CloudError):
-    """The cloud did not answer after the allowed retries (down, unreachable, overloaded, timing out)."""
-
-
-class CloudRejected(CloudError):
-    """The cloud refused the request (4xx): wrong token, other model, bad frame. Retrying will not help."""
-
-    def __init__(self, message: str, status: int, code: str, attempts: int = 1):
-        super().__init__(message, attempts)
-        self.status, self.code = status, code
 
 
 @dataclass(frozen=True)
@@ -118,198 +96,6 @@ class EdgeOptions:
             tls_context(self.ca)  # a file that is not a CA certificate is refused now, not at the first request
 
 
-@dataclass
-class CloudReply:
-    logits: torch.Tensor
-    request_bytes: int
-    response_bytes: int
-    attempts: int
-    batch_samples: int  # samples in the server's forward pass that carried this request
-    batch_requests: int
-    queue_ms: float
-    compute_ms: float
-
-
-def _error_text(r) -> tuple[str, str]:
-    try:
-        j = r.json()
-        return str(j.get("error", f"http_{r.status_code}")), str(j.get("detail", ""))
-    except ValueError:  # not JSON: a proxy's error page, say
-        return f"http_{r.status_code}", r.text[:200]
-
-
-def tls_context(ca: str | None = None) -> ssl.SSLContext:
-    """Verification of https servers: the system's CA certificates, or only ``ca`` (a PEM file) when given."""
-    try:
-        return ssl.create_default_context(cafile=ca)
-    except (ssl.SSLError, OSError) as e:
-        raise ConfigError(f"cannot use CA certificate {ca} ({e}): a PEM file expected") from None
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def protocol_mismatch(url: str, timeout_s: float = 3.0) -> str | None:
-    """Why ``url`` cannot work when its server speaks the other protocol: an ``http://`` URL whose port completes a
-    TLS handshake, or an ``https://`` URL whose port answers plain HTTP. None when neither is seen (down, or another
-    fault: the caller's own error stands)."""
-    u = urlsplit(url)
-    tls = u.scheme == "https"
-    try:
-        port = u.port or (443 if tls else 80)
-    except ValueError:
-        return None
-    other = url.replace(f"{u.scheme}://", "http://" if tls else "https://", 1)
-    try:
-        with socket.create_connection((u.hostname, port), timeout=timeout_s) as s:
-            if tls:
-                s.sendall(b"GET /healthz HTTP/1.0\r\nHost: probe\r\n\r\n")
-                if s.recv(5) == b"HTTP/":
-                    return f"{u.hostname}:{port} answers plain HTTP, not TLS: use {other} (or serve with --tls-cert)"
-                return None
-            probe = ssl.create_default_context()
-            probe.check_hostname, probe.verify_mode = False, ssl.CERT_NONE  # only: does it speak TLS at all?
-            with probe.wrap_socket(s, server_hostname=u.hostname):
-                return f"{u.hostname}:{port} speaks TLS: use {other}"
-    except (OSError, ssl.SSLError):
-        return None
-
-
-def _root(e: BaseException) -> BaseException:
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__
-    return e
-
-
-def _is_certificate_error(e: BaseException) -> bool:
-    return isinstance(_root(e), ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(e)
-
-
-class CloudClient:
-    """HTTP client of the cloud server: wire frames, bearer token, bounded retries, cool-down after failure."""
-
-    def __init__(self, url: str, token: str | None = None, timeout_s: float = 10.0, retries: int = 2,
-                 retry_backoff_ms: float = 100.0, cooldown_s: float = 5.0, ca: str | None = None):
-        import httpx
-
-        self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        # TCP_NODELAY: request headers and body are separate writes; Nagle + delayed ACK would stall the body
-        transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
-                                        verify=tls_context(ca))
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(timeout_s),
-                                  transport=transport)
-        self._httpx = httpx
-        self.retries, self.backoff_s, self.cooldown_s = retries, retry_backoff_ms / 1000.0, cooldown_s
-        self._down_until = 0.0
-        self._last_failure = ""
-        self._lock = threading.Lock()
-
-    def close(self):
-        self._http.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def _request(self, method: str, path: str, **kw):
-        """One logical request with retries; returns (response, attempts). Raises CloudUnavailable/Rejected."""
-        now = time.monotonic()
-        if now < self._down_until:
-            raise CloudUnavailable(f"cloud considered down for {self._down_until - now:.1f} s more after: "
-                                   f"{self._last_failure}", attempts=0)
-        last = ""
-        for attempt in range(self.retries + 1):
-            if attempt:
-                time.sleep(self.backoff_s * 2 ** (attempt - 1))
-            try:
-                r = self._http.request(method, path, **kw)
-            except self._httpx.TransportError as e:
-                if _is_certificate_error(e):  # retrying cannot fix a certificate: stop, whatever the policy
-                    raise CloudRejected(f"TLS: cannot verify the certificate of {self.url} ({_root(e)}); pass --ca "
-                                        f"with the CA that signed it", 0, "tls_verify_failed", attempt + 1) from None
-                last = f"{type(e).__name__}: {e or 'no detail'}"
-                continue
-            if r.status_code < 400:
-                return r, attempt + 1
-            code, detail = _error_text(r)
-            if r.status_code in RETRY_STATUS:
-                last = f"HTTP {r.status_code} {code}: {detail}"
-                continue
-            raise CloudRejected(f"cloud refused the request: HTTP {r.status_code} {code}: {detail}",
-                                r.status_code, code, attempt + 1)
-        with self._lock:
-            self._down_until = time.monotonic() + self.cooldown_s
-            self._last_failure = f"{self.url}{path}: {last} ({self.retries + 1} attempts)"
-        raise CloudUnavailable(f"no answer from {self.url}{path} after {self.retries + 1} attempts: {last}",
-                               attempts=self.retries + 1)
-
-    def health(self) -> bool:
-        try:
-            return self._http.get("/healthz").status_code == 200
-        except self._httpx.TransportError:
-            return False
-
-    def info(self) -> dict:
-        r, _ = self._request("GET", "/v1/info")
-        return r.json()
-
-    def stats(self) -> dict:
-        r, _ = self._request("GET", "/v1/stats")
-        return r.json()
-
-    def infer(self, body: bytes, fingerprint: str, num_classes: int, headers: dict | None = None) -> CloudReply:
-        r, attempts = self._request("POST", "/v1/infer", content=body,
-                                    headers={"Content-Type": wire.CONTENT_TYPE, **(headers or {})})
-        n = wire.parse_header(body).shape[0]
-        try:
-            logits = wire.decode(r.content, fingerprint, (n, num_classes))
-        except wire.WireError as e:
-            raise CloudRejected(f"the cloud's answer is not a valid frame for this request: {e}", r.status_code,
-                                e.code, attempts) from None
-        h = r.headers
-        return CloudReply(logits, len(body), len(r.content), attempts, int(h.get("x-hybridexit-batch-samples", n)),
-                          int(h.get("x-hybridexit-batch-requests", 1)), float(h.get("x-hybridexit-queue-ms", "nan")),
-                          float(h.get("x-hybridexit-compute-ms", "nan")))
-
-
-@dataclass
-class EdgeStats:
-    """What the edge saw of the cloud over a run."""
-
-    requests: int = 0  # offload requests sent (a retry is not a new request)
-    attempts: int = 0  # HTTP requests actually sent, retries included
-    retries: int = 0
-    failed_requests: int = 0  # sent, but no answer after the retries (or refused)
-    skipped_requests: int = 0  # not sent: the cloud was in its cool-down after a failure
-    request_bytes: int = 0
-    response_bytes: int = 0
-    server_batch_samples: list[int] = field(default_factory=list)
-    server_batch_requests: list[int] = field(default_factory=list)
-    server_queue_ms: list[float] = field(default_factory=list)
-    server_compute_ms: list[float] = field(default_factory=list)
-    wall_s: float = 0.0
-
-    def merge(self, other: EdgeStats) -> EdgeStats:
-        out = EdgeStats()
-        for f in ("requests", "attempts", "retries", "failed_requests", "skipped_requests", "request_bytes",
-                  "response_bytes"):
-            setattr(out, f, getattr(self, f) + getattr(other, f))
-        for f in ("server_batch_samples", "server_batch_requests", "server_queue_ms", "server_compute_ms"):
-            setattr(out, f, getattr(self, f) + getattr(other, f))
-        out.wall_s = max(self.wall_s, other.wall_s)
-        return out
-
-
 def _split_bytes(total: int, n: int) -> list[int]:
     """``total`` bytes over ``n`` samples as integers that add up to ``total``."""
     q, r = divmod(total, n)
@@ -322,7 +108,7 @@ def _audit_batch(runner, images, preds, decided, entropies, start: int, level: i
     inputs' edge features go to the cloud in one request (headers ``X-Hybridexit-Audit``: the edge's answers,
     ``X-Hybridexit-Audit-Level``), each outcome goes to the controller. At level 0 the cloud's answer replaces the
     edge's (``preds`` / ``decided`` are changed in place). Returns per batch index the record fields."""
-    from ..hybrid import CLOUD
+    from ..model.hybrid import CLOUD
 
     ctl = runner.audit
     shadow = level == 0
@@ -422,7 +208,7 @@ class EdgeRunner:
     def run_batch(self, images: torch.Tensor, labels: torch.Tensor, start: int) -> list[dict]:
         # A little over 60 lines: the edge decision, one cloud request and its two outcomes (answers, or fallback
         # with the failure accounted per input) share the batch's bookkeeping arrays.
-        from ..records import decisions_from
+        from ..model.records import decisions_from
 
         t0 = time.perf_counter()
         level = self.audit.level if self.audit else None  # the audit's level decides this batch
@@ -504,92 +290,6 @@ class EdgeRunner:
         return list(self.iter_records(images, labels, start, progress))
 
 
-# ---------------------------------------------------------------------------------------------- inputs
-@dataclass
-class Inputs:
-    images: torch.Tensor  # uint8 (N, 3, 32, 32)
-    labels: torch.Tensor  # int64 (N,), -1 when unknown
-    paths: list[str] | None = None
-    description: str = ""
-    errors: dict[int, str] = field(default_factory=dict)  # index -> why that input could not be read
-    skipped: list[str] = field(default_factory=list)  # files of an image folder that are not images (not inputs)
-
-    @property
-    def labelled(self) -> bool:
-        return bool((self.labels >= 0).all())
-
-    def head(self, n: int | None) -> Inputs:
-        """The first ``n`` inputs (all when None)."""
-        if n is None:
-            return self
-        return Inputs(self.images[:n], self.labels[:n], self.paths[:n] if self.paths is not None else None,
-                      self.description, {i: e for i, e in self.errors.items() if i < n}, self.skipped)
-
-    @property
-    def readable(self) -> list[int]:
-        """Indices of the inputs that could be read."""
-        return [i for i in range(len(self.labels)) if i not in self.errors]
-
-    def folder_summary(self) -> dict:
-        """What an image folder held besides the answered inputs: unreadable files (each with its reason) and files
-        skipped as not images; empty for a dataset split."""
-        if self.paths is None:
-            return {}
-        return {"unreadable": [{"path": self.paths[i], "error": e} for i, e in sorted(self.errors.items())],
-                "skipped_files": len(self.skipped), "skipped_examples": self.skipped[:5]}
-
-
-def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inputs:
-    """A folder of image files: ``FOLDER/*.png`` (unlabelled) or ``FOLDER/<class>/*.png`` with class names from
-    the checkpoint (labelled); any format Pillow reads. A file that cannot be read stays an input, with its reason
-    in ``errors``; files that are not images (by extension) are no inputs, listed in ``skipped``."""
-    from ..data import is_image_file, load_image_files
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise DatasetError(f"--images {root}: not a folder")
-    flat = sorted(p for p in root.iterdir() if is_image_file(p))
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and any(is_image_file(p) for p in d.iterdir()))
-    if flat and subdirs:
-        raise DatasetError(f"{root} has both images and class folders with images: use one layout, "
-                           f"FOLDER/*.png (unlabelled) or FOLDER/<class>/*.png (labelled)")
-    if subdirs:
-        known = list(classes or [])
-        paths, labels = [], []
-        for d in subdirs:
-            if d.name not in known:
-                raise DatasetError(f"{d}: {d.name!r} is not a class of this model (classes: {', '.join(known)}); "
-                                   f"put unlabelled images directly in {root}")
-            for p in sorted(q for q in d.iterdir() if is_image_file(q)):
-                paths.append(p)
-                labels.append(known.index(d.name))
-    elif flat:
-        paths, labels = flat, [-1] * len(flat)
-    else:
-        raise DatasetError(f"no images in {root} (any format Pillow reads: .png, .jpg, .gif, .tif, .webp ...)")
-    taken = set(paths)
-    skipped = sorted(str(q.relative_to(root)) for d in [root, *subdirs] for q in d.iterdir()
-                     if q.is_file() and q not in taken)
-    images = torch.zeros(len(paths), 3, size, size, dtype=torch.uint8)
-    errors = {}
-    for i, p in enumerate(paths):
-        try:
-            images[i] = load_image_files([p], size)[0]
-        except DatasetError as e:
-            errors[i] = str(e)
-    return Inputs(images, torch.tensor(labels, dtype=torch.long), [str(p.relative_to(root)) for p in paths],
-                  f"images in {root}", errors, skipped)
-
-
-def unreadable_record(index: int, label: int, error: str, classes: list[str] | None = None) -> dict:
-    """The record of an input that could not be read: no prediction, the reason in ``error``."""
-    rec = {"index": index, "label": label, "prediction": None, "decided_at": "unreadable", "entropies": []}
-    if classes:
-        rec["prediction_name"] = None
-        rec["label_name"] = classes[label] if 0 <= label < len(classes) else None
-    return {**rec, "latency_ms": 0.0, "payload_bytes": 0, "error": error}
-
-
 def _records_in_order(runner: EdgeRunner, inputs: Inputs, progress: bool):
     """One record per input, in input order: the readable ones run (in batches), the others get their error."""
     if not inputs.errors:
@@ -606,144 +306,6 @@ def _records_in_order(runner: EdgeRunner, inputs: Inputs, progress: bool):
             yield rec
 
 
-# ---------------------------------------------------------------------------------------------- summary
-def _pct(values, q):
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
-
-
-def edge_summary(records: list[dict], report, thresholds, stats: EdgeStats | None = None,
-                 options: EdgeOptions | None = None, labelled: bool = True) -> dict:
-    """``records.summarize`` plus bytes, latency and what the cloud did. ``inputs`` counts every input,
-    ``unreadable_inputs`` those that could not be read (no answer: left out of every other figure), and
-    ``fallback_inputs`` those the edge answered alone because the cloud failed. Fallbacks are no saving: they
-    needed the cloud, so ``expected_uj`` and ``reduction`` charge them its cost (the energy of the system as
-    designed at the measured exit rates); ``spent_uj`` is what was actually computed per input."""
-    from ..records import Decision, summarize
-
-    unreadable = sum(r["decided_at"] == "unreadable" for r in records)
-    records = [r for r in records if r["decided_at"] != "unreadable"]
-    s = summarize([Decision.from_json(r) for r in records], report, thresholds, None)
-    if not labelled:
-        s["accuracy"] = None
-    n = len(records)
-    fell = sum(r["decided_at"] == "fallback" for r in records)
-    s.update({"inputs": n + unreadable, "unreadable_inputs": unreadable, "fallback_inputs": fell})
-    if fell:
-        designed = report.expected_uj(s["exit_fraction"])
-        s.update({"expected_uj": designed, "reduction": report.fp32_uj / designed,
-                  "spent_uj": designed - fell / n * report.cloud_uj})
-    total = sum(r["payload_bytes"] for r in records)
-    sent = [r for r in records if r["payload_bytes"] > 0]
-    lat = [r["latency_ms"] for r in records]
-    at_edge = [r["latency_ms"] for r in records if r["decided_at"].startswith("exit:")]
-    offl = [r["latency_ms"] for r in records if r["decided_at"] == "cloud"]
-    s.update({
-        "payload_bytes_per_input": total / n if n else 0.0,
-        "payload_bytes_per_offloaded": total / len(sent) if sent else None,
-        "raw_image_bytes": RAW_IMAGE_BYTES,
-        "latency_ms_p50": _pct(lat, 50),
-        "latency_ms_p95": _pct(lat, 95),
-        "latency_ms_edge_p50": _pct(at_edge, 50),
-        "latency_ms_edge_p95": _pct(at_edge, 95),
-        "latency_ms_offloaded_p50": _pct(offl, 50),
-        "latency_ms_offloaded_p95": _pct(offl, 95),
-    })
-    if options is not None:
-        s.update({"codec": options.codec, "compressed": options.compress, "batch_size": options.batch_size,
-                  "on_cloud_failure": options.on_cloud_failure})
-    if stats is not None:
-        bs = stats.server_batch_samples
-        s.update({
-            "requests": stats.requests,
-            "failed_requests": stats.failed_requests,
-            "skipped_requests": stats.skipped_requests,
-            "retries": stats.retries,
-            "response_bytes_per_request": stats.response_bytes / max(stats.requests - stats.failed_requests, 1),
-            "server_batch_samples_mean": float(np.mean(bs)) if bs else None,
-            "server_batch_samples_max": max(bs) if bs else None,
-            "wall_s": stats.wall_s,
-            "throughput_per_s": n / stats.wall_s if stats.wall_s > 0 else None,
-        })
-    return s
-
-
-def _fmt_pct(v):
-    return "n/a" if v is None else f"{100 * v:.2f} %"
-
-
-def _fmt_ms(a, b):
-    return "n/a" if a is None else f"{a:.1f} / {b:.1f} ms"
-
-
-def _energy_rows(s: dict) -> list[tuple[str, str]]:
-    """Energy of the system as designed. Fallbacks skipped the cloud because it failed, not by design: they are
-    charged the cloud's cost (edge_summary), and the rows say so."""
-    fb = s.get("fallback_inputs", 0)
-    costs = f"edge {s['edge_uj']:.2f}, cloud {s['cloud_uj']:.2f}; all-FP32 {s['fp32_uj']:.2f}"
-    exp, red = s["expected_uj"], s["reduction"]
-    energy = "n/a" if exp is None else f"{exp:.2f} uJ  ({costs})"
-    reduction = "n/a" if red is None or not math.isfinite(red) else f"{red:.2f} x"
-    if fb and exp is not None:
-        energy += f"; spent {s['spent_uj']:.2f} uJ, the fallbacks on the edge alone"
-        reduction += f"  (the {fb} fallbacks charged as cloud answers: skipping a failed cloud is not a saving)"
-    return [("energy per image", energy), ("energy reduction", reduction)]
-
-
-def format_summary(s: dict) -> str:
-    """The summary as a two-column table; under cloud failure its second row says how many inputs fell back."""
-    exits = ", ".join(f"exit {k}: {_fmt_pct(f)}" for k, f in enumerate(s["exit_fraction"]))
-    per_off = s["payload_bytes_per_offloaded"]
-    fb, bad = s.get("fallback_inputs", 0), s.get("unreadable_inputs", 0)
-    rows = [("inputs", f"{s.get('inputs', s['n'])}" + (f"  ({bad} unreadable: no answer, see their records' error)"
-                                                       if bad else ""))]
-    if s.get("skipped_files"):
-        rows.append(("skipped files", f"{s['skipped_files']} not images, no inputs (e.g. "
-                                      f"{', '.join(s['skipped_examples'])})"))
-    if fb:
-        rows.append(("FELL BACK", f"{fb} of {s['n']} inputs ({_fmt_pct(fb / s['n'])}): the cloud failed, the edge's "
-                                  f"last exit answered"))
-    rows += [
-        ("accuracy" + (" (fallbacks included)" if fb else ""), _fmt_pct(s["accuracy"])),
-        ("decided at the edge", f"{_fmt_pct(s['edge_fraction'])}" + (f"  ({exits})" if exits else "")),
-        ("answered by the cloud", _fmt_pct(s["cloud_fraction"])),
-        ("fallback (cloud failed)", _fmt_pct(s["fallback_fraction"])),
-        *_energy_rows(s),
-        ("bytes sent per input", f"{s['payload_bytes_per_input']:.0f} B"),
-        ("bytes per offloaded input", "n/a" if per_off is None else
-         f"{per_off:.0f} B  (raw image {s['raw_image_bytes']} B: {per_off / s['raw_image_bytes']:.2f} x)"),
-        ("latency p50 / p95", _fmt_ms(s["latency_ms_p50"], s["latency_ms_p95"])),
-        ("  decided at the edge", _fmt_ms(s["latency_ms_edge_p50"], s["latency_ms_edge_p95"])),
-        ("  answered by the cloud", _fmt_ms(s["latency_ms_offloaded_p50"], s["latency_ms_offloaded_p95"])),
-    ]
-    if "audits" in s:
-        rows.append(("audits", (f"{s['audits']} at rate {s['audit_rate']:g} ({s['audit_disagreements']} disagreed; "
-                                f"{s['free_audits']} free at level 0), {s['adaptations']} adaptations, level "
-                                f"{s['audit_level']} of {s['audit_top_level']}; {s['audit_request_bytes']} B sent, "
-                                f"{s['audit_cloud_uj']:.1f} uJ in the cloud")))
-        if s.get("audit_burst_rate") is not None:
-            rows.append(("  drift bursts", f"{s['drift_alarms']} alarms, {s['burst_audits']} audits at rate "
-                                           f"{s['audit_burst_rate']:g}"))
-        est = s["audit_estimate"]
-        rows.append(("  disagreement now", "no audits at this level yet" if est["share"] is None else (
-            f"{_fmt_pct(est['share'])} of {est['audits']} audits (upper bound {_fmt_pct(est['upper_bound'])}; "
-            f"EPS {_fmt_pct(s['audit_eps'])})")))
-    if "engine" in s:
-        rows.append(("edge engine", s["engine"]))
-    if "codec" in s:
-        rows.append(("codec", f"{s['codec']}{' + zstd' if s['compressed'] else ''}, batch size {s['batch_size']}"))
-    if "requests" in s:
-        rows.append(("cloud requests", (f"{s['requests']} sent ({s['failed_requests']} failed, {s['retries']} retries"
-                                       f", {s['skipped_requests']} skipped while the cloud was down)")))
-        if s["server_batch_samples_mean"] is not None:
-            rows.append(("server batch (samples)", (f"mean {s['server_batch_samples_mean']:.1f}, "
-                                                   f"max {s['server_batch_samples_max']}")))
-        if s["throughput_per_s"]:
-            rows.append(("wall time", f"{s['wall_s']:.1f} s  ({s['throughput_per_s']:.1f} inputs/s)"))
-    w = max(len(k) for k, _ in rows) + 2
-    line = "-" * (w + 50)
-    return "\n".join([line] + [f"{k:<{w}}{v}" for k, v in rows] + [line])
-
-
 # ---------------------------------------------------------------------------------------------- one call
 def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progress: bool = False,
              on_record=None, codec_calibration: torch.Tensor | None = None, policy=None) -> tuple[dict, list[dict]]:
@@ -752,12 +314,6 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
     ``on_record(record)`` is called after each record is produced (progress, tests). ``codec_calibration``: the
     validation features a q codec chooses its clip ranges on (``codecs.get``). ``policy``: an exit policy to use
     instead of the checkpoint's (``--policy FILE``)."""
-    import json
-
-    from .. import codecs
-    from ..checkpoint import fingerprint, load_model
-    from ..energy import energy_report
-
     model, meta = load_model(checkpoint)
     named = None
     if options.codec not in codecs.V1_NAMES:

@@ -38,7 +38,7 @@ from ..device import pick_device
 from ..errors import HybridExitError
 from . import wire
 from .auth import TOKEN_ENV
-from .client import is_loopback
+from .transport import is_loopback
 
 log = logging.getLogger("uvicorn.error")  # uvicorn's own log: same format, same --log-level
 
@@ -85,16 +85,16 @@ class CloudModel:
         self.feature_shape = tuple(cloud._in_shape)
         self.num_classes = cloud.cfg.num_classes
         self.name = name or cloud.cfg.name
-        from ..energy import energy_report
+        from ..model.energy import energy_report
 
         self.cloud_uj = energy_report(cloud.cfg).cloud_uj  # per sample: what an audit costs here
-        self.codecs: HeldCodecs = HeldCodecs()  # learned codecs of the checkpoint (hybridexit.codecs.held_codecs)
+        self.codecs: HeldCodecs = HeldCodecs()  # learned codecs of the checkpoint (hybridexit.codecs.registry.held_codecs)
         self.required_codec: str | None = None  # a cloud half trained behind a learned codec reads only it
 
     @classmethod
     def from_checkpoint(cls, path, device=None) -> CloudModel:
-        from ..checkpoint import fingerprint, load_model
         from ..codecs import held_codecs, required_codec
+        from ..model.checkpoint import fingerprint, load_model
 
         model, _ = load_model(path)
         _, cloud = model.split()

@@ -29,16 +29,29 @@ the HTTP status a server should answer and a message that says what was wrong.
 
 from __future__ import annotations
 
-import io
 import math
 import re
 import struct
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from ..errors import HybridExitError
+from .. import codecs as codec_registry
+from ..codecs.v1 import CODEC_DTYPE, V1Codec, decode_raw, encode_raw, quantize_int8  # noqa: F401 (quantize_int8: re-exported)
+from ..codecs.v1 import NP as _NP
+from ..errors import (  # noqa: F401 (the wire's errors, re-exported for its users)
+    BadMagic,
+    CodecMismatch,
+    CorruptPayload,
+    FingerprintMismatch,
+    FrameTooLarge,
+    TruncatedFrame,
+    UnknownCodec,
+    UnsupportedVersion,
+    WireError,
+    WrongDtype,
+    WrongShape,
+)
 
 MAGIC = b"HYBX"
 PROTOCOL_VERSION = 1
@@ -55,61 +68,7 @@ DTYPES = {"float32": 1, "float16": 2, "int8": 3}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 NAMED_CODEC_ID, BYTES_DTYPE_ID = 4, 4  # a codec named in the frame (hybridexit.codecs); opaque per-sample payloads
 _NAME_RE = re.compile(rb"^[a-z0-9][a-z0-9+_-]{0,31}$")
-CODEC_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
-_NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 _FP_RE = re.compile(rb"^[0-9a-f]{16}$")
-
-
-class WireError(HybridExitError, ValueError):
-    """A frame that cannot be accepted. ``code`` names the problem, ``http_status`` is the answer to give."""
-
-    code = "bad_frame"
-    http_status = 400
-
-
-class TruncatedFrame(WireError):
-    code = "truncated"
-
-
-class BadMagic(WireError):
-    code = "bad_magic"
-
-
-class UnsupportedVersion(WireError):
-    code = "unsupported_version"
-
-
-class UnknownCodec(WireError):
-    code = "unknown_codec"
-
-
-class WrongDtype(WireError):
-    code = "wrong_dtype"
-
-
-class WrongShape(WireError):
-    code = "wrong_shape"
-
-
-class CorruptPayload(WireError):
-    code = "corrupt_payload"
-
-
-class FingerprintMismatch(WireError):
-    code = "wrong_fingerprint"
-    http_status = 409
-
-
-class CodecMismatch(WireError):
-    """The frame's codec is not one this side accepts (another learned codec, or not the checkpoint's own)."""
-
-    code = "wrong_codec"
-    http_status = 409
-
-
-class FrameTooLarge(WireError):
-    code = "too_large"
-    http_status = 413
 
 
 @dataclass(frozen=True)
@@ -157,20 +116,8 @@ def _check_fingerprint(fingerprint: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def quantize_int8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 with one scale per (dim 0, dim 1): scale = max|x| / 127, q = round(x / scale)."""
-    if x.dim() < 2:
-        raise WrongShape(f"the int8 codec needs at least 2 dimensions (samples, channels, ...), got {tuple(x.shape)}")
-    n, c = x.shape[0], x.shape[1]
-    flat = x.detach().float().reshape(n, c, -1)
-    scale = flat.abs().amax(dim=2) / 127.0
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = torch.round(flat / safe[:, :, None]).clamp_(-127, 127).to(torch.int8)
-    return scale.cpu().numpy().astype("<f4"), q.reshape(x.shape).cpu().numpy()
-
-
 def encode_named(x: torch.Tensor, fingerprint: str, codec) -> bytes:
-    """A (R, C, H, W) feature batch as a frame of a named codec (a ``hybridexit.codecs.Codec``)."""
+    """A (R, C, H, W) feature batch as a frame of a named codec (a ``hybridexit.codecs.registry.Codec``)."""
     fp = _check_fingerprint(fingerprint)
     name = codec.name.encode("ascii")
     if not _NAME_RE.match(name):
@@ -197,20 +144,8 @@ def encode(x: torch.Tensor, fingerprint: str, codec="fp32", compress: bool = Fal
     if not isinstance(x, torch.Tensor) or not 1 <= x.dim() <= MAX_NDIM or x.numel() == 0:
         raise WrongShape(f"can only send a non-empty tensor with 1 to {MAX_NDIM} dimensions, "
                          f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
-    x = x.detach().to("cpu", torch.float32).contiguous()
-    if codec == "fp32":
-        raw = x.numpy().astype("<f4", copy=False).tobytes()
-    elif codec == "fp16":
-        raw = x.numpy().astype("<f2").tobytes()
-    else:
-        scale, q = quantize_int8(x)
-        raw = scale.tobytes() + q.tobytes()
-    flags = 0
-    if compress:
-        import zstandard
-
-        raw = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
-        flags |= FLAG_ZSTD
+    raw = encode_raw(x, codec, compress, level)
+    flags = FLAG_ZSTD if compress else 0
     dtype = CODEC_DTYPE[codec]
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, CODECS[codec], flags, fp, DTYPES[dtype], x.dim(), 0, len(raw))
     return head + struct.pack(f"<{x.dim()}I", *x.shape) + raw
@@ -306,22 +241,8 @@ def _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes) -> He
                   params, tuple(lens))
 
 
-# The codec registry's rebuilding of a named frame's codec when the caller holds no checkpoint-bound codecs: set by
-# ``hybridexit.codecs`` when it is imported (``use_codec_registry``), so that this module does not import it.
-_REGISTRY = None
-
-
-def use_codec_registry(held) -> None:
-    """Named frames decoded without ``codecs=`` rebuild their codec with ``held.from_frame(name, params)``."""
-    global _REGISTRY
-    _REGISTRY = held
-
-
 def _decode_named(body, h: Header, codecs) -> torch.Tensor:
-    codecs = codecs if codecs is not None else _REGISTRY
-    if codecs is None:
-        raise UnknownCodec(f"the frame uses the named codec {h.codec}: import hybridexit.codecs to decode it")
-    codec = codecs.from_frame(h.codec, h.params)
+    codec = (codecs if codecs is not None else codec_registry.HeldCodecs()).from_frame(h.codec, h.params)
     start = len(body) - sum(h.sample_bytes)
     payloads = []
     for n in h.sample_bytes:
@@ -331,23 +252,6 @@ def _decode_named(body, h: Header, codecs) -> torch.Tensor:
     if tuple(x.shape) != h.shape or not torch.isfinite(x).all():
         raise CorruptPayload(f"codec {h.codec} decoded to a tensor that is not a finite {h.shape} batch")
     return x.to(torch.float32).contiguous()
-
-
-def _decompress(data: bytes, expected: int) -> bytes:
-    import zstandard
-
-    try:
-        size = zstandard.frame_content_size(data)
-    except zstandard.ZstdError as e:
-        raise CorruptPayload(f"payload is flagged zstd but is not a zstd frame ({e})") from None
-    if size not in (-1, expected):  # -1: size not recorded in the frame
-        raise CorruptPayload(f"zstd frame says {size} decompressed bytes, the shape implies {expected}")
-    try:
-        with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as r:
-            out = r.read(expected + 1)  # never more than the shape allows, whatever the frame claims
-    except zstandard.ZstdError as e:
-        raise CorruptPayload(f"zstd payload does not decompress ({e})") from None
-    return out
 
 
 def decode(body: bytes, fingerprint: str | None = None, shape: tuple | None = None,
@@ -380,25 +284,15 @@ def decode(body: bytes, fingerprint: str | None = None, shape: tuple | None = No
                             f"{max_decoded_bytes}: send fewer samples per request")
     if h.named:
         return _decode_named(body, h, codecs)
-    payload = bytes(body[len(body) - h.payload_bytes:])
-    if h.compressed:
-        payload = _decompress(payload, expected)
-    if len(payload) != expected:
-        raise CorruptPayload(f"payload has {len(payload)} bytes, a {h.codec} tensor of shape {h.shape} needs {expected}")
-    if h.codec == "int8":
-        ns = h.shape[0] * h.shape[1]
-        scale = np.frombuffer(payload, dtype="<f4", count=ns)
-        q = np.frombuffer(payload, dtype="i1", offset=ns * 4).reshape(h.shape)
-        if not np.isfinite(scale).all() or (scale < 0).any():
-            raise CorruptPayload("int8 scales must be finite and non-negative")
-        if (q == -128).any():
-            raise CorruptPayload("int8 values must be in [-127, 127] (symmetric quantization)")
-        s = torch.from_numpy(scale.astype(np.float32)).reshape(h.shape[:2] + (1,) * (len(h.shape) - 2))
-        return torch.from_numpy(q.astype(np.float32)) * s
-    arr = np.frombuffer(payload, dtype=_NP[h.dtype]).reshape(h.shape)
-    if not np.isfinite(arr).all():
-        raise CorruptPayload("tensor contains NaN or infinite values")
-    return torch.from_numpy(arr.astype(np.float32))
+    return decode_raw(bytes(body[len(body) - h.payload_bytes:]), h.codec, h.shape, h.compressed)
+
+
+def frame(codec, x: torch.Tensor, fingerprint: str) -> bytes:
+    """The frame an edge sends for the feature batch ``x`` with a codec object of the registry
+    (``hybridexit.codecs.get``): the original v1 frame for fp32 / fp16 / int8, a named-codec frame for the others."""
+    if isinstance(codec, V1Codec):
+        return encode(x, fingerprint, codec.base, codec.compress)
+    return encode_named(x, fingerprint, codec)
 
 
 def frame_bytes(shape: tuple[int, ...], codec: str) -> int:

@@ -1,0 +1,235 @@
+"""Quantizers for the edge half, after Long et al. (2020), Eq. (1)-(3), and XNOR-Net (Rastegari et al., 2016).
+
+Every quantizer is a small function with its math and its gradient estimator, and the modules that use them
+carry a ``bits`` attribute that the energy model reads (1 = binary, k = k-bit uniform, 32 = float).
+
+Activations (Eq. 1), after the BatchNorm that precedes every quantized conv:
+    binary:  I_B = sign(I)                      in {-1, +1}
+    k-bit:   I_Q = 2 * round((clip(I, -1, 1) + 1) / 2 * Z) / Z - 1,   Z = 2^k - 1
+             i.e. v0 = 1, v1 = 2, v2 = 1/2 in the paper's notation: 2^k levels evenly spread over [-1, 1].
+Weights (Eq. 2, 3), per output channel c:
+    binary:  W_B = alpha_c * sign(W),  alpha_c = mean |W[c]|        (XNOR-Net)
+    k-bit:   W_Q = s_c * Q_k(W / s_c),  s_c = max |W[c]|              (2^k levels in [-s_c, s_c])
+Gradients: straight-through estimator clipped to |x| <= 1 (Hubara et al., 2016): dQ/dx = 1 if |x| <= 1 else 0.
+For weights the scale is treated as a constant; the clip is taken on W / s (always inside [-1, 1] for k-bit).
+
+Binary-edge recipe options (issue 21; each off by default, which is the paper's plain XNOR layer above):
+- ``ste="approx"``: Bi-Real Net's ApproxSign (Liu et al., 2018) for binary activations: forward sign(x), backward
+  the derivative of the piecewise polynomial 2x + x^2 (x < 0) / 2x - x^2 (x >= 0) on [-1, 1], i.e. 2 - 2|x|
+  for |x| <= 1 and 0 outside. Weights keep the clipped estimator.
+- ``act_shift``: ReActNet's RSign (Liu et al., 2020): a learnable per-channel threshold b_c before the activation
+  quantizer, sign(x - b_c) (``ChannelShift``).
+- ``rprelu``: ReActNet's RPReLU: learnable per-channel shifts and slope after the quantized conv,
+  PReLU_beta(x - gamma_c) + zeta_c (``RPReLU``); it starts as the identity (gamma = zeta = 0, beta = 1) so that a
+  network initialized from a checkpoint without it computes the same function at step 0.
+- Two-stage training (binary activations with float weights first): ``QuantConv2d.float_weights``, switched by
+  ``set_float_weights`` for the first stage of a schedule (``train.TrainConfig.stage1_epochs``).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError
+
+SUPPORTED_BITS = (1, 2, 4, 8, 32)
+
+
+def check_bits(bits: int) -> int:
+    if bits not in SUPPORTED_BITS:
+        raise ConfigError(f"unsupported bit width {bits!r}: use one of {', '.join(map(str, SUPPORTED_BITS))}")
+    return bits
+
+
+class _SignSTE(torch.autograd.Function):
+    """sign(x) with sign(0) = +1; backward passes the gradient where |x| <= 1.
+
+    Saves a boolean mask (1 byte per element) rather than x, and uses scalar ``where``: this keeps the extra
+    memory passes of a binary layer to a minimum on CPU, where they dominate the cost over a float layer."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x.abs() <= 1)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside
+
+
+class _UniformSTE(torch.autograd.Function):
+    """2^k-level uniform quantizer on [-1, 1] (Eq. 1/3); backward passes the gradient where |x| <= 1."""
+
+    @staticmethod
+    def forward(ctx, x, bits: int):
+        ctx.save_for_backward(x.abs() <= 1)
+        z = float(2**bits - 1)
+        return torch.round((x.clamp(-1.0, 1.0) + 1.0) * (z / 2.0)) * (2.0 / z) - 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None
+
+
+class _ApproxSignSTE(torch.autograd.Function):
+    """sign(x) with sign(0) = +1; backward Bi-Real's ApproxSign derivative 2 - 2|x| on |x| <= 1, 0 outside."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (2.0 - 2.0 * x.abs()).clamp_min(0.0)
+
+
+STES = ("clip", "approx")
+
+
+def check_ste(ste: str) -> str:
+    if ste not in STES:
+        raise ConfigError(f"ste={ste!r}: use clip (clipped straight-through) or approx (Bi-Real ApproxSign)")
+    return ste
+
+
+def approx_sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation: sign with Bi-Real's ApproxSign gradient."""
+    return _ApproxSignSTE.apply(x)
+
+
+def sign_ste(x: torch.Tensor) -> torch.Tensor:
+    """Binary activation: sign with a clipped straight-through gradient."""
+    return _SignSTE.apply(x)
+
+
+def uniform_ste(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """k-bit uniform activation on [-1, 1] with a clipped straight-through gradient."""
+    return _UniformSTE.apply(x, bits)
+
+
+def quantize_activation(x: torch.Tensor, bits: int, ste: str = "clip") -> torch.Tensor:
+    if bits == 32:
+        return F.relu(x)
+    if bits == 1:
+        return approx_sign_ste(x) if ste == "approx" else sign_ste(x)
+    return uniform_ste(x, bits)
+
+
+def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Quantize a conv/linear weight per output channel (dim 0)."""
+    if bits == 32:
+        return w
+    dims = tuple(range(1, w.dim()))
+    if bits == 1:
+        alpha = w.abs().mean(dim=dims, keepdim=True).detach()
+        return sign_ste(w) * alpha
+    scale = w.abs().amax(dim=dims, keepdim=True).detach().clamp_min(1e-8)
+    return uniform_ste(w / scale, bits) * scale
+
+
+class ActQuantizer(nn.Module):
+    """Activation function of a conv: ReLU for float (bits=32), sign (1) or k-bit uniform otherwise."""
+
+    def __init__(self, bits: int = 32, ste: str = "clip"):
+        super().__init__()
+        self.bits = check_bits(bits)
+        self.ste = check_ste(ste)
+
+    def forward(self, x):
+        return quantize_activation(x, self.bits, self.ste)
+
+    def extra_repr(self):
+        return f"bits={self.bits}" + (f", ste={self.ste}" if self.ste != "clip" else "")
+
+
+class QuantConv2d(nn.Conv2d):
+    """Conv2d whose weights are quantized to ``bits`` on every forward (the float weights are the latent ones).
+
+    ``float_weights = True`` (set by ``set_float_weights``, never saved) uses the latent float weights as they are:
+    the first stage of two-stage training."""
+
+    float_weights = False
+
+    def __init__(self, *args, bits: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bits = check_bits(bits)
+
+    def forward(self, x):
+        w = self.weight if self.float_weights else quantize_weight(self.weight, self.bits)
+        return self._conv_forward(x, w, self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", bits={self.bits}"
+
+
+def set_float_weights(model: nn.Module, on: bool) -> None:
+    """Two-stage training: every quantized conv of ``model`` uses its latent float weights (``on``) or quantizes
+    them (off, the default)."""
+    for m in model.modules():
+        if isinstance(m, QuantConv2d):
+            m.float_weights = bool(on)
+
+
+class ChannelShift(nn.Module):
+    """ReActNet's RSign threshold: x - b_c, one learnable b per channel, before the activation quantizer.
+    The energy model counts one 32-bit add per element (module type, see ``energy.count_layers``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return x - self.bias.view(1, -1, 1, 1)
+
+
+class RPReLU(nn.Module):
+    """ReActNet's RPReLU after a quantized conv: PReLU_beta(x - gamma_c) + zeta_c, per-channel gamma, beta, zeta.
+    Identity at initialization. The energy model counts, per element, the shift as one 32-bit add and
+    beta * (x - gamma) + zeta as one 32-bit MAC (module type, see ``energy.count_layers``)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.shift_in = nn.Parameter(torch.zeros(channels))
+        self.slope = nn.Parameter(torch.ones(channels))
+        self.shift_out = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x):
+        return F.prelu(x - self.shift_in.view(1, -1, 1, 1), self.slope) + self.shift_out.view(1, -1, 1, 1)
+
+
+class QuanConv(nn.Module):
+    """The paper's QuanConv (Fig. 2): BatchNorm -> activation quantizer -> conv with quantized weights.
+
+    With ``bits=32`` the same module is a pre-activation float conv (BatchNorm -> ReLU -> conv), with the same
+    parameter names, so a float checkpoint initializes a quantized one key for key. Recipe options of quantized
+    convs (module docstring): ``act_shift`` (RSign: BatchNorm -> shift -> quantizer), ``rprelu`` (conv -> RPReLU),
+    ``ste``. Off, the modules are absent: the state dict and the arithmetic are the plain layer's.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1, bits: int = 32, act_shift: bool = False,
+                 rprelu: bool = False, ste: str = "clip"):
+        super().__init__()
+        self.bits = check_bits(bits)
+        if bits == 32 and (act_shift or rprelu or ste != "clip"):
+            raise ConfigError("act_shift, rprelu and ste are options of quantized convs, not of float ones")
+        self.bn = nn.BatchNorm2d(in_ch)
+        self.shift = ChannelShift(in_ch) if act_shift else None
+        self.act = ActQuantizer(bits, ste)
+        if bits == 32:
+            self.conv = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        else:
+            self.conv = QuantConv2d(in_ch, out_ch, 3, stride, 1, bias=False, bits=bits)
+        self.rprelu = RPReLU(out_ch) if rprelu else None
+
+    def forward(self, x):
+        x = self.bn(x)
+        if self.shift is not None:
+            x = self.shift(x)
+        x = self.conv(self.act(x))
+        return x if self.rprelu is None else self.rprelu(x)
