@@ -7,7 +7,7 @@ SHARED := ../shared/datasets
 DATA   ?= data
 CKPT   ?= checkpoints/c10-r32-e20-b1-x20
 
-.PHONY: setup demo test lint data results readme clean
+.PHONY: setup demo test lint data results readme clean edge-aarch64
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+# hybridexit-edge (edge/) for aarch64: the cross-compiled wheel (edge/build/arm-check/wheel), its kernels checked
+# against x86-64 under qemu-user (scripts/build_edge_aarch64.sh alone builds just the wheel)
+edge-aarch64: setup
+	scripts/edge_arm_check.sh
 
 readme: setup
 	$(PY) scripts/render_readme.py

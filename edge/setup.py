@@ -29,7 +29,8 @@ class BuildLib(build_ext):
         if self.inplace:
             out = HERE / "hybridexit_edge" / "libhx_edge.so"
         out.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [*cxx, *CFLAGS, *(str(CSRC / s) for s in SOURCES), "-o", str(out)]
+        ldflags = shlex.split(os.environ.get("HX_EDGE_LDFLAGS", ""))  # e.g. -static-libstdc++ for a portable wheel
+        cmd = [*cxx, *CFLAGS, *(str(CSRC / s) for s in SOURCES), *ldflags, "-o", str(out)]
         print(" ".join(cmd))
         subprocess.check_call(cmd)
 
