@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import ConfigError, TargetUnreachableError
+from ..model.exits import exit_rule
 from ..model.policy import ExitPolicy
 from .stats import ExitStats
 from .temperature import fit_temperatures
@@ -120,7 +121,7 @@ def risk_counts(stats: ExitStats, sequence, kind: str, entropies: torch.Tensor |
     whose entropy is below its threshold (``ExitStats.simulate``'s rule; tests check they agree)."""
     ents = (stats.entropies if entropies is None else entropies).double()
     thr = torch.tensor([list(t) for t in sequence], dtype=torch.float64).T  # (K, L)
-    stop = ents[:, :, None] < thr[None]  # (N, K, L)
+    stop = exit_rule(ents[:, :, None], thr[None])  # (N, K, L)
     exited = stop.any(1)  # (N, L)
     first = stop.to(torch.int8).argmax(1)  # (N, L): the first exit that stops the sample
     preds = stats.exit_preds.gather(1, first)

@@ -56,7 +56,8 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def exit_rule(entropies: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The exit rule on entropies: a sample stops when its exit's entropy is strictly below ``threshold``."""
+    """The exit rule on entropies: a sample stops when its exit's entropy is strictly below ``threshold`` (tensors
+    broadcast; plain floats give a bool)."""
     return entropies < threshold
 
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 
 from ..calibration.risk import binom_cdf
 from ..errors import ConfigError
+from ..model.exits import exit_rule
 
 SCALED_LADDER = (0.25, 0.5, 0.75, 1.0)
 
@@ -391,8 +392,7 @@ def would_exit(entropies, thresholds) -> list[bool]:
     which happens only after an earlier exit fired at thresholds at least as strict.)"""
     import torch
 
-    t = torch.as_tensor(thresholds, dtype=entropies.dtype)
-    return (entropies < t).any(1).tolist()
+    return exit_rule(entropies, torch.as_tensor(thresholds, dtype=entropies.dtype)).any(1).tolist()
 
 
 def count_audit(stats, headers, logits, body_bytes: int, cloud_uj: float) -> None:
@@ -420,7 +420,7 @@ def simulate_audited(exit_preds, final_preds, entropies, controller: AuditContro
     would = would_exit(entropies, controller.levels[controller.top])  # the drift monitor's indicator per input
     for i, (e, p, f) in enumerate(zip(entropies.tolist(), exit_preds.tolist(), final_preds.tolist())):
         level, shadow, thr = controller.level, controller.shadow, controller.probe_thresholds
-        j = next((j for j in range(len(e)) if e[j] < thr[j]), -1)  # Algorithm 1: the first exit below threshold
+        j = next((j for j in range(len(e)) if exit_rule(e[j], thr[j])), -1)  # Algorithm 1: the first exit that stops
         rec = {"index": i, "level": level, "thresholds": list(controller.thresholds), "audited": False}
         if controller.see(would[i], i):
             rec["drift_alarm"] = True
