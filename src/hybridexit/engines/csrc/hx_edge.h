@@ -20,6 +20,9 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+#if defined(__GNUC__)
+#pragma GCC visibility push(default) /* the ABI stays visible in a library built with -fvisibility=hidden */
+#endif
 
 #define HX_EDGE_ABI_VERSION 1
 
@@ -112,6 +115,9 @@ int hx_decide(const hx_edge* e, const void* x, int x_u8, int n, const float* thr
               int isa, int kisa, hx_parallel_fn par, int64_t* preds, int64_t* decided, float* ents, float* feats,
               int64_t* remaining, int* n_remaining, char* err, size_t errlen);
 
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 #ifdef __cplusplus
 }
 #endif
