@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DatasetError
-from .datasets import is_image_file, load_image_files
+from .images import is_image_file, load_image_files
 
 
 @dataclass
