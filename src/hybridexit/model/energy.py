@@ -1,10 +1,13 @@
 """Operation counts measured from the real modules, and the energy model of the paper (Table I).
 
-Counting: one forward pass of a single image through the ``HybridNet`` with forward hooks on every conv, linear,
-pooling layer and residual block; each layer's MACs come from the tensor shapes it actually saw, its bit width
-from the module (``bits``), its placement from where it sits (edge, cloud, or exit k).
+Counting: one forward pass of a single image through the ``HybridNet`` (any backbone) with forward hooks on every
+conv, linear, pooling layer and residual block (a block whose ``residual_add`` is true); each layer's MACs come
+from the tensor shapes it actually saw, its bit width from the module (``bits``), its placement from where it sits
+(edge, cloud, or exit k).
 
-What is counted: conv and linear MACs at the layer's bit width; residual additions, average-pooling additions
+What is counted: conv and linear MACs at the layer's bit width (a grouped conv: in_channels / groups x kernel MACs
+per output, so a depthwise conv counts kernel MACs per output); max-pooling comparisons (k*k - 1 per output),
+residual additions, average-pooling additions
 and linear biases as 32-bit adds; the binary-edge recipe options' per-element float arithmetic (``quant.py``), as
 the modules compute it: RSign's threshold (``ChannelShift``) one 32-bit add per element, RPReLU one 32-bit add
 (x - gamma) and one 32-bit MAC (beta * (.) + zeta) per element, with no memory traffic of their own (they run
@@ -25,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .quant import ChannelShift, RPReLU
-from .resnet import OPTION_DEFAULTS, BasicBlock, HybridConfig
+from .resnet import OPTION_DEFAULTS, HybridConfig
 
 
 @dataclass(frozen=True)
@@ -106,7 +109,11 @@ def count_layers(model: nn.Module) -> list[LayerCount]:
             elif isinstance(m, (nn.AvgPool2d, nn.AdaptiveAvgPool2d)):
                 rows.append(LayerCount(name, "pool", place, 32, 0, 0, x.numel(), 0, x.numel() * 32, out.numel() * 32,
                                        block))
-            elif isinstance(m, BasicBlock):
+            elif isinstance(m, nn.MaxPool2d):  # comparisons, counted as 32-bit adds: k*k - 1 per output
+                ks = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+                cmp = out.numel() * (ks[0] * ks[1] - 1)
+                rows.append(LayerCount(name, "pool", place, 32, 0, 0, cmp, 0, x.numel() * 32, out.numel() * 32, block))
+            elif getattr(m, "residual_add", False):  # a block with a residual add (its ``residual_add`` says so)
                 rows.append(LayerCount(name + ".add", "add", place, 32, 0, 0, out.numel(), 0,
                                        2 * out.numel() * 32, out.numel() * 32, block))
             elif isinstance(m, (ChannelShift, RPReLU)):  # per-element float ops, fused with their conv (no I/O)
@@ -117,7 +124,8 @@ def count_layers(model: nn.Module) -> list[LayerCount]:
         return fn
 
     for name, m in model.named_modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, BasicBlock, ChannelShift, RPReLU)):
+        if (isinstance(m, (nn.Conv2d, nn.Linear, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.MaxPool2d, ChannelShift, RPReLU))
+                or getattr(m, "residual_add", False)):
             hooks.append(m.register_forward_hook(hook(name, m)))
     was_training = model.training
     try:
@@ -208,16 +216,22 @@ def _edge_path(rows, cfg: HybridConfig, k: int):
     return pred
 
 
-def energy_report(model_or_cfg, table: EnergyTable | None = None) -> EnergyReport:
-    """Energy per image of a hybrid network (a ``HybridNet`` or just its config), against its float twin."""
+def _shapes_only(cfg: HybridConfig) -> nn.Module:
+    """The network of ``cfg`` without the project's weight initialization: the counts read only shapes, bits and
+    placement."""
     from .hybrid import HybridNet
 
+    return HybridNet(cfg, init=False)
+
+
+def energy_report(model_or_cfg, table: EnergyTable | None = None) -> EnergyReport:
+    """Energy per image of a hybrid network (a ``HybridNet`` or just its config), against its float twin."""
     table = table or EnergyTable()
-    model = model_or_cfg if isinstance(model_or_cfg, nn.Module) else HybridNet(model_or_cfg)
+    model = model_or_cfg if isinstance(model_or_cfg, nn.Module) else _shapes_only(model_or_cfg)
     cfg = model.cfg
     rows = count_layers(model)
     fp_cfg = cfg.replace(edge_layers=0, edge_bits=32, exits=(), **OPTION_DEFAULTS)
-    fp_rows = count_layers(HybridNet(fp_cfg))
+    fp_rows = rows if fp_cfg == cfg else count_layers(_shapes_only(fp_cfg))
     on_edge = lambda r: r.placement != "cloud"  # noqa: E731
     on_cloud = lambda r: r.placement == "cloud"  # noqa: E731
     macs_by_bits: dict[int, int] = {}

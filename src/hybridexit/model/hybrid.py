@@ -1,5 +1,7 @@
 """HybridNet (the training view), its split into EdgeNet and CloudNet, and conditional inference (Algorithm 1).
 
+The network is any registered backbone (``model.backbones``: a float stem, blocks, a head; the CIFAR ResNets by
+default), built from ``HybridConfig`` with its first blocks quantized; the walk does not depend on which.
 One definition of the network and one walk over it: ``_Walk.walk`` runs normalize -> stem -> blocks, calling back
 after every block that carries an exit; ``HybridNet.forward`` (training: every exit's logits and the final logits),
 ``HybridNet.forward_intermediates`` (a frozen prefix), ``EdgeNet.forward`` / ``EdgeNet.decide`` (Algorithm 1: the
@@ -22,13 +24,13 @@ from torch import nn
 from ..errors import ConfigError, InputShapeError
 from .exits import ExitHead, exits_here
 from .resnet import (
-    ClassifierHead,
     HybridConfig,
     Normalize,
     block_specs,
-    edge_feature_shape,
+    feature_shape_at,
     init_weights,
     make_blocks,
+    make_head,
     make_stem,
 )
 
@@ -99,16 +101,17 @@ class _Walk(nn.Module):
 class HybridNet(_Walk):
     """The whole network, for training: ``forward(x)`` returns ``[exit_0, ..., exit_{K-1}, final]`` logits."""
 
-    def __init__(self, cfg: HybridConfig):
+    def __init__(self, cfg: HybridConfig, init: bool = True):
         super().__init__()
         self.cfg = cfg
         self.normalize = Normalize(cfg.mean, cfg.std)
         self.stem = make_stem(cfg)
         self.blocks = make_blocks(cfg)
         self.exits = _make_exits(cfg)
-        self.head = ClassifierHead(block_specs(cfg)[-1].out_ch, cfg.num_classes)
+        self.head = make_head(cfg)
         _place(cfg, self.stem, self.blocks, self.head)
-        init_weights(self)
+        if init:  # off: PyTorch's default initialization only (shapes-only uses, e.g. counting operations)
+            init_weights(self)
 
     def forward_intermediates(self, x: torch.Tensor, stop_block: int | None = None, exit_logits: bool = True):
         """(features after block ``stop_block - 1`` (or the last block), [per exit: logits, or the features the
@@ -132,12 +135,18 @@ class HybridNet(_Walk):
         final head. Training it trains this network; ``split()`` gives independent copies instead."""
         return nn.Sequential(*self.blocks[self.cfg.edge_blocks:], self.head)
 
-    def split(self) -> tuple["EdgeNet", "CloudNet"]:
-        """Two independent modules (deep copies) whose composition reproduces the whole network."""
-        m = self.cfg.edge_blocks
+    def split(self, at: int | None = None) -> tuple["EdgeNet", "CloudNet"]:
+        """Two independent modules (deep copies) whose composition reproduces the whole network, handing off
+        before block ``at`` (default: the checkpoint's boundary, ``cfg.edge_blocks``; 0: after the stem; the
+        number of blocks: the edge runs every block, the cloud only the final head). Exits keep their positions:
+        the edge holds those after blocks before ``at``."""
+        m = self.cfg.edge_blocks if at is None else int(at)
+        feature_shape_at(self.cfg, m)  # a boundary outside the network is refused here
+        keys = [self.cfg.exit_key(j) for j in range(len(self.cfg.exits)) if self.cfg.exit_block(j) < m]
+        exits = nn.ModuleDict({k: copy.deepcopy(self.exits[k]) for k in keys})
         edge = EdgeNet(self.cfg, copy.deepcopy(self.normalize), copy.deepcopy(self.stem),
-                       copy.deepcopy(self.blocks[:m]), copy.deepcopy(self.exits))
-        cloud = CloudNet(self.cfg, copy.deepcopy(self.blocks[m:]), copy.deepcopy(self.head))
+                       copy.deepcopy(self.blocks[:m]), exits, boundary=m)
+        cloud = CloudNet(self.cfg, copy.deepcopy(self.blocks[m:]), copy.deepcopy(self.head), first_block=m)
         return edge.train(self.training), cloud.train(self.training)
 
 
@@ -197,13 +206,14 @@ class EdgeNet(_Walk):
     """The edge half: normalization, float stem, the first ``edge_layers`` (quantized) block convs, the exits."""
 
     def __init__(self, cfg: HybridConfig, normalize: nn.Module, stem: nn.Module, blocks: nn.ModuleList,
-                 exits: nn.ModuleDict):
+                 exits: nn.ModuleDict, boundary: int | None = None):
         super().__init__()
         self.cfg, self.normalize, self.stem, self.blocks, self.exits = cfg, normalize, stem, blocks, exits
+        self.boundary = cfg.edge_blocks if boundary is None else boundary  # the block the cloud starts at
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:
-        return edge_feature_shape(self.cfg)
+        return feature_shape_at(self.cfg, self.boundary)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features sent to the cloud (every sample, no exits taken)."""
@@ -223,12 +233,12 @@ class EdgeNet(_Walk):
 class CloudNet(_Walk):
     """The cloud half: the remaining float blocks and the final classifier."""
 
-    def __init__(self, cfg: HybridConfig, blocks: nn.ModuleList, head: nn.Module):
+    def __init__(self, cfg: HybridConfig, blocks: nn.ModuleList, head: nn.Module, first_block: int | None = None):
         super().__init__()
         self.cfg, self.blocks, self.head = cfg, blocks, head
-        self.first_block = cfg.edge_blocks
+        self.first_block = cfg.edge_blocks if first_block is None else first_block
         self.exits = nn.ModuleDict()
-        self._in_shape = edge_feature_shape(cfg)
+        self._in_shape = feature_shape_at(cfg, self.first_block)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not isinstance(h, torch.Tensor) or h.dim() != 4 or tuple(h.shape[1:]) != self._in_shape:
