@@ -191,7 +191,6 @@ def _bad_frames():
         "dtype unknown": (_patch(good, 24, "<B", 77), wire.WrongDtype),
         "ndim 0": (_patch(good, 25, "<B", 0), wire.WrongShape),
         "zero dim": (_patch(good, 32, "<I", 0), wire.WrongShape),
-        "reserved": (_patch(good, 26, "<H", 1), wire.WireError),
         "not zstd": (_patch(good, 7, "<B", 1), wire.CorruptPayload),
         "zstd bomb": (bytes(head) + zbig, wire.CorruptPayload),
         "nan": (wire.encode(nan, "0123456789abcdef"), wire.CorruptPayload),

@@ -122,8 +122,12 @@ def cmd_edge(a) -> None:
     inputs = _inputs(a, meta)
     calibration = _codec_calibration(a, meta) if a.codec in QUANT_NAMES else None
     policy = read_policy_file(a.policy, fingerprint(a.checkpoint)) if a.policy else None
+    if a.resume and not a.out:
+        from ..errors import ConfigError
+
+        raise ConfigError("--resume continues the --out file of an interrupted run: give that --out")
     summary, _ = run_edge(a.checkpoint, inputs, opts, out=a.out, progress=not a.json, codec_calibration=calibration,
-                          policy=policy)
+                          policy=policy, resume=a.resume)
     summary = {"checkpoint": a.checkpoint, "inputs": inputs.description, "cloud": a.cloud, **summary,
                **inputs.folder_summary()}
     if a.json:
@@ -186,6 +190,9 @@ def add_parsers(sub) -> None:
                    help="a folder of image files instead of the dataset: FOLDER/*.png or FOLDER/<class>/*.png")
     e.add_argument("--limit", type=positive_int, default=None, help="the first N inputs")
     e.add_argument("--out", type=output_file, default=None, help="write one JSON record per input (JSONL)")
+    e.add_argument("--resume", action="store_true",
+                   help="continue the --out file of an interrupted run: keep its complete records, run the inputs "
+                        "after them (each input gets exactly one record)")
     e.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8", *QUANT_NAMES, LEARNED],
                    help="feature codec on the wire (docs/codecs.md): q1-q4 choose their clip ranges on the validation "
                         "split (needs the dataset); bn is the learned codec of a checkpoint that carries one")

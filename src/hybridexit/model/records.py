@@ -1,9 +1,10 @@
 """Per-input decision records and the summary that ``evaluate`` and the edge runtime share.
 
 A decision is typed: ``exit`` is the exit index (an int) for inputs answered at the edge, and ``route`` says
-where the answer came from (``Route.EXIT``, ``Route.CLOUD``, or ``Route.FALLBACK`` when the cloud failed and the
-edge's last exit answered). Strings such as ``"exit:0"`` exist only in the JSON form (``to_json`` / ``from_json``),
-the JSONL files ``evaluate --out`` and ``edge --out`` write.
+where the answer came from (``Route.EXIT``, ``Route.CLOUD``, ``Route.FALLBACK`` when the cloud failed and the
+edge's last exit answered, or ``Route.LOCAL`` when the adaptive edge ran the whole network itself). Strings such
+as ``"exit:0"`` exist only in the JSON form (``to_json`` / ``from_json``), the JSONL files ``evaluate --out`` and
+``edge --out`` write.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ class Route(enum.Enum):
     EXIT = "exit"
     CLOUD = "cloud"
     FALLBACK = "fallback"
+    LOCAL = "local"  # the adaptive edge ran the rest of the network itself (runtime/adaptive_edge.py)
 
 
 @dataclass(frozen=True)

@@ -290,14 +290,15 @@ class EdgeRunner:
         return list(self.iter_records(images, labels, start, progress))
 
 
-def _records_in_order(runner: EdgeRunner, inputs: Inputs, progress: bool):
-    """One record per input, in input order: the readable ones run (in batches), the others get their error."""
+def _records_in_order(runner: EdgeRunner, inputs: Inputs, progress: bool, first: int = 0):
+    """One record per input from input ``first`` on, in input order: the readable ones run (in batches), the others
+    get their error."""
     if not inputs.errors:
-        yield from runner.iter_records(inputs.images, inputs.labels, 0, progress)
+        yield from runner.iter_records(inputs.images[first:], inputs.labels[first:], first, progress)
         return
-    ok = [i for i in range(len(inputs.labels)) if i not in inputs.errors]
+    ok = [i for i in range(first, len(inputs.labels)) if i not in inputs.errors]
     run = runner.iter_records(inputs.images[ok], inputs.labels[ok], 0, progress)
-    for i in range(len(inputs.labels)):
+    for i in range(first, len(inputs.labels)):
         if i in inputs.errors:
             yield unreadable_record(i, int(inputs.labels[i]), inputs.errors[i], runner.classes)
         else:
@@ -308,12 +309,14 @@ def _records_in_order(runner: EdgeRunner, inputs: Inputs, progress: bool):
 
 # ---------------------------------------------------------------------------------------------- one call
 def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progress: bool = False,
-             on_record=None, codec_calibration: torch.Tensor | None = None, policy=None) -> tuple[dict, list[dict]]:
+             on_record=None, codec_calibration: torch.Tensor | None = None, policy=None,
+             resume: bool = False) -> tuple[dict, list[dict]]:
     """Load the checkpoint, check the cloud, run every input, write ``out`` (JSONL, streamed), summarize.
 
     ``on_record(record)`` is called after each record is produced (progress, tests). ``codec_calibration``: the
     validation features a q codec chooses its clip ranges on (``codecs.get``). ``policy``: an exit policy to use
-    instead of the checkpoint's (``--policy FILE``)."""
+    instead of the checkpoint's (``--policy FILE``). ``resume``: keep the complete records already in ``out``
+    and run only the inputs after them (``runtime/resume.py``); the summary covers every record."""
     model, meta = load_model(checkpoint)
     named = None
     if options.codec not in codecs.V1_NAMES:
@@ -321,9 +324,13 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
     runner = EdgeRunner(model, policy or meta["policy"], fingerprint(checkpoint), options,
                         classes=meta.get("data", {}).get("classes"), feature_codec=named)
     recs: list[dict] = []
-    with open(out, "w") if out else contextlib.nullcontext() as f, runner.cloud:
+    if resume:
+        from .resume import read_done
+
+        recs = read_done(out, inputs.labels, inputs.paths)
+    with open(out, "a" if resume else "w") if out else contextlib.nullcontext() as f, runner.cloud:
         runner.check_cloud()
-        for rec in _records_in_order(runner, inputs, progress):
+        for rec in _records_in_order(runner, inputs, progress, len(recs)):
             if inputs.paths is not None:
                 rec["path"] = inputs.paths[rec["index"]]
             recs.append(rec)

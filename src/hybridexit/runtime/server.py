@@ -90,6 +90,9 @@ class CloudModel:
         self.cloud_uj = energy_report(cloud.cfg).cloud_uj  # per sample: what an audit costs here
         self.codecs: HeldCodecs = HeldCodecs()  # learned codecs of the checkpoint (hybridexit.codecs.registry.held_codecs)
         self.required_codec: str | None = None  # a cloud half trained behind a learned codec reads only it
+        self.boundary = cloud.first_block  # where the checkpoint hands off
+        self.whole = None  # the whole network (from_checkpoint): features are accepted at any block boundary
+        self._halves = {self.boundary: self.net}
 
     @classmethod
     def from_checkpoint(cls, path, device=None) -> CloudModel:
@@ -100,12 +103,43 @@ class CloudModel:
         _, cloud = model.split()
         out = cls(cloud, fingerprint(path), model.cfg.name, device)
         out.codecs, out.required_codec = held_codecs(path), required_codec(path)
+        out.whole = model.eval()
         return out
 
+    @property
+    def boundaries(self) -> list[int]:
+        """The block boundaries this server accepts features at."""
+        if self.whole is None or self.required_codec is not None:
+            return [self.boundary]
+        return list(range(len(self.whole.blocks) + 1))
+
+    def boundary_of(self, header: wire.Header) -> int:
+        """The boundary a frame's features enter at (its header's, else the checkpoint's); refused if not served."""
+        b = self.boundary if header.boundary is None else header.boundary
+        if b not in self.boundaries:
+            why = (f"a cloud half trained behind the codec {self.required_codec!r} takes features at its boundary "
+                   f"only" if self.required_codec else f"this server accepts boundaries {self.boundaries[0]}.."
+                   f"{self.boundaries[-1]}")
+            raise wire.WrongShape(f"features at block boundary {b} refused: {why} (the checkpoint's is "
+                                  f"{self.boundary})")
+        return b
+
+    def feature_shape_at(self, boundary: int) -> tuple[int, int, int]:
+        from ..model.resnet import feature_shape_at
+
+        return self.feature_shape if boundary == self.boundary else feature_shape_at(self.whole.cfg, boundary)
+
+    def half(self, boundary: int):
+        """The cloud half from ``boundary`` on (built from the whole network once, on first use)."""
+        if boundary not in self._halves:
+            self._halves[boundary] = self.whole.split(at=boundary)[1].eval().to(self.device)
+        return self._halves[boundary]
+
     @torch.inference_mode()
-    def forward(self, x: torch.Tensor, max_batch: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, max_batch: int, boundary: int | None = None) -> torch.Tensor:
+        net = self.net if boundary is None or boundary == self.boundary else self.half(boundary)
         x = x.to(self.device).contiguous(memory_format=torch.channels_last)
-        outs = [self.net(x[i:i + max_batch]) for i in range(0, len(x), max_batch)]
+        outs = [net(x[i:i + max_batch]) for i in range(0, len(x), max_batch)]
         return torch.cat(outs).float().cpu()
 
 
@@ -122,6 +156,7 @@ class _Item:
     x: torch.Tensor
     future: asyncio.Future
     enqueued: float
+    boundary: int | None = None  # requests at different block boundaries never share a forward pass
 
     @property
     def n(self) -> int:
@@ -182,19 +217,20 @@ class Batcher:
                 pass
         self._pool.shutdown(wait=True)
 
-    def submit(self, x: torch.Tensor) -> asyncio.Future:
+    def submit(self, x: torch.Tensor, boundary: int | None = None) -> asyncio.Future:
         if self._pending_samples + len(x) > self.s.max_queue_samples:
             raise RequestFailed(503, "overloaded", f"{self._pending_samples} samples already queued "
                                 f"(limit {self.s.max_queue_samples}); retry later", {"Retry-After": "1"})
         fut = asyncio.get_running_loop().create_future()
-        self._pending.append(_Item(x, fut, time.perf_counter()))
+        self._pending.append(_Item(x, fut, time.perf_counter(), boundary))
         self._pending_samples += len(x)
         self._wake.set()
         return fut
 
     def _take(self) -> list[_Item]:
         items, n = [], 0
-        while self._pending and (not items or n + self._pending[0].n <= self.s.max_batch):
+        while self._pending and (not items or (n + self._pending[0].n <= self.s.max_batch
+                                               and self._pending[0].boundary == items[0].boundary)):
             it = self._pending.popleft()
             self._pending_samples -= it.n
             if it.future.done():  # timed out or abandoned while queued
@@ -225,7 +261,8 @@ class Batcher:
             x = torch.cat([it.x for it in items]) if len(items) > 1 else items[0].x
             t0 = time.perf_counter()
             try:
-                logits = await loop.run_in_executor(self._pool, self.model.forward, x, self.s.max_batch)
+                logits = await loop.run_in_executor(self._pool, self.model.forward, x, self.s.max_batch,
+                                                    items[0].boundary)
             except Exception as e:  # noqa: BLE001 - a bug, not bad input: answer 500 to this batch and keep serving
                 for it in items:
                     if not it.future.done():
@@ -331,6 +368,7 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         check_token(request)
         return {"model": model.name, "fingerprint": model.fingerprint, "protocol": wire.PROTOCOL_VERSION,
                 "feature_shape": list(model.feature_shape), "num_classes": model.num_classes,
+                "boundary": model.boundary, "boundaries": model.boundaries,
                 "codecs": [model.required_codec] if model.required_codec else [*wire.CODECS, *QUANT_NAMES, *model.codecs],
                 "compression": ["zstd"], "device": str(model.device),
                 "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
@@ -350,10 +388,11 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
             body = await asyncio.wait_for(read_body(request), budget)
         except asyncio.TimeoutError:
             raise RequestFailed(408, "timeout", f"the body did not arrive within {budget} s") from None
-        x = wire.decode(body, fingerprint=model.fingerprint, shape=(None, *model.feature_shape),
+        boundary = model.boundary_of(wire.parse_header(body))
+        x = wire.decode(body, fingerprint=model.fingerprint, shape=(None, *model.feature_shape_at(boundary)),
                         max_decoded_bytes=settings.max_request_bytes, codecs=model.codecs,
                         require_codec=model.required_codec)
-        fut = state["batcher"].submit(x)
+        fut = state["batcher"].submit(x, boundary)
         left = budget - (time.perf_counter() - t_start)
         try:
             logits, binfo = await asyncio.wait_for(fut, max(left, 0.001))

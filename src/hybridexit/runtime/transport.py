@@ -185,9 +185,11 @@ class CloudClient:
         raise CloudUnavailable(f"no answer from {self.url}{path} after {self.retries + 1} attempts: {last}",
                                attempts=self.retries + 1)
 
-    def health(self) -> bool:
+    def health(self, timeout_s: float | None = None) -> bool:
+        """Whether the server answers ``/healthz`` (within ``timeout_s`` when given, else the client's timeout)."""
+        kw = {} if timeout_s is None else {"timeout": self._httpx.Timeout(timeout_s)}
         try:
-            return self._http.get("/healthz").status_code == 200
+            return self._http.get("/healthz", **kw).status_code == 200
         except self._httpx.TransportError:
             return False
 
@@ -199,9 +201,12 @@ class CloudClient:
         r, _ = self._request("GET", "/v1/stats")
         return r.json()
 
-    def infer(self, body: bytes, fingerprint: str, num_classes: int, headers: dict | None = None) -> CloudReply:
+    def infer(self, body: bytes, fingerprint: str, num_classes: int, headers: dict | None = None,
+              timeout_s: float | None = None) -> CloudReply:
+        """One inference request; ``timeout_s`` replaces the client's timeout for it (the adaptive edge's budget)."""
+        kw = {} if timeout_s is None else {"timeout": self._httpx.Timeout(timeout_s)}
         r, attempts = self._request("POST", "/v1/infer", content=body,
-                                    headers={"Content-Type": wire.CONTENT_TYPE, **(headers or {})})
+                                    headers={"Content-Type": wire.CONTENT_TYPE, **(headers or {})}, **kw)
         n = wire.parse_header(body).shape[0]
         try:
             logits = wire.decode(r.content, fingerprint, (n, num_classes))

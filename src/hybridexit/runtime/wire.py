@@ -10,7 +10,7 @@ A frame is a fixed 32-byte little-endian header, the shape, then the payload (se
     8      16    fingerprint      ASCII hex of the model fingerprint (``checkpoint.fingerprint``)
     24     1     dtype            element type of the tensor data: 1 float32, 2 float16, 3 int8
     25     1     ndim             1..8
-    26     2     reserved         0
+    26     2     boundary         uint16: 0 the checkpoint's edge/cloud boundary; b + 1: features before block b
     28     4     payload_bytes    uint32, length of what follows the shape (compressed length when zstd)
     32     4*ndim shape           uint32 per dimension, each >= 1
     ...    payload_bytes payload
@@ -21,6 +21,10 @@ per sample and channel, then the int8 elements in C order; value = scale * q, q 
 Named codecs (codec byte 4, dtype byte 4 "bytes", flags 0, shape (R, C, H, W); ``hybridexit.codecs``): after the
 shape come the codec's name (uint8 length + ASCII), its parameters (uint16 length + bytes), R uint16 per-sample
 payload lengths, then the R payloads; ``payload_bytes`` counts all of it. The codec decodes them to float32.
+
+The boundary field says where the sender handed off (``HybridNet.split(at=b)``: the edge ran blocks 0..b-1 and
+the exits among them): 0 in every frame of a sender that does not choose (and in the cloud's answers), b + 1 for
+the features before block b, so 1 is the stem's output and the number of blocks + 1 the last block's output.
 
 Parsing is strict: every field is checked, the body length must match exactly, a compressed payload may not
 decompress past the size its shape implies, values must be finite. Each failure is a typed ``WireError`` with
@@ -82,6 +86,7 @@ class Header:
     payload_bytes: int
     params: bytes = b""  # named codecs: the codec's parameters
     sample_bytes: tuple[int, ...] = ()  # named codecs: each sample's payload length
+    boundary: int | None = None  # the block the features go into; None: the checkpoint's edge/cloud boundary
 
     @property
     def named(self) -> bool:
@@ -108,6 +113,14 @@ def check_codec(codec: str) -> str:
     return codec
 
 
+def _boundary_field(boundary: int | None) -> int:
+    if boundary is None:
+        return 0
+    if not 0 <= int(boundary) < 0xFFFF:
+        raise WireError(f"boundary {boundary}: a block index from 0 to {0xFFFF - 1}")
+    return int(boundary) + 1
+
+
 def _check_fingerprint(fingerprint: str) -> bytes:
     raw = fingerprint.encode("ascii", "replace")
     if not _FP_RE.match(raw):
@@ -116,7 +129,7 @@ def _check_fingerprint(fingerprint: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------------- encoding
-def encode_named(x: torch.Tensor, fingerprint: str, codec) -> bytes:
+def encode_named(x: torch.Tensor, fingerprint: str, codec, boundary: int | None = None) -> bytes:
     """A (R, C, H, W) feature batch as a frame of a named codec (a ``hybridexit.codecs.registry.Codec``)."""
     fp = _check_fingerprint(fingerprint)
     name = codec.name.encode("ascii")
@@ -127,18 +140,20 @@ def encode_named(x: torch.Tensor, fingerprint: str, codec) -> bytes:
         raise WireError("a named codec's per-sample payload and parameters must each fit in 65535 bytes")
     block = (struct.pack("<B", len(name)) + name + struct.pack("<H", len(params)) + params
              + struct.pack(f"<{len(payloads)}H", *map(len, payloads)) + b"".join(payloads))
-    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, NAMED_CODEC_ID, 0, fp, BYTES_DTYPE_ID, x.dim(), 0, len(block))
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, NAMED_CODEC_ID, 0, fp, BYTES_DTYPE_ID, x.dim(),
+                       _boundary_field(boundary), len(block))
     return head + struct.pack(f"<{x.dim()}I", *x.shape) + block
 
 
 def encode(x: torch.Tensor, fingerprint: str, codec="fp32", compress: bool = False,
-           level: int = ZSTD_LEVEL) -> bytes:
+           level: int = ZSTD_LEVEL, boundary: int | None = None) -> bytes:
     """One tensor as a frame. ``codec`` fp32 / fp16 / int8 (``compress``: zstd the payload), or a named codec
-    object (``hybridexit.codecs``; it does its own entropy coding, ``compress`` must be False)."""
+    object (``hybridexit.codecs``; it does its own entropy coding, ``compress`` must be False). ``boundary``: the
+    block the features go into when the sender hands off elsewhere than at the checkpoint's boundary."""
     if not isinstance(codec, str):
         if compress:
             raise WireError(f"codec {codec.name} codes its own payload: zstd compression does not apply")
-        return encode_named(x, fingerprint, codec)
+        return encode_named(x, fingerprint, codec, boundary)
     check_codec(codec)
     fp = _check_fingerprint(fingerprint)
     if not isinstance(x, torch.Tensor) or not 1 <= x.dim() <= MAX_NDIM or x.numel() == 0:
@@ -147,7 +162,8 @@ def encode(x: torch.Tensor, fingerprint: str, codec="fp32", compress: bool = Fal
     raw = encode_raw(x, codec, compress, level)
     flags = FLAG_ZSTD if compress else 0
     dtype = CODEC_DTYPE[codec]
-    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, CODECS[codec], flags, fp, DTYPES[dtype], x.dim(), 0, len(raw))
+    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, CODECS[codec], flags, fp, DTYPES[dtype], x.dim(),
+                       _boundary_field(boundary), len(raw))
     return head + struct.pack(f"<{x.dim()}I", *x.shape) + raw
 
 
@@ -183,8 +199,6 @@ def parse_header(body: bytes) -> Header:
         raise WrongDtype(f"codec {codec} carries {CODEC_DTYPE[codec]} elements, the header says {dtype}")
     if not 1 <= ndim <= MAX_NDIM:
         raise WrongShape(f"ndim={ndim}: a frame carries a tensor with 1 to {MAX_NDIM} dimensions")
-    if reserved != 0:
-        raise WireError(f"reserved header bytes must be 0 (got {reserved})")
     end_shape = HEADER_BYTES + 4 * ndim
     if len(body) < end_shape:
         raise TruncatedFrame(f"frame truncated inside the shape: {len(body)} bytes, need {end_shape}")
@@ -198,7 +212,8 @@ def parse_header(body: bytes) -> Header:
         raise TruncatedFrame(f"frame truncated: header announces {payload_bytes} payload bytes, got {have}")
     if have > payload_bytes:
         raise CorruptPayload(f"{have - payload_bytes} unexpected bytes after the {payload_bytes}-byte payload")
-    return Header(version, codec, bool(flags & FLAG_ZSTD), fp.decode(), dtype, tuple(shape), payload_bytes)
+    return Header(version, codec, bool(flags & FLAG_ZSTD), fp.decode(), dtype, tuple(shape), payload_bytes,
+                  boundary=reserved - 1 if reserved else None)
 
 
 def _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes) -> Header:
@@ -211,8 +226,6 @@ def _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes) -> He
         raise WrongDtype(f"a named codec carries bytes (dtype {BYTES_DTYPE_ID}), the header says {dtype_id}")
     if ndim != 4:
         raise WrongShape(f"a named codec carries a (R, C, H, W) feature batch, ndim={ndim}")
-    if reserved != 0:
-        raise WireError(f"reserved header bytes must be 0 (got {reserved})")
     end = HEADER_BYTES + 16
     if len(body) < end:
         raise TruncatedFrame(f"frame truncated inside the shape: {len(body)} bytes, need {end}")
@@ -238,7 +251,7 @@ def _parse_named(body, flags, fp, dtype_id, ndim, reserved, payload_bytes) -> He
         raise CorruptPayload(f"per-sample payload lengths add up to {sum(lens)}, the frame holds "
                              f"{len(body) - at - np_ - 2 * shape[0]}")
     return Header(PROTOCOL_VERSION, name.decode(), False, fp.decode(), "bytes", tuple(shape), payload_bytes,
-                  params, tuple(lens))
+                  params, tuple(lens), reserved - 1 if reserved else None)
 
 
 def _decode_named(body, h: Header, codecs) -> torch.Tensor:
