@@ -11,7 +11,6 @@ and say so."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -32,42 +31,20 @@ from hybridexit.runtime.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE = ROOT / "edge"
-CORE = ("bconv.cpp", "kbit.cpp", "decide.cpp", "bconv_isa.inc", "kbit_isa.inc", "hx_edge.h", "hx_internal.h")
+sys.path.insert(0, str(ROOT / "scripts"))
+from edge_venv import Unavailable, make_edge_venv  # noqa: E402
+
 TOKEN = "edge-package-token-0123456789"
 COMPARED = ("index", "label", "prediction", "decided_at", "entropies", "payload_bytes", "prediction_name",
             "label_name", "engine")
 
 
-def _source_hash() -> str:
-    h = hashlib.sha256()
-    files = sorted(EDGE.glob("hybridexit_edge/*.py")) + [EDGE / "setup.py", EDGE / "pyproject.toml"]
-    for f in files + [EDGE / "csrc" / c for c in CORE]:
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def _pip(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "pip", *args], capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def edge_venv(tmp_path_factory) -> Path:
-    cache = Path(os.environ.get("HYBRIDEXIT_EDGE_CACHE") or Path.home() / ".cache" / "hybridexit" / "edge-package")
-    wheels, deps = cache / "wheels" / _source_hash(), cache / "deps"
-    if not list(wheels.glob("*.whl")):
-        r = _pip("wheel", "--no-deps", "--no-build-isolation", str(EDGE), "-w", str(wheels))
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    if not list(deps.glob("numpy-*.whl")) or not list(deps.glob("safetensors-*.whl")):
-        r = _pip("download", "--only-binary=:all:", "numpy", "safetensors", "-d", str(deps))
-        if r.returncode != 0:
-            pytest.skip(f"numpy and safetensors wheels are neither cached in {deps} nor downloadable: "
-                        f"{r.stderr.strip().splitlines()[-1:]}")
-    venv = tmp_path_factory.mktemp("edge-venv") / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
-    r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", "--no-index", "--find-links", str(deps),
-                        "--find-links", str(wheels), "hybridexit-edge"], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return venv
+    try:
+        return make_edge_venv(tmp_path_factory.mktemp("edge-venv") / "venv")
+    except Unavailable as e:
+        pytest.skip(str(e))
 
 
 def _run(venv: Path, *args, env=None):
@@ -99,14 +76,20 @@ def test_the_venv_has_no_torch(edge_venv):
     assert json.loads(r.stdout)["arch"] in ("x86_64", "aarch64")
 
 
+@pytest.fixture(scope="module")
+def cloud(exported):
+    """``hybridexit serve`` on the checkpoint, in its own process, on a loopback port, with a token."""
+    with ServerProcess(exported[0], ["--threads", "1"], env={"HYBRIDEXIT_TOKEN": TOKEN}) as srv:
+        yield srv.url
+
+
 @pytest.mark.parametrize("codec,batch", [("fp32", 1), ("int8", 4)])
-def test_records_equal_hybridexit_edge_on_the_packed_engine(edge_venv, exported, tmp_path, codec, batch):
+def test_records_equal_hybridexit_edge_on_the_packed_engine(edge_venv, exported, cloud, tmp_path, codec, batch):
     ck, art, inputs, npz, thr = exported
-    with ServerProcess(ck, ["--threads", "1"], env={"HYBRIDEXIT_TOKEN": TOKEN}) as srv:
-        s_main, ref = run_edge(ck, inputs, EdgeOptions(srv.url, token=TOKEN, engine="packed", codec=codec,
-                                                       batch_size=batch, thresholds=thr))
-        r = _run(edge_venv, "run", art, "--cloud", srv.url, "--inputs", npz, "--out", tmp_path / "r.jsonl", "--codec",
-                 codec, "--batch-size", batch, "--thresholds", *thr, "--json", env={"HYBRIDEXIT_TOKEN": TOKEN})
+    s_main, ref = run_edge(ck, inputs, EdgeOptions(cloud, token=TOKEN, engine="packed", codec=codec, batch_size=batch,
+                                                   thresholds=thr))
+    r = _run(edge_venv, "run", art, "--cloud", cloud, "--inputs", npz, "--out", tmp_path / "r.jsonl", "--codec", codec,
+             "--batch-size", batch, "--thresholds", *thr, "--json", env={"HYBRIDEXIT_TOKEN": TOKEN})
     assert r.returncode == 0, r.stderr
     got = [json.loads(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()]
     routes = {x["decided_at"] for x in ref}
@@ -159,3 +142,36 @@ def test_frames_are_byte_identical_to_wire_encode(codec):
     x = torch.randn(3, 8, 5, 5, generator=g) * torch.logspace(-3, 2, 8).view(1, 8, 1, 1)
     x[1, 2] = 0.0
     assert frames.encode(x.numpy(), "0123456789abcdef", codec) == wire.encode(x, "0123456789abcdef", codec)
+
+
+@pytest.fixture
+def edge_library(edge_venv, monkeypatch):
+    """hybridexit_edge importable here, on the library the fresh venv built (this process has torch: the reference)."""
+    (lib,) = edge_venv.glob("lib/python*/site-packages/hybridexit_edge/libhx_edge.so")
+    monkeypatch.setenv("HX_EDGE_LIB", str(lib))
+    monkeypatch.syspath_prepend(str(EDGE))
+    from hybridexit_edge import native
+
+    native.lib.cache_clear()
+    yield
+    native.lib.cache_clear()
+
+
+@pytest.mark.parametrize("option", ["all-k2", "global", "2-bit-options"])
+def test_every_option_decides_as_the_packed_engine(edge_library, option, tmp_path):
+    from hybridexit_edge.artifact import PackedEdge
+    from test_engines_packed import OPTION_NETS, _random_binary_net, _randomize_options, _thresholds
+
+    from hybridexit.model.checkpoint import save_model
+
+    model = _random_binary_net(seed=11, **OPTION_NETS[option])
+    _randomize_options(model, torch.Generator().manual_seed(12))
+    save_model(tmp_path / "ck", model, {"data": {"name": "cifar10"}})
+    export_checkpoint(tmp_path / "ck", "packed", tmp_path / "edge")
+    x = torch.randint(0, 256, (24, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(13))
+    thr = _thresholds(model.split()[0], x)
+    ref = TorchPacked.load(tmp_path / "edge" / "edge.packed.safetensors").decide(x, thr)
+    got = PackedEdge(tmp_path / "edge").decide(x.numpy(), thr)
+    assert set(got.decided_at.tolist()) == {-1, 0, 1}
+    for name in ("predictions", "decided_at", "entropies", "features", "remaining"):
+        assert np.array_equal(getattr(got, name), getattr(ref, name).numpy(), equal_nan=True), name
