@@ -221,3 +221,34 @@ def test_torchvision_weights_load(tmp_path, name):
 
 def _a_conv(name):
     return "conv.0.0.weight" if name == "mobilenetv2" else "conv1.weight"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "mobilenetv2"])
+def test_summary_prints_the_per_layer_table(name, capsys):
+    from hybridexit.cli.main import main
+
+    assert main(["summary", "--backbone", name, "--image-size", "224", "--edge-blocks", "4", "--edge-bits", "1",
+                 "--exits", "4"]) == 0
+    out = capsys.readouterr().out
+    want = (mobilenetv2_macs(224, 10) if name == "mobilenetv2"
+            else resnet_macs(*RESNET_LAYERS[name], 224, 10))
+    total = next(line for line in out.splitlines() if line.startswith("float network"))
+    assert int(total.split()[4].replace(",", "")) == want
+    assert f"{name} at 224x224" in out and "blocks.3." in out and "exit:0" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("blocks.")]
+    assert {r[1] for r in rows if int(r[0].split(".")[1]) < 4} == {"edge"}
+    assert {r[1] for r in rows if int(r[0].split(".")[1]) >= 4} == {"cloud"}
+
+
+def test_summary_defaults_and_one_line_errors(capsys):
+    from hybridexit.cli.main import main
+
+    assert main(["summary", "--backbone", "mobilenetv2", "--image-size", "96", "--edge-blocks", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("blocks.0.")]
+    assert rows and all(r[2] == "4" for r in rows)  # MobileNetV2's edge defaults to 4-bit
+    for argv, msg in ((["--backbone", "resnet18", "--edge-blocks", "9"], "resnet18 has 8 blocks"),
+                      (["--backbone", "resnet18", "--edge-blocks", "2", "--edge-layers", "4"], "not both"),
+                      (["--backbone", "alexnet"], "unknown backbone")):
+        assert main(["summary", *argv]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1

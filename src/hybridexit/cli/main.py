@@ -35,27 +35,49 @@ POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresho
 
 
 def _net_args(p: argparse.ArgumentParser, classes_default=10):
-    p.add_argument("--depth", type=positive_int, default=32, help="ResNet depth 6n+2 (20, 32, 44, 56, 110)")
+    p.add_argument("--backbone", default=None,
+                   help="network to make a hybrid of: cifar_resnet20/32/44/56/110 (default: the CIFAR ResNet of "
+                        "--depth), resnet18, resnet34, resnet50, mobilenetv2 (docs/backbones.md)")
+    p.add_argument("--depth", type=positive_int, default=32, help="CIFAR ResNet depth 6n+2 (20, 32, 44, 56, 110)")
     p.add_argument("--classes", type=positive_int, default=classes_default, help="number of classes")
     p.add_argument("--edge-layers", type=non_negative_int, default=0,
                    help="residual-block convs at the edge (even: 10, 16, 20, 24; 0: all in the cloud)")
-    p.add_argument("--edge-bits", type=positive_int, default=32, help="edge precision: 1, 2, 4, 8 or 32 (float)")
+    p.add_argument("--edge-blocks", type=non_negative_int, default=None,
+                   help="blocks at the edge (instead of --edge-layers; a CIFAR ResNet block is 2 layers)")
+    p.add_argument("--edge-bits", type=positive_int, default=None,
+                   help="edge precision: 1, 2, 4, 8 or 32 (float); default: the backbone's (32; mobilenetv2: 4)")
     p.add_argument("--exits", type=positive_int, nargs="*", default=[],
-                   help="exit positions (layers, each <= edge layers)")
+                   help="exit positions (CIFAR ResNets: layers, each <= edge layers; other backbones: after block N, "
+                        "each <= edge blocks)")
     p.add_argument("--exit-pool", choices=["k3", "global", "k2", "k4"], default=None,
                    help="pooling before an exit's classifier: k3 (3x3 average pool, the default), k2 / k4 (2x2, 4x4) "
                    "or global (global average pool)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="side of the (square) input images (default: 32; train: the dataset's, CIFAR 32, a class "
+                        "folder's images resized to this side)")
 
 
 def _net_cfg(a, recipe_network: dict | None = None):
     """The network of the command line; for ``train``, the recipe's network options (``recipes.NETWORK_KEYS``)
     apply where no flag overrides them."""
+    from ..errors import ConfigError
     from ..model.resnet import HybridConfig
 
     kw = dict(recipe_network or {})
     if a.exit_pool is not None:
         kw["exit_pool"] = a.exit_pool
-    return HybridConfig(depth=a.depth, num_classes=a.classes, edge_layers=a.edge_layers, edge_bits=a.edge_bits,
+    if a.image_size is not None:
+        kw["image_size"] = a.image_size
+    if a.backbone is not None:
+        kw["backbone"] = a.backbone
+    bb = HybridConfig(depth=a.depth, backbone=kw.get("backbone", ""), image_size=kw.get("image_size", 32))
+    edge = a.edge_layers
+    if a.edge_blocks is not None:
+        if a.edge_layers:
+            raise ConfigError("give --edge-blocks or --edge-layers, not both")
+        edge = a.edge_blocks * (2 if bb.is_cifar else 1)
+    bits = a.edge_bits if a.edge_bits is not None else bb.backbone_def.default_edge_bits if edge else 32
+    return HybridConfig(depth=a.depth, num_classes=a.classes, edge_layers=edge, edge_bits=bits,
                         exits=tuple(a.exits), **kw)
 
 
@@ -155,7 +177,8 @@ def cmd_summary(a):
     from ..model.energy import energy_report, summary_table
 
     report = energy_report(_cfg_or_ckpt(a), _energy_table(a))
-    print(report.config.name)
+    cfg = report.config
+    print(f"{cfg.name} ({cfg.backbone_name} at {cfg.image_size}x{cfg.image_size}, {cfg.notation})")
     print(summary_table(report))
 
 

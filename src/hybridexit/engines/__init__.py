@@ -7,6 +7,8 @@ torch ``CloudNet``.
   k-bit blocks as integer dot products (``engines.packed``, ``engines.kbit``, ``csrc/``).
 - ``onnx``: the edge as an ONNX graph on ONNX Runtime, binary convs as ``QLinearConv``, k-bit convs as exact
   integer sums (``engines.onnx_export``, ``engines.onnx_engine``).
+The onnx and packed engines build the CIFAR ResNets' edge; other backbones (``model.backbones``) run on torch, which
+``auto`` picks for them, and the others refuse them in one line (``check_backbone``).
 
 May import: errors, device, threads, data, model.
 """
@@ -44,9 +46,22 @@ def check_options(cfg, engine: str) -> None:
                           f"{', '.join(bad)}: use --engine torch")
 
 
+NATIVE_BACKBONES = ("cifar_resnet",)  # the backbone families the onnx and packed engines build their edge for
+
+
+def check_backbone(cfg, engine: str) -> None:
+    """Refuse, in one line, to run a backbone ``engine`` has no edge graph or kernels for (the onnx and packed
+    engines build the CIFAR ResNets' blocks; every backbone runs on torch, which ``auto`` picks for them)."""
+    if engine in ("onnx", "packed") and cfg.backbone_def.family not in NATIVE_BACKBONES:
+        raise EngineError(f"the {engine} engine runs the CIFAR ResNets' edge blocks, not {cfg.backbone_name}'s: use "
+                          f"--engine torch (what --engine auto picks for it)")
+
+
 def available_engines(cfg) -> list[str]:
     """The engines that can run this network's edge here."""
     names = ["torch"]
+    if cfg.backbone_def.family not in NATIVE_BACKBONES:
+        return names
     if (importlib.util.find_spec("onnxruntime") and importlib.util.find_spec("onnx")
             and not unsupported_options(cfg, "onnx")):
         names.append("onnx")
@@ -90,6 +105,7 @@ def get_engine(name: str, edge):
         name = resolve_engine(name, edge.cfg, next(edge.parameters()).device)
     if name == "torch":
         return edge
+    check_backbone(edge.cfg, name)
     if name == "packed":
         from .packed import PackedEdge
 

@@ -58,7 +58,7 @@ from torch import nn
 
 from ..errors import EngineError
 from ..model.resnet import block_specs, edge_feature_shape
-from . import check_options
+from . import check_backbone, check_options
 from .folding import fold_bn
 
 OPSET = 17
@@ -267,6 +267,7 @@ def edge_model(edge, trace: bool = False, kbit: str = "torch"):
     compute (``KBIT_MODES``). ``trace``: also output every quantized conv's quantizer input (after BatchNorm and
     RSign) as ``quantizer_in_<k>``, k in network order."""
     cfg = edge.cfg
+    check_backbone(cfg, "onnx")
     check_options(cfg, "onnx")
     g = GraphBuilder(kbit)
     tp, h = g.onnx.TensorProto, g.onnx.helper

@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import EngineError, InputShapeError
 from ..model.hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
 from ..model.resnet import HybridConfig, block_specs
+from . import check_backbone
 from .folding import fold_bn  # noqa: F401  (re-exported: the engines' shared BatchNorm fold)
 from .native import kernels
 
@@ -154,6 +155,7 @@ class PackedEdge:
     name = "packed"
 
     def __init__(self, cfg: HybridConfig, state: dict[str, torch.Tensor], isa: int | None = None):
+        check_backbone(cfg, "packed")
         if cfg.edge_bits not in SUPPORTED_BITS:
             raise EngineError(f"the packed engine runs 1, 2 and 4-bit edges, not {cfg.edge_bits}-bit ones (8-bit levels "
                               "do not fit its int8 dot products): use --engine onnx or torch")

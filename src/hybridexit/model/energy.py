@@ -258,19 +258,20 @@ def energy_report(model_or_cfg, table: EnergyTable | None = None) -> EnergyRepor
 def summary_table(report: EnergyReport) -> str:
     """A per-layer table (like larq's model summary): layer, placement, bits, params, MACs, energy."""
     t = report.table
-    head = f"{'layer':<26}{'place':<8}{'bits':>5}{'params':>10}{'MACs':>13}{'adds':>9}{'energy uJ':>11}"
+    w = max([26] + [len(r.name) + 2 for r in report.layers])
+    head = f"{'layer':<{w}}{'place':<8}{'bits':>5}{'params':>13}{'MACs':>16}{'adds':>13}{'energy uJ':>12}"
     lines = [head, "-" * len(head)]
     totals: dict[str, list[float]] = {}
     for r in report.layers:
         e = r.compute_pj(t) / 1e6
-        lines.append(f"{r.name:<26}{r.placement:<8}{r.bits:>5}{r.params:>10,}{r.macs:>13,}{r.adds:>9,}{e:>11.3f}")
+        lines.append(f"{r.name:<{w}}{r.placement:<8}{r.bits:>5}{r.params:>13,}{r.macs:>16,}{r.adds:>13,}{e:>12.3f}")
         tot = totals.setdefault(r.placement, [0, 0, 0.0])
         tot[0] += r.params
         tot[1] += r.macs
         tot[2] += e
     lines.append("-" * len(head))
     for place, (p, m, e) in totals.items():
-        lines.append(f"{'total ' + place:<26}{'':<8}{'':>5}{int(p):>10,}{int(m):>13,}{'':>9}{e:>11.3f}")
-    lines.append(f"{'float network (all FP32)':<26}{'':<8}{'':>5}{'':>10}{report.fp32_macs:>13,}{'':>9}"
-                 f"{report.fp32_uj:>11.3f}")
+        lines.append(f"{'total ' + place:<{w}}{'':<8}{'':>5}{int(p):>13,}{int(m):>16,}{'':>13}{e:>12.3f}")
+    lines.append(f"{'float network (all FP32)':<{w}}{'':<8}{'':>5}{'':>13}{report.fp32_macs:>16,}{'':>13}"
+                 f"{report.fp32_uj:>12.3f}")
     return "\n".join(lines)
