@@ -27,7 +27,9 @@ from .options import (
 )
 
 DATA_DIR_HELP = ("folder holding the official CIFAR archive or its extracted folder (default: $HYBRIDEXIT_DATA, "
-                 "then the user cache, where a missing dataset is downloaded)")
+                 "then the user cache, where a missing dataset is downloaded), or a class-folder dataset "
+                 "(ROOT/train/<class>/*.png with val/ or test/, or ROOT/<class>/*.png: docs/backbones.md); on a "
+                 "checkpoint, default for a class-folder dataset: the folder it was trained on")
 DEVICE_HELP = "torch device: cpu, cuda, cuda:1 ... (default: cuda when present)"
 JSON_HELP = "print one JSON object (full precision) instead of the table"
 POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresholds, temperatures, guarantee), as "
@@ -55,6 +57,9 @@ def _net_args(p: argparse.ArgumentParser, classes_default=10):
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="side of the (square) input images (default: 32; train: the dataset's, CIFAR 32, a class "
                         "folder's images resized to this side)")
+    p.add_argument("--image-size", type=positive_int, default=None,
+                   help="side of the (square) input images (default: 32; train: the dataset's, CIFAR 32, a class "
+                        "folder's images resized to this side)")
 
 
 def _net_cfg(a, recipe_network: dict | None = None):
@@ -66,6 +71,8 @@ def _net_cfg(a, recipe_network: dict | None = None):
     kw = dict(recipe_network or {})
     if a.exit_pool is not None:
         kw["exit_pool"] = a.exit_pool
+    if a.image_size is not None:
+        kw["image_size"] = a.image_size
     if a.image_size is not None:
         kw["image_size"] = a.image_size
     if a.backbone is not None:
@@ -105,14 +112,18 @@ def _train_option(t: argparse.ArgumentParser, flag: str, help: str, **kw) -> Non
 
 
 def cmd_train(a):
-    from ..data.datasets import DATASETS, load_cifar
-    from ..workflows.recipes import read_recipe
+    from ..data.datasets import DATASETS, load_dataset
+    from ..workflows.recipes import read_recipe, recipe_data
     from ..workflows.train import train
 
-    a.classes = DATASETS[a.dataset]["num_classes"]
+    data = recipe_data(a.recipe) if a.recipe else {}  # image size, mean/std: the command line overrides the recipe
+    data.update({k: getattr(a, k) for k in ("image_size", "mean", "std") if getattr(a, k) is not None})
+    a.image_size = data.get("image_size")
+    a.classes = DATASETS[a.dataset]["num_classes"] if a.dataset in DATASETS else 10  # a folder's: its class folders
     net = _net_cfg(a, read_recipe(a.recipe)[1] if a.recipe else {})  # network and recipe checked before the data
     tcfg = _train_config(a)
-    ds = load_cifar(a.dataset, a.data_dir)
+    ds = load_dataset(a.dataset, a.data_dir, **data)
+    net = net.replace(num_classes=ds.num_classes)
     meta = train(a.out, net, tcfg, ds, resume=a.resume, device=a.device,
                  stop_after_epochs=a.stop_after_epochs)
     print(json.dumps({"checkpoint": a.out, "epochs_done": meta["epochs_done"], "val_acc": meta["val_acc"],
@@ -219,9 +230,10 @@ def cmd_energy(a):
 
 
 def _load_data_for(meta, a):
-    from ..data.datasets import load_cifar
+    """The data the checkpoint was trained on (its record: CIFAR, or a class-folder tree), from --data-dir."""
+    from ..data.datasets import load_recorded
 
-    return load_cifar(meta.get("data", {}).get("name", "cifar10"), a.data_dir)
+    return load_recorded(meta.get("data"), a.data_dir)
 
 
 def cmd_evaluate(a):
@@ -244,7 +256,7 @@ def cmd_evaluate(a):
         from ..data.datasets import Split
 
         classes = meta.get("data", {}).get("classes")
-        folder = inputs_from_folder(a.images, classes).head(a.limit)
+        folder = inputs_from_folder(a.images, classes, model.cfg.image_size).head(a.limit)
         ok = folder.readable
         if not ok:
             from ..errors import DatasetError
@@ -445,7 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a float or hybrid network (joint or separate optimization, or the cloud half alone)")
     _net_args(t)
-    t.add_argument("--dataset", default="cifar10", choices=["cifar10", "cifar100"], help="dataset to train on")
+    t.add_argument("--dataset", default=None, choices=["cifar10", "cifar100", "folder"],
+                   help="dataset to train on: CIFAR, or folder: the class-folder dataset in --data-dir (default: "
+                        "folder when --data-dir holds class folders, else cifar10)")
+    t.add_argument("--mean", type=non_negative_float, nargs="+", default=None, metavar="M",
+                   help="normalization mean per channel, on [0, 1] (default: CIFAR's published statistics, a class "
+                        "folder's computed from its training images; also a recipe key)")
+    t.add_argument("--std", type=positive_float, nargs="+", default=None, metavar="S",
+                   help="normalization standard deviation per channel, with --mean")
     t.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
     t.add_argument("--out", type=output_dir, required=True, help="checkpoint folder to write")
     t.add_argument("--recipe", type=existing_file, default=None,
@@ -497,8 +516,9 @@ def build_parser() -> argparse.ArgumentParser:
             _link_args(e)
             e.add_argument("--bytes-per-offloaded", type=non_negative_float, default=None,
                            help="bytes each offloaded sample sends (default: an fp32 frame of the features)")
-            e.add_argument("--image-bytes", type=non_negative_float, default=3072,
-                           help="bytes of the image the 'send the image' alternative sends (default: raw CIFAR)")
+            e.add_argument("--image-bytes", type=non_negative_float, default=None,
+                           help="bytes of the image the 'send the image' alternative sends (default: the network's "
+                                "raw uint8 input, channels x image size squared: 3,072 at 32x32)")
             e.add_argument("--json", action="store_true", help=JSON_HELP)
         e.set_defaults(func=fn)
 
@@ -673,4 +693,3 @@ def main(argv=None) -> int:
     except SystemExit as e:  # a bad argument (one line already printed), --help or --version
         return e.code if isinstance(e.code, int) else 2
     return guarded(lambda: args.func(args))
-

@@ -61,14 +61,15 @@ def cmd_serve(a) -> None:
 
 def _inputs(a, meta: dict):
     from ..data import Inputs, inputs_from_folder
+    from ..model.checkpoint import network_config
 
     d = meta.get("data", {})
-    if a.images:
-        return inputs_from_folder(a.images, d.get("classes")).head(a.limit)
-    from ..data.datasets import load_cifar
+    if a.images:  # read at the network's input size
+        return inputs_from_folder(a.images, d.get("classes"), network_config(meta).image_size).head(a.limit)
+    from ..data.datasets import load_recorded
     from ..model.checkpoint import split_of
 
-    ds = load_cifar(d.get("name", "cifar10"), a.data_dir)
+    ds = load_recorded(d, a.data_dir)  # CIFAR, or the class-folder dataset the checkpoint was trained on
     split = split_of(a.checkpoint, ds, a.split).limit(a.limit)
     return Inputs(split.images, split.labels, None, f"{ds.name} {a.split}")
 
@@ -77,10 +78,10 @@ def _codec_calibration(a, meta):
     """Edge features of the checkpoint's validation split: a q codec chooses its clip ranges on them."""
     import torch
 
-    from ..data.datasets import load_cifar
+    from ..data.datasets import load_recorded
     from ..model.checkpoint import load_model, split_of
 
-    ds = load_cifar(meta.get("data", {}).get("name", "cifar10"), a.data_dir)
+    ds = load_recorded(meta.get("data"), a.data_dir)
     val = split_of(a.checkpoint, ds, "val")
     edge, _ = load_model(a.checkpoint)[0].split()
     with torch.no_grad():
@@ -184,7 +185,8 @@ def add_parsers(sub) -> None:
     e.add_argument("--ca", type=existing_file, default=None,
                    help="CA certificate (PEM) that signed the server's certificate (default: the system's CAs)")
     e.add_argument("--data-dir", type=existing_dir, default=None,
-                   help="dataset folder (default: $HYBRIDEXIT_DATA, then the cache)")
+                   help="dataset folder (default: $HYBRIDEXIT_DATA, then the cache; for a checkpoint trained on a "
+                        "class-folder dataset, the folder it was trained on)")
     e.add_argument("--split", default="test", choices=["test", "val", "train"], help="dataset split to run on")
     e.add_argument("--images", type=existing_dir, default=None,
                    help="a folder of image files instead of the dataset: FOLDER/*.png or FOLDER/<class>/*.png")

@@ -50,7 +50,12 @@ def link(name: str, uj_per_bit: float | None = None) -> Link:
     return base if uj_per_bit is None else Link(base.name, uj_per_bit, "user-supplied")
 
 
-RAW_IMAGE_BYTES = 3 * 32 * 32  # a CIFAR image as uint8
+RAW_IMAGE_BYTES = 3 * 32 * 32  # a CIFAR image as uint8 (``raw_image_bytes`` of a 32x32 RGB network)
+
+
+def raw_image_bytes(cfg) -> int:
+    """Bytes of one raw uint8 input image of the network ``cfg`` (a ``HybridConfig``): channels x side^2."""
+    return int(cfg.in_channels * cfg.image_size * cfg.image_size)
 
 
 def codec_uj(macs: int, table) -> float:
@@ -59,12 +64,14 @@ def codec_uj(macs: int, table) -> float:
 
 
 def transmit_report(report, exit_rates, bytes_per_offloaded: float, lk: Link, codec_edge_macs: int = 0,
-                    codec_cloud_macs: int = 0, image_bytes: float = RAW_IMAGE_BYTES) -> dict:
+                    codec_cloud_macs: int = 0, image_bytes: float | None = None) -> dict:
     """Per image, at these exit rates: the edge's compute and transmit energy, the cloud's compute, the total,
     and the same for sending the image to the float network instead (the edge only transmits then).
 
     ``report``: ``energy.energy_report`` of the hybrid; ``bytes_per_offloaded``: the frame each offloaded sample
-    costs; the codec's MACs are paid by offloaded samples only (encoding happens after the exits)."""
+    costs; the codec's MACs are paid by offloaded samples only (encoding happens after the exits); ``image_bytes``:
+    the raw image (default: the network's own input size, ``raw_image_bytes``)."""
+    image_bytes = raw_image_bytes(report.config) if image_bytes is None else image_bytes
     rates = report.check_rates(exit_rates)
     stay = 1.0 - sum(rates)
     t = report.table
@@ -83,11 +90,13 @@ def transmit_report(report, exit_rates, bytes_per_offloaded: float, lk: Link, co
     }
 
 
-def break_even_exit_rate(report, bytes_per_offloaded: float, lk: Link, image_bytes: float = RAW_IMAGE_BYTES,
+def break_even_exit_rate(report, bytes_per_offloaded: float, lk: Link, image_bytes: float | None = None,
                          codec_edge_macs: int = 0) -> float | None:
     """Smallest fraction of samples exiting (at the last exit) for which the edge spends no more energy per image
     (compute + transmit) than transmitting the image itself: 0.0 when offloading every sample already does,
-    None when even exiting every sample does not (the edge's compute alone costs more than sending the image)."""
+    None when even exiting every sample does not (the edge's compute alone costs more than sending the image).
+    ``image_bytes``: default the network's raw input (``raw_image_bytes``)."""
+    image_bytes = raw_image_bytes(report.config) if image_bytes is None else image_bytes
     exit_cost = report.exit_path_uj[-1] if report.exit_path_uj else report.edge_uj
     full = report.edge_uj + codec_uj(codec_edge_macs, report.table) + lk.transmit_uj(bytes_per_offloaded)
     img = lk.transmit_uj(image_bytes)

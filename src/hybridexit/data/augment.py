@@ -65,13 +65,19 @@ def augmentation_for(size: int) -> str:
     return AUGMENTATIONS[0] if size <= PAD_CROP_MAX_SIZE else AUGMENTATIONS[1]
 
 
+def crop_pad(size: int) -> int | None:
+    """The padding of pad-crop-flip for images of this side (size / 8: CIFAR's 4 at 32), or None when the size
+    takes random-resized crop."""
+    return max(1, round(size / 8)) if augmentation_for(size) == AUGMENTATIONS[0] else None
+
+
 def augmenter(size: int) -> Callable[[torch.Tensor, torch.Generator | None], torch.Tensor]:
     """``f(uint8 batch, generator)``: the standard augmentation for images of this side. At 32x32 it is exactly
     CIFAR's ``augment`` (pad 4), so the CIFAR runs' random draws and figures do not change."""
-    if augmentation_for(size) == AUGMENTATIONS[0]:
-        pad = max(1, round(size / 8))
-        return lambda images, generator=None: augment(images, generator, pad)
-    return random_resized_crop
+    pad = crop_pad(size)
+    if pad is None:
+        return random_resized_crop
+    return lambda images, generator=None: augment(images, generator, pad)
 
 
 def channel_stats(images: torch.Tensor, chunk: int = 1024) -> tuple[tuple[float, ...], tuple[float, ...]]:

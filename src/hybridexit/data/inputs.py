@@ -14,7 +14,7 @@ from .images import is_image_file, load_image_files
 
 @dataclass
 class Inputs:
-    images: torch.Tensor  # uint8 (N, 3, 32, 32)
+    images: torch.Tensor  # uint8 (N, 3, S, S), S the network's input size
     labels: torch.Tensor  # int64 (N,), -1 when unknown
     paths: list[str] | None = None
     description: str = ""
@@ -48,7 +48,8 @@ class Inputs:
 
 def inputs_from_folder(folder, classes: list[str] | None, size: int = 32) -> Inputs:
     """A folder of image files: ``FOLDER/*.png`` (unlabelled) or ``FOLDER/<class>/*.png`` with class names from
-    the checkpoint (labelled); any format Pillow reads. A file that cannot be read stays an input, with its reason
+    the checkpoint (labelled); any format Pillow reads, each resized to ``size`` x ``size`` (the network's input
+    size: ``HybridConfig.image_size``). A file that cannot be read stays an input, with its reason
     in ``errors``; files that are not images (by extension) are no inputs, listed in ``skipped``."""
     root = Path(folder)
     if not root.is_dir():

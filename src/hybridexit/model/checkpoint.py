@@ -93,6 +93,21 @@ def read_val_ids(path):
     return read_tensors(path, VAL_FILE)["val_ids"] if f.is_file() else None
 
 
+def dataset_record(path) -> dict:
+    """The checkpoint's record of its data (config.json's ``data``: ``data.Dataset.record()`` with the hold-out's
+    size and seed; CIFAR records written before class folders existed have no ``kind``); {} when it has none."""
+    return read_config(path).get("data") or {}
+
+
+def load_data(path, data_dir=None):
+    """The data the checkpoint was trained on, read with its recorded preprocessing (image size, class order,
+    statistics): what calibrate, evaluate, serve and edge read. ``data_dir``: where this copy is (default: CIFAR's
+    usual places, or the class-folder tree recorded at training)."""
+    from ..data.datasets import load_recorded
+
+    return load_recorded(dataset_record(path), data_dir)
+
+
 def validation_split(path, ds):
     """The checkpoint's own validation split (never the test split), found by content in this copy of the data."""
     return split_of(path, ds, "val")

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..codecs.links import RAW_IMAGE_BYTES
+from ..codecs.links import raw_image_bytes
 
 
 @dataclass
@@ -72,7 +72,7 @@ def edge_summary(records: list[dict], report, thresholds, stats: EdgeStats | Non
     s.update({
         "payload_bytes_per_input": total / n if n else 0.0,
         "payload_bytes_per_offloaded": total / len(sent) if sent else None,
-        "raw_image_bytes": RAW_IMAGE_BYTES,
+        "raw_image_bytes": raw_image_bytes(report.config),
         "latency_ms_p50": _pct(lat, 50),
         "latency_ms_p95": _pct(lat, 95),
         "latency_ms_edge_p50": _pct(at_edge, 50),

@@ -14,7 +14,7 @@ import torch
 
 from ..calibration.stats import collect_exit_stats, progress_batches
 from ..codecs import QUANT_NAMES, Codec, get, held_codecs
-from ..codecs.links import RAW_IMAGE_BYTES
+from ..codecs.links import raw_image_bytes
 from ..data import Split
 from ..engines import get_engine
 from ..errors import ConfigError
@@ -139,7 +139,7 @@ def codec_summary(model, split, thresholds, temperatures, name: str, checkpoint,
         calib = calibration_features(model, val_split, thresholds, temperatures)
     r = evaluate_codec(model, split, thresholds, get(name, checkpoint=checkpoint, calibration=calib), checkpoint,
                        temperatures, engine=engine)
-    return {"codec": name, "raw_image_bytes": RAW_IMAGE_BYTES, **{k: v for k, v in r.items() if k != "decided_at"}}
+    return {"codec": name, "raw_image_bytes": raw_image_bytes(model.cfg), **{k: v for k, v in r.items() if k != "decided_at"}}
 
 
 def evaluate_codec(model, split, thresholds, codec: Codec, checkpoint, temperatures=None, batch_size: int = 500,

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.datasets import Dataset, Split, augment, batches, get_split, image_ids
+from ..data.augment import augmentation_for, augmenter
+from ..data.datasets import Dataset, Split, batches, get_split, image_ids
 from ..device import pick_device
 from ..errors import CheckpointError, ConfigError
 from ..model import checkpoint as ck
@@ -159,9 +160,10 @@ def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
 
 
 def _prep(images, ds: Dataset, device, channels_last: bool, train: bool, gen=None):
-    """Raw uint8 images (augmented when training) on the device: the network normalizes them itself."""
+    """Raw uint8 images (augmented when training: the standard augmentation for their size) on the device: the
+    network normalizes them itself."""
     if train:
-        images = augment(images, gen)
+        images = augmenter(images.shape[-1])(images, gen)
     return images.to(device, non_blocking=True)
 
 
@@ -494,10 +496,13 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         raise ConfigError("stage1_epochs trains a quantized edge with float weights first: this network has no "
                           "quantized layers (give --edge-layers and --edge-bits below 32)")
     tcfg.weights(len(net_cfg.exits))  # refuse a wrong number of lambdas before any work
-    net_cfg = net_cfg.replace(mean=tuple(ds.mean), std=tuple(ds.std))  # preprocessing travels with the model
+    if ds.val_ids is not None and tcfg.val_size != TrainConfig.val_size:
+        raise ConfigError(f"val_size applies to CIFAR: {ds.name} fixes its own validation split ({ds.layout})")
+    # preprocessing travels with the model: the data's image size and normalization statistics
+    net_cfg = net_cfg.replace(mean=tuple(ds.mean), std=tuple(ds.std), image_size=ds.image_size)
     train_split, val_split, val_ids = _train_val(out_dir, ds, tcfg, resume)
-    data_meta = {"name": ds.name, "checksum": ds.checksum, "content_checksum": ds.content, "mean": list(ds.mean),
-                 "std": list(ds.std), "classes": ds.classes, "val_size": tcfg.val_size, "split_seed": tcfg.split_seed}
+    data_meta = {**ds.record(), "augmentation": augmentation_for(ds.image_size),
+                 "val_size": len(val_split) if ds.val_ids is not None else tcfg.val_size, "split_seed": tcfg.split_seed}
 
     torch.manual_seed(tcfg.seed)
     model = build_model(net_cfg, tcfg).to(device)
