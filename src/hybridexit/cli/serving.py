@@ -88,6 +88,24 @@ def _codec_calibration(a, meta):
         return torch.cat([edge.eval()(val.images[i:i + 500]) for i in range(0, len(val), 500)])
 
 
+def _edge_adaptive(a, opts, inputs, meta, policy) -> None:
+    """``edge --slo-ms``: the adaptive edge (runtime/adaptive_edge.py); its exit policies' exit rates are read on
+    the checkpoint's validation split."""
+    from ..runtime.adaptive_edge import AdaptiveOptions, format_adaptive_summary, run_adaptive_edge
+
+    ad = AdaptiveOptions(slo_ms=a.slo_ms, quantile=a.slo_quantile, link=a.link, edge_watts=a.edge_watts,
+                         codecs=tuple(a.adaptive_codecs), boundaries=a.boundaries)
+    val = _inputs(argparse.Namespace(**{**vars(a), "images": None, "split": "val", "limit": None}), meta).images
+    summary, _ = run_adaptive_edge(a.checkpoint, inputs, opts, ad, val, out=a.out, resume=a.resume, policy=policy)
+    summary = {"checkpoint": a.checkpoint, "inputs_from": inputs.description, "cloud": a.cloud, **summary}
+    if a.json:
+        print(json.dumps(summary))
+    else:
+        print(f"hybridexit edge (adaptive): {inputs.description} -> {a.cloud}"
+              + (f", records in {a.out}" if a.out else ""))
+        print(format_adaptive_summary(summary))
+
+
 def cmd_edge(a) -> None:
     _require("httpx")
     if a.compress:
@@ -127,6 +145,8 @@ def cmd_edge(a) -> None:
         from ..errors import ConfigError
 
         raise ConfigError("--resume continues the --out file of an interrupted run: give that --out")
+    if a.slo_ms is not None:
+        return _edge_adaptive(a, opts, inputs, meta, policy)
     summary, _ = run_edge(a.checkpoint, inputs, opts, out=a.out, progress=not a.json, codec_calibration=calibration,
                           policy=policy, resume=a.resume)
     summary = {"checkpoint": a.checkpoint, "inputs": inputs.description, "cloud": a.cloud, **summary,
@@ -195,6 +215,20 @@ def add_parsers(sub) -> None:
     e.add_argument("--resume", action="store_true",
                    help="continue the --out file of an interrupted run: keep its complete records, run the inputs "
                         "after them (each input gets exactly one record)")
+    e.add_argument("--slo-ms", type=positive_float, default=None, metavar="MS",
+                   help="adaptive edge: per input choose the hand-off block, codec and exit policy that meet this "
+                        "latency target (at --slo-quantile) with the least edge energy; local answers when the cloud "
+                        "is unreachable, marked degraded (docs/adaptive.md)")
+    e.add_argument("--slo-quantile", type=float, default=0.95, help="with --slo-ms: the quantile the target is for")
+    e.add_argument("--link", default="lte", choices=["ble", "wifi", "lte", "5g"],
+                   help="with --slo-ms: the radio whose energy per bit is charged (codecs/links.py)")
+    e.add_argument("--edge-watts", type=positive_float, default=None,
+                   help="with --slo-ms: price the edge's computation at its measured time x this power instead of the "
+                        "energy model's")
+    e.add_argument("--boundaries", default="split", choices=["split", "all"],
+                   help="with --slo-ms: hand off at the checkpoint's boundary (or finish locally), or at any block")
+    e.add_argument("--adaptive-codecs", nargs="+", default=["bn", "int8+zstd", "fp16"], metavar="CODEC",
+                   help="with --slo-ms: the codecs to choose from (bn: the checkpoint's learned codec, if any)")
     e.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8", *QUANT_NAMES, LEARNED],
                    help="feature codec on the wire (docs/codecs.md): q1-q4 choose their clip ranges on the validation "
                         "split (needs the dataset); bn is the learned codec of a checkpoint that carries one")
