@@ -252,3 +252,36 @@ def test_summary_defaults_and_one_line_errors(capsys):
         assert main(["summary", *argv]) == 2
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_float_backbone_checkpoint_initializes_its_hybrid(tmp_path):
+    from hybridexit.model.checkpoint import save_model
+    from hybridexit.workflows.train import TrainConfig, build_model
+
+    torch.manual_seed(0)
+    fp = HybridNet(HybridConfig(backbone="resnet18_cifar", image_size=32))
+    save_model(tmp_path / "fp", fp, {"data": {"name": "cifar10", "mean": [0.0] * 3, "std": [1.0] * 3}})
+    cfg = HybridConfig(backbone="resnet18_cifar", image_size=32, edge_layers=4, edge_bits=1, exits=(4,))
+    hyb = build_model(cfg, TrainConfig(init=str(tmp_path / "fp")))
+    assert torch.equal(hyb.blocks[3].conv2.weight, fp.blocks[3].conv2.weight)
+    assert torch.equal(hyb.stem.conv1.weight, fp.stem.conv1.weight) and fp.stem.conv1.kernel_size == (3, 3)
+    assert hyb.blocks[0].q1 is not None and fp.blocks[0].q1 is None  # the quantizers' BatchNorms start fresh
+
+
+def test_sweep_files_take_a_backbone_axis(tmp_path):
+    from hybridexit.workflows.sweep import load_sweep
+
+    spec = tmp_path / "bb.toml"
+    spec.write_text('dataset = "cifar10"\ndepth = 8\nrecipe = "recipes/sweep-tiny.toml"\npaper_threshold = 0.5\n'
+                    '[calibrate]\ntarget = "max_drop"\nvalue = 0.05\n'
+                    '[[grid]]\nedge_layers = [2]\nedge_bits = [1]\nexits = ["edge"]\n'
+                    'backbone = ["", "resnet18_cifar", "mobilenetv2"]\n')
+    s = load_sweep(spec)
+    cfgs = [s.net_config(p) for p in s.points]
+    assert [c.backbone_name for c in cfgs] == ["cifar_resnet8", "resnet18_cifar", "mobilenetv2"]
+    assert [c.edge_blocks for c in cfgs] == [1, 2, 2]  # CIFAR counts layers (2 a block), the others blocks
+    assert [p.name for p in s.points][:2] == ["e2-b1-x2-joint-k3", "resnet18_cifar-e2-b1-x2-joint-k3"]
+    assert "backbone" not in s.points[0].to_dict() and s.points[1].to_dict()["backbone"] == "resnet18_cifar"
+    spec.write_text(spec.read_text().replace('"mobilenetv2"', '"vgg"'))
+    with pytest.raises(ConfigError, match="unknown backbone 'vgg'"):
+        load_sweep(spec)

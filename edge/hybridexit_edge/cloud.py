@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import numpy as np
+
 from . import frames
 from .errors import ConfigError, HybridExitError
 
@@ -58,7 +60,7 @@ def tls_context(ca: str | None = None) -> ssl.SSLContext:
 
 @dataclass
 class Reply:
-    logits: list[list[float]]
+    logits: np.ndarray
     request_bytes: int
     response_bytes: int
     attempts: int

@@ -47,7 +47,7 @@ KINDS = ("calibrated", "paper threshold", "without exit")
 ARITHMETIC = "ieee fp32"  # what rows are evaluated in (CUDA's TF32 default is turned off: hybridexit.device)
 SPEC_KEYS = {"name", "description", "dataset", "recipe", "init", "teacher", "reference", "depth", "paper_threshold",
              "separate_exit_epochs", "results", "runs", "calibrate", "grid", "adopt", "keep"}
-GRID_KEYS = {"edge_layers", "edge_bits", "exits", "mode", "exit_pool"}
+GRID_KEYS = {"edge_layers", "edge_bits", "exits", "mode", "exit_pool", "backbone"}
 
 
 @dataclass(frozen=True)
@@ -57,14 +57,19 @@ class Point:
     exits: tuple[int, ...]
     mode: str = "joint"
     exit_pool: str = "k3"
+    backbone: str = ""  # a name of model.backbones; "" = the CIFAR ResNet of the sweep's depth (edge_layers: layers)
 
     @property
     def name(self) -> str:
         x = "x" + "_".join(map(str, self.exits)) if self.exits else "noexit"
-        return f"e{self.edge_layers}-b{self.edge_bits}-{x}-{self.mode}-{self.exit_pool}"
+        net = f"{self.backbone}-" if self.backbone else ""  # names (and run folders) of CIFAR points unchanged
+        return f"{net}e{self.edge_layers}-b{self.edge_bits}-{x}-{self.mode}-{self.exit_pool}"
 
     def to_dict(self) -> dict:
-        return dict(asdict(self), exits=list(self.exits))
+        d = dict(asdict(self), exits=list(self.exits))
+        if not self.backbone:
+            del d["backbone"]
+        return d
 
 
 @dataclass(frozen=True)
@@ -107,7 +112,8 @@ class SweepSpec:
         from ..model.resnet import HybridConfig
 
         d = DATASETS[self.dataset]
-        return HybridConfig(depth=self.depth, num_classes=d["num_classes"], edge_layers=point.edge_layers,
+        net = {"backbone": point.backbone} if point.backbone else {"depth": self.depth}
+        return HybridConfig(**net, num_classes=d["num_classes"], edge_layers=point.edge_layers,
                             edge_bits=point.edge_bits, exits=point.exits, exit_pool=point.exit_pool,
                             mean=d["mean"], std=d["std"])
 
@@ -132,16 +138,18 @@ def _grid_points(table: dict, where: str) -> list[Point]:
         raise ConfigError(f"{where}: give {', '.join(missing)}")
     axes = [table[k] if isinstance(table[k], list) else [table[k]] for k in ("edge_layers", "edge_bits", "exits")]
     modes, pools = table.get("mode", ["joint"]), table.get("exit_pool", ["k3"])
+    nets = table.get("backbone", [""])  # edge_layers and exits count each backbone's units (CIFAR: layers, else blocks)
     points = []
-    for layers, bits, exits, mode, pool in itertools.product(*axes, modes if isinstance(modes, list) else [modes],
-                                                             pools if isinstance(pools, list) else [pools]):
+    for layers, bits, exits, mode, pool, net in itertools.product(
+            *axes, modes if isinstance(modes, list) else [modes], pools if isinstance(pools, list) else [pools],
+            nets if isinstance(nets, list) else [nets]):
         if exits == "edge":
             exits = [layers]
         elif exits == "none":
             exits = []
         if not isinstance(exits, list):
             raise ConfigError(f"{where}: exits entries are lists of positions, \"edge\" or \"none\", got {exits!r}")
-        points.append(Point(int(layers), int(bits), tuple(int(e) for e in exits), str(mode), str(pool)))
+        points.append(Point(int(layers), int(bits), tuple(int(e) for e in exits), str(mode), str(pool), str(net)))
     return points
 
 

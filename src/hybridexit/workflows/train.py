@@ -46,6 +46,7 @@ from ..data.datasets import Dataset, Split, batches, get_split, image_ids
 from ..device import pick_device
 from ..errors import CheckpointError, ConfigError
 from ..model import checkpoint as ck
+from ..model.backbones.base import InputQuant
 from ..model.exits import exits_here
 from ..model.hybrid import HybridNet
 from ..model.policy import read_policy
@@ -467,8 +468,10 @@ def build_model(net_cfg: HybridConfig, tcfg: TrainConfig) -> HybridNet:
         if bad or not shared:
             raise CheckpointError(f"--init {tcfg.init} does not fit {net_cfg.name}: "
                                   f"{'shape mismatch in ' + ', '.join(bad[:3]) if bad else 'no tensor in common'}")
-        # so do the modules of recipe options (RSign, RPReLU) that the source lacks: they start as the identity
-        options = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, (ChannelShift, RPReLU)))
+        # so do the modules of recipe options (RSign, RPReLU) that the source lacks: they start as the identity; and
+        # the BatchNorm in front of each quantizer of a non-CIFAR backbone (model.backbones.base.InputQuant)
+        options = tuple(f"{name}." for name, m in model.named_modules()
+                        if isinstance(m, (ChannelShift, RPReLU, InputQuant)))
         ck.load_state_strict(model, shared, f"--init {tcfg.init}", allow_missing=("exits.", *options))
     return model
 

@@ -22,6 +22,7 @@ BACKBONES = {
     "resnet18": lambda: ImageNetResNet("resnet18", False, (2, 2, 2, 2)),
     "resnet34": lambda: ImageNetResNet("resnet34", False, (3, 4, 6, 3)),
     "resnet50": lambda: ImageNetResNet("resnet50", True, (3, 4, 6, 3)),
+    "resnet18_cifar": lambda: ImageNetResNet("resnet18_cifar", False, (2, 2, 2, 2), small_stem=True),
     "mobilenetv2": MobileNetV2,
 }
 CIFAR_FAMILY = "cifar_resnet"  # any cifar_resnet<6n+2> is that family at that depth

@@ -24,14 +24,16 @@ STAGE_WIDTHS = (64, 128, 256, 512)
 
 
 class ResNetStem(nn.Module):
-    """conv1 (7x7, stride 2, float) -> bn1 -> ReLU -> 3x3 max pool, stride 2."""
+    """conv1 (7x7, stride 2, float) -> bn1 -> ReLU -> 3x3 max pool, stride 2; ``small``: conv1 3x3, stride 1, no
+    max pool (the usual ResNet-18 for 32x32 images, which keeps the resolution for the blocks)."""
 
-    def __init__(self, in_channels: int):
+    def __init__(self, in_channels: int, small: bool = False):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False) if small else nn.Conv2d(in_channels, 64, 7, 2, 3,
+                                                                                              bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
-        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.maxpool = nn.Identity() if small else nn.MaxPool2d(3, 2, 1)
 
     def forward(self, x):
         return self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -109,18 +111,19 @@ class ResNetHead(nn.Module):
 
 
 class ImageNetResNet:
-    """ResNet-18/34 (basic blocks) or ResNet-50 (bottleneck blocks), torchvision's layout."""
+    """ResNet-18/34 (basic blocks) or ResNet-50 (bottleneck blocks), torchvision's layout; ``small_stem``: the
+    variant for 32x32 images (3x3 stride-1 stem, no max pool; its conv1 has another shape than torchvision's)."""
 
     family = "resnet"
     per_block, unit = 1, "block"
     default_edge_bits = 32
 
-    def __init__(self, name: str, bottleneck: bool, layers: tuple[int, ...]):
-        self.name, self.bottleneck, self.layers = name, bottleneck, tuple(layers)
+    def __init__(self, name: str, bottleneck: bool, layers: tuple[int, ...], small_stem: bool = False):
+        self.name, self.bottleneck, self.layers, self.small_stem = name, bottleneck, tuple(layers), small_stem
         self.expansion = 4 if bottleneck else 1
 
     def stem_shape(self, cfg) -> tuple[int, int, int]:
-        s = conv_out(conv_out(cfg.image_size, 7, 2, 3), 3, 2, 1)
+        s = cfg.image_size if self.small_stem else conv_out(conv_out(cfg.image_size, 7, 2, 3), 3, 2, 1)
         return (64, s, s)
 
     def _stage_of(self) -> list[tuple[int, int]]:
@@ -148,7 +151,7 @@ class ImageNetResNet:
         return specs
 
     def make_stem(self, cfg) -> nn.Module:
-        return ResNetStem(cfg.in_channels)
+        return ResNetStem(cfg.in_channels, self.small_stem)
 
     def make_block(self, spec: BlockSpec, bits: int, options: dict) -> nn.Module:
         cls = ResNetBottleneck if self.bottleneck else ResNetBasicBlock
