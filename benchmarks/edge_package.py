@@ -3,8 +3,8 @@
     python benchmarks/edge_package.py [--checkpoint checkpoints/c10-r32-e20-b1-x20] [--data-dir data]
                                       [--images 2000] [--rounds 3] [--cold 5] [--out results/edge_package.json]
 
-- ``venv_bytes``: a fresh venv with hybridexit-edge and its dependencies (scripts/edge_venv.py: the wheel built from
-  this checkout, numpy and safetensors) against the full project's venv (``.venv``: what ``make setup`` installs),
+- ``venv_bytes``: a fresh venv with hybridexit-edge (scripts/edge_venv.py: the wheel built from this checkout; it
+  depends on nothing but the standard library) against the full project's venv (``.venv``: what ``make setup`` installs),
   both measured the same way: the apparent size of every file under the venv (symlinks not followed), and the
   site-packages without pip and setuptools (what a device would carry if its venv were made without pip).
 - ``cold_start_s``: a new process (the venv's python) that imports the package, loads the exported artifact and
@@ -14,7 +14,7 @@
   batch 100, one thread, in a process per side, the two sides alternating ``--rounds`` times; each side's fastest
   round (the least disturbed on a shared machine) and the median.
 - ``agreement``: all 10,000 test images at the checkpoint's exit policy, batch 100: predictions, exit decisions,
-  entropies and the offloaded features (SHA-256 of their float32 bytes, which the wire frames carry) of
+  entropies and the offloaded features (SHA-256 of their float32 bytes, from which the wire frames are made) of
   hybridexit-edge against the in-process packed engine (the engine ``hybridexit edge --engine packed`` runs;
   tests/test_edge_package.py checks that the two runtimes write identical records around it).
 """
@@ -43,58 +43,59 @@ from edge_venv import make_edge_venv  # noqa: E402
 
 TARGETS = {"venv_bytes_max": 60e6, "venv_bytes_goal": 30e6, "cold_start_s_max": 0.5, "throughput_ratio_min": 0.9}
 
-# Run inside either venv: argv = side, artifact, npz, images, batch sizes...; prints {"batch": images/s}.
+# Run inside either venv: argv = side, artifact, raw images (uint8 N x 3 x 32 x 32), images, batch sizes...;
+# prints {"batch": images/s}.
 SPEED = r"""
 import json, sys, time
-import numpy as np
-side, art, npz, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-images = np.load(npz)["images"][:n]
+side, art, raw, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+img = 3 * 32 * 32
+images = memoryview(open(raw, "rb").read())[: n * img]
+thr = json.load(open(art + "/edge.json"))["thresholds"]
 if side == "edge":
     from hybridexit_edge.artifact import PackedEdge
     eng = PackedEdge(art)
-    decide = lambda x: eng.decide(x, thr)
+    batch = lambda i, bs: images[i * img:(i + bs) * img]
 else:
-    import torch
+    import numpy as np, torch
     torch.set_num_threads(1)
     from hybridexit.engines.packed import PackedEdge
     eng = PackedEdge.load(art + "/edge.packed.safetensors")
-    images = torch.from_numpy(images)
-    decide = lambda x: eng.decide(x, thr)
-thr = json.load(open(art + "/edge.json"))["thresholds"]
+    x = torch.from_numpy(np.frombuffer(images, dtype=np.uint8).reshape(n, 3, 32, 32).copy())
+    batch = lambda i, bs: x[i:i + bs]
 out = {}
 for bs in map(int, sys.argv[5:]):
     for i in range(0, 64, bs):
-        decide(images[i:i + bs])
+        eng.decide(batch(i, bs), thr)
     t0 = time.perf_counter()
     for i in range(0, n, bs):
-        decide(images[i:i + bs])
+        eng.decide(batch(i, bs), thr)
     out[bs] = n / (time.perf_counter() - t0)
 print(json.dumps(out))
 """
 
-COLD_EDGE = ("import numpy as np; from hybridexit_edge.artifact import PackedEdge; import json; a = '{art}'; "
-             "e = PackedEdge(a); x = np.load('{one}')['images']; "
-             "e.decide(x, json.load(open(a + '/edge.json'))['thresholds'])")
+COLD_EDGE = ("from hybridexit_edge.artifact import PackedEdge; import json; a = '{art}'; "
+             "e = PackedEdge(a); e.decide(open('{one}', 'rb').read(), json.load(open(a + '/edge.json'))['thresholds'])")
 COLD_TORCH = ("import numpy as np, torch; from hybridexit.engines.packed import PackedEdge; import json; a = '{art}'; "
-              "e = PackedEdge.load(a + '/edge.packed.safetensors'); x = torch.from_numpy(np.load('{one}')['images']); "
+              "e = PackedEdge.load(a + '/edge.packed.safetensors'); "
+              "x = torch.from_numpy(np.fromfile('{one}', dtype=np.uint8).reshape(1, 3, 32, 32)); "
               "e.decide(x, json.load(open(a + '/edge.json'))['thresholds'])")
 
-# Run in the edge venv: all images at batch 100 -> npz of predictions, decisions, entropies, feature hash.
+# Run in the edge venv: all images at batch 100 -> JSON of predictions, decisions, entropies, and the SHA-256 of the
+# offloaded features (float32, channels last, in input order).
 AGREE = r"""
 import hashlib, json, sys
-import numpy as np
 from hybridexit_edge.artifact import PackedEdge
-art, npz, out = sys.argv[1:4]
+art, raw, out = sys.argv[1:4]
 e = PackedEdge(art)
 thr = json.load(open(art + "/edge.json"))["thresholds"]
-images = np.load(npz)["images"]
+images, img = memoryview(open(raw, "rb").read()), 3 * 32 * 32
+fbytes = 4 * __import__("math").prod(e.feature_shape)
 p, d, en, h = [], [], [], hashlib.sha256()
-for i in range(0, len(images), 100):
-    r = e.decide(images[i:i + 100], thr)
-    p.append(r.predictions); d.append(r.decided_at); en.append(r.entropies)
-    h.update(np.ascontiguousarray(r.features, dtype="<f4").tobytes())
-np.savez(out, predictions=np.concatenate(p), decided_at=np.concatenate(d), entropies=np.concatenate(en))
-print(h.hexdigest())
+for i in range(0, len(images) // img, 100):
+    r = e.decide(images[i * img:(i + 100) * img], thr)
+    p += r.predictions; d += r.decided_at; en += r.entropies
+    h.update(bytes(r.features)[: len(r.remaining) * fbytes])
+json.dump({"predictions": p, "decided_at": d, "entropies": en, "features_sha256": h.hexdigest()}, open(out, "w"))
 """
 
 
@@ -143,9 +144,9 @@ def main(argv=None) -> dict:
     art = tmp / "edge"
     export_checkpoint(a.checkpoint, "packed", art)
     ds = load_cifar("cifar10", a.data_dir, download_ok=False)
-    images, labels = ds.test.images.numpy(), ds.test.labels.numpy()
-    np.savez(tmp / "test.npz", images=images, labels=labels)
-    np.savez(tmp / "one.npz", images=images[:1])
+    images = ds.test.images.numpy()
+    (tmp / "test.u8").write_bytes(np.ascontiguousarray(images).tobytes())
+    (tmp / "one.u8").write_bytes(np.ascontiguousarray(images[:1]).tobytes())
     venv = make_edge_venv(tmp / "venv")
     epy, tpy = str(venv / "bin" / "python"), sys.executable
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
@@ -154,7 +155,7 @@ def main(argv=None) -> dict:
     sizes = {"hybridexit-edge": venv_sizes(venv), "full project (.venv)": venv_sizes(Path(sys.prefix))}
 
     cold = {"hybridexit-edge": [], "main package, packed engine": []}
-    fmt = {"art": str(art), "one": str(tmp / "one.npz")}
+    fmt = {"art": str(art), "one": str(tmp / "one.u8")}
     wall([tpy, "-c", COLD_TORCH.format(**fmt)], env)  # the kernels are built and cached before timing
     for _ in range(a.cold):
         cold["hybridexit-edge"].append(wall([epy, "-c", COLD_EDGE.format(**fmt)], env_edge))
@@ -163,14 +164,16 @@ def main(argv=None) -> dict:
     speed = {"hybridexit-edge": [], "main package, packed engine": []}
     for _ in range(a.rounds):
         for side, py, e in (("edge", epy, env_edge), ("torch", tpy, env)):
-            r = subprocess.run([py, "-c", SPEED, side, str(art), str(tmp / "test.npz"), str(a.images), "1", "100"],
+            r = subprocess.run([py, "-c", SPEED, side, str(art), str(tmp / "test.u8"), str(a.images), "1", "100"],
                                capture_output=True, text=True, env=e, check=True)
             speed["hybridexit-edge" if side == "edge" else "main package, packed engine"].append(json.loads(r.stdout))
 
-    r = subprocess.run([epy, "-c", AGREE, str(art), str(tmp / "test.npz"), str(tmp / "agree.npz")],
-                       capture_output=True, text=True, env=env_edge, check=True)
-    edge_hash = r.stdout.strip()
-    got = np.load(tmp / "agree.npz")
+    subprocess.run([epy, "-c", AGREE, str(art), str(tmp / "test.u8"), str(tmp / "agree.json")], capture_output=True,
+                   text=True, env=env_edge, check=True)
+    got = json.loads((tmp / "agree.json").read_text())
+    got = {"predictions": np.array(got["predictions"]), "decided_at": np.array(got["decided_at"]),
+           "entropies": np.array(got["entropies"], dtype=np.float32), "features_sha256": got["features_sha256"]}
+    edge_hash = got["features_sha256"]
     eng = PackedEdge.load(art / "edge.packed.safetensors")
     thr = json.loads((art / "edge.json").read_text())["thresholds"]
     x = torch.from_numpy(images)
@@ -180,7 +183,7 @@ def main(argv=None) -> dict:
         preds.append(res.predictions.numpy())
         dec.append(res.decided_at.numpy())
         ents.append(res.entropies.numpy())
-        h.update(np.ascontiguousarray(res.features.numpy(), dtype="<f4").tobytes())
+        h.update(res.features.permute(0, 2, 3, 1).contiguous().numpy().tobytes())  # channels last, as the edge's
     preds, dec, ents = map(np.concatenate, (preds, dec, ents))
     load_after = os.getloadavg()
 

@@ -18,7 +18,7 @@ except ImportError:  # setuptools < 70
 
 HERE = Path(__file__).resolve().parent
 CSRC = HERE / "csrc"
-SOURCES = ["bconv.cpp", "kbit.cpp", "decide.cpp"]  # engines/native.py CORE_SOURCES
+SOURCES = ["bconv.cpp", "kbit.cpp", "decide.cpp", "layout.cpp"]  # engines/native.py CORE_SOURCES
 CFLAGS = ["-O3", "-ffp-contract=off", "-std=c++17", "-fPIC", "-shared", "-fvisibility=hidden"]
 
 

@@ -26,13 +26,13 @@ if ! command -v aarch64-linux-gnu-g++ >/dev/null || [ -z "$QEMU" ]; then
   QEMU=$(command -v qemu-aarch64 || command -v qemu-aarch64-static)
 fi
 mkdir -p "$WORK"
-g++ -O2 -ffp-contract=off -std=c++17 -I"$CSRC" edge/selftest/hx_selftest.cpp "$CSRC"/bconv.cpp "$CSRC"/kbit.cpp \
+g++ -O2 -ffp-contract=off -std=c++17 -I"$CSRC" edge/selftest/hx_selftest.cpp "$CSRC"/bconv.cpp "$CSRC"/kbit.cpp "$CSRC"/layout.cpp \
   "$CSRC"/decide.cpp -o "$WORK/selftest-x86_64"
 "$WORK/selftest-x86_64" --write "$WORK/reference.bin"
 WHEEL=$(scripts/build_edge_aarch64.sh "$WORK/wheel" | tail -1)
 rm -rf "$WORK/lib" && mkdir -p "$WORK/lib"
 "${PY:-.venv/bin/python}" -m zipfile -e "$WHEEL" "$WORK/lib" 2>/dev/null || python3 -m zipfile -e "$WHEEL" "$WORK/lib"
-aarch64-linux-gnu-g++ -O2 -std=c++17 -I"$CSRC" edge/selftest/hx_selftest.cpp -L"$WORK/lib/hybridexit_edge" -lhx_edge \
+aarch64-linux-gnu-g++ -O2 -ffp-contract=off -std=c++17 -I"$CSRC" edge/selftest/hx_selftest.cpp -L"$WORK/lib/hybridexit_edge" -lhx_edge \
   -o "$WORK/selftest-aarch64"
 for cpu in max cortex-a72; do
   echo "== qemu-aarch64 -cpu $cpu, $(basename "$WHEEL")"

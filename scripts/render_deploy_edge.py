@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from splice import between, splice_file
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "deploy.md"
 RESULT = ROOT / "results" / "edge_package.json"
@@ -51,30 +53,22 @@ def figures(r: dict) -> list[str]:
              f"{a['offloaded']:,} offloaded images are "
              f"{'byte-identical' if a['offloaded_features_sha256_equal'] else 'NOT byte-identical'}.")
     mach = r["machine"]
-    return ["", f"Measured by `{r['command'].strip()}` ({r['checkpoint']}, weights SHA-256 "
+    return [f"Measured by `{r['command'].strip()}` ({r['checkpoint']}, weights SHA-256 "
             f"{r['weights_sha256'][:12]}..., artifact {r['artifact_bytes']:,} B, native library "
             f"{r['library_bytes']:,} B) on {mach['cpu']}, kernels {mach['isa']}; a shared machine, load average "
             f"{mach['load_average_1min'][0]} before and {mach['load_average_1min'][1]} after, the two sides "
             "alternating in the same run:", "", *rows, "", agree,
             "The aarch64 build is checked for correctness only (qemu-user); its speed is unmeasured until it runs on "
-            "real ARM hardware.", ""]
-
-
-def render() -> str:
-    text = DOC.read_text()
-    body = figures(json.loads(RESULT.read_text())) if RESULT.exists() else []
-    head, rest = text.split(BEGIN, 1)
-    return head + BEGIN + "\n".join(body) + END + rest.split(END, 1)[1]
+            "real ARM hardware."]
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--check", action="store_true", help="exit 1 if docs/deploy.md is not the rendering")
-    a = p.parse_args()
-    new = render()
-    if a.check:
-        return 0 if DOC.read_text() == new else 1
-    DOC.write_text(new)
+    body = "\n".join(figures(json.loads(RESULT.read_text())))
+    if p.parse_args().check:
+        return int(between(DOC.read_text(), BEGIN, END, str(DOC)).strip() != body.strip())
+    splice_file(DOC, BEGIN, END, body)
     return 0
 
 

@@ -6,24 +6,29 @@ import argparse
 import json
 import os
 import sys
-
-import numpy as np
+from array import array
 
 from .errors import HybridExitError
 
 
-def _inputs(path: str, limit: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """``images`` uint8 (N, C, H, W) and optional ``labels`` (N,) from an .npz (no pickles)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            images = z["images"]
-            labels = z["labels"].astype(np.int64) if "labels" in z else np.full(len(images), -1, np.int64)
-    except (OSError, ValueError, KeyError) as e:
-        raise HybridExitError(f"--inputs {path}: an .npz with 'images' (uint8 N, C, H, W) and optional 'labels' "
-                              f"expected ({e})") from None
-    if images.dtype != np.uint8 or images.ndim != 4 or len(labels) != len(images):
-        raise HybridExitError(f"--inputs {path}: 'images' must be uint8 (N, C, H, W) with one label per image")
-    return images[:limit], labels[:limit]
+def _inputs(path: str, limit: int | None) -> tuple[memoryview, list[int]]:
+    """``images`` uint8 (N, C, H, W) and optional integer ``labels`` (N,) from an .npz (``numpy.savez``)."""
+    from .tensors import read_npz
+
+    arrays = read_npz(path)
+    if "images" not in arrays or arrays["images"][0] != "B" or len(arrays["images"][1]) != 4:
+        raise HybridExitError(f"--inputs {path}: 'images' must be a uint8 (N, C, H, W) array")
+    _, shape, images = arrays["images"]
+    n = shape[0]
+    if "labels" in arrays:
+        code, lshape, raw = arrays["labels"]
+        labels = list(array(code, raw)) if code in "qib" and lshape == (n,) else None
+        if labels is None:
+            raise HybridExitError(f"--inputs {path}: 'labels' must be integers, one per image")
+    else:
+        labels = [-1] * n
+    n = n if limit is None else min(n, limit)
+    return memoryview(images)[: n * (len(images) // max(shape[0], 1))], labels[:n]
 
 
 def _token(path: str | None) -> str | None:

@@ -14,8 +14,6 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-import numpy as np
-
 from . import frames
 from .errors import ConfigError, HybridExitError
 
@@ -60,7 +58,7 @@ def tls_context(ca: str | None = None) -> ssl.SSLContext:
 
 @dataclass
 class Reply:
-    logits: np.ndarray
+    logits: list[list[float]]
     request_bytes: int
     response_bytes: int
     attempts: int

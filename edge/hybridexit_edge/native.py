@@ -1,7 +1,6 @@
 """The native edge library (``libhx_edge.so``: the kernels' torch-free core, C ABI ``csrc/hx_edge.h``) through ctypes.
 
-The library is built when the package is installed (``setup.py``); ``HX_EDGE_LIB`` points at another build (the
-aarch64 one under qemu, say)."""
+The library is built when the package is installed (``setup.py``); ``HX_EDGE_LIB`` points at another build."""
 
 from __future__ import annotations
 
@@ -10,42 +9,37 @@ import functools
 import os
 from pathlib import Path
 
-import numpy as np
-
 from .errors import EngineError
 
-ABI_VERSION = 1
-_f32p, _i32p, _i64p = (ctypes.POINTER(t) for t in (ctypes.c_float, ctypes.c_int32, ctypes.c_int64))
+ABI_VERSION = 2
+c_int, c_size_t, c_char_p, c_void_p = ctypes.c_int, ctypes.c_size_t, ctypes.c_char_p, ctypes.c_void_p
+F32P, I32P, I64P = (ctypes.POINTER(t) for t in (ctypes.c_float, ctypes.c_int32, ctypes.c_int64))
 
 
 class Conv(ctypes.Structure):
-    _fields_ = [("bn_a", _f32p), ("bn_b", _f32p), ("thr", _f32p), ("w", ctypes.c_void_p), ("wi", _i32p),
-                ("scale", _f32p), ("rp_g", _f32p), ("rp_b", _f32p), ("rp_z", _f32p), ("kw", ctypes.c_int),
-                ("opad", ctypes.c_int)]
+    _fields_ = [("bn_a", F32P), ("bn_b", F32P), ("thr", F32P), ("w", c_void_p), ("wi", I32P), ("scale", F32P),
+                ("rp_g", F32P), ("rp_b", F32P), ("rp_z", F32P), ("kw", c_int), ("opad", c_int)]
 
 
 class Block(ctypes.Structure):
-    _fields_ = [("cin", ctypes.c_int), ("cout", ctypes.c_int), ("stride", ctypes.c_int), ("bits", ctypes.c_int),
-                ("c1", Conv), ("c2", Conv)]
+    _fields_ = [("cin", c_int), ("cout", c_int), ("stride", c_int), ("bits", c_int), ("c1", Conv), ("c2", Conv)]
 
 
 class Head(ctypes.Structure):
-    _fields_ = [("bn_a", _f32p), ("bn_b", _f32p), ("pool", ctypes.c_int), ("hidden", ctypes.c_int), ("w1", _f32p),
-                ("h_a", _f32p), ("h_b", _f32p), ("w2", _f32p), ("b2", _f32p), ("classes", ctypes.c_int)]
+    _fields_ = [("bn_a", F32P), ("bn_b", F32P), ("pool", c_int), ("hidden", c_int), ("w1", F32P), ("h_a", F32P),
+                ("h_b", F32P), ("w2", F32P), ("b2", F32P), ("classes", c_int)]
 
 
 class Edge(ctypes.Structure):
-    _fields_ = [("c", ctypes.c_int), ("h", ctypes.c_int), ("w", ctypes.c_int), ("mean", _f32p), ("std", _f32p),
-                ("stem", _f32p), ("c0", ctypes.c_int), ("n_blocks", ctypes.c_int), ("blocks", ctypes.POINTER(Block)),
-                ("n_exits", ctypes.c_int), ("exit_end", _i32p), ("heads", ctypes.POINTER(Head))]
+    _fields_ = [("c", c_int), ("h", c_int), ("w", c_int), ("mean", F32P), ("std", F32P), ("stem", F32P),
+                ("c0", c_int), ("n_blocks", c_int), ("blocks", ctypes.POINTER(Block)), ("n_exits", c_int),
+                ("exit_end", I32P), ("heads", ctypes.POINTER(Head))]
 
 
-def ptr(a: np.ndarray | None, kind=_f32p):
-    """A C pointer to a contiguous array (kept alive by the caller), or NULL."""
-    if a is None:
-        return kind()
-    assert a.flags.c_contiguous
-    return a.ctypes.data_as(kind)
+def floats(values) -> ctypes.Array:
+    """A float32 C array of ``values`` (rounded to float32 as numpy's astype would)."""
+    values = list(values)
+    return (ctypes.c_float * len(values))(*values)
 
 
 def library_path() -> Path:
@@ -64,12 +58,12 @@ def lib() -> ctypes.CDLL:
     if so.hx_abi_version() != ABI_VERSION:
         raise EngineError(f"{path} speaks ABI {so.hx_abi_version()}, this package {ABI_VERSION}: reinstall it")
     for name in ("hx_arch", "hx_isa_name", "hx_kbit_isa_name"):
-        getattr(so, name).restype = ctypes.c_char_p
-    so.hx_decide.argtypes = [ctypes.POINTER(Edge), ctypes.c_void_p, ctypes.c_int, ctypes.c_int, _f32p, _f32p,
-                             ctypes.c_int, ctypes.c_int, ctypes.c_void_p, _i64p, _i64p, _f32p, _f32p, _i64p,
-                             ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, ctypes.c_size_t]
-    so.hx_edge_feature_shape.argtypes = [ctypes.POINTER(Edge), *[ctypes.POINTER(ctypes.c_int)] * 3, ctypes.c_char_p,
-                                         ctypes.c_size_t]
+        getattr(so, name).restype = c_char_p
+    so.hx_payload_bytes.restype = c_size_t
+    so.hx_payload_bytes.argtypes = [c_int] * 5
+    so.hx_fold_bn.argtypes = [F32P, F32P, F32P, F32P, ctypes.c_float, c_int, F32P, F32P]
+    so.hx_decide.argtypes = [ctypes.POINTER(Edge), c_void_p, c_int, c_int, F32P, F32P, c_int, c_int, c_void_p, I64P,
+                             I64P, F32P, F32P, I64P, ctypes.POINTER(c_int), c_char_p, c_size_t]
     return so
 
 

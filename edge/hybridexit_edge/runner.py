@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from . import frames
 from .artifact import PackedEdge
@@ -111,15 +110,15 @@ class EdgeRunner:
                                 409, "wrong_codec")
         return info
 
-    def run_batch(self, images: np.ndarray, labels: np.ndarray, start: int) -> list[dict]:
+    def run_batch(self, images, labels: list[int], start: int) -> list[dict]:
         t0 = time.perf_counter()
         r = self.edge.decide(images, self.thresholds, self.temperatures)
         t_edge = time.perf_counter()
-        preds, decided = r.predictions.copy(), r.decided_at.copy()
-        remaining = r.remaining.tolist()
+        preds, decided, remaining = r.predictions, r.decided_at, r.remaining
         lat, sent, errors = [(t_edge - t0) * 1000.0] * len(labels), [0] * len(labels), {}
         if remaining:
-            body = frames.encode(r.features, self.fingerprint, self.opt.codec, self.opt.compress)
+            body = frames.encode(r.features, len(remaining), self.edge.feature_shape, self.fingerprint,
+                                 self.opt.codec, self.opt.compress)
             s = self.stats
             try:
                 reply = self.cloud.infer(body, self.fingerprint, len(remaining), self.num_classes)
@@ -146,12 +145,11 @@ class EdgeRunner:
                 s.request_bytes += reply.request_bytes
                 s.response_bytes += reply.response_bytes
                 s.server_batch_samples.append(reply.batch_samples)
-                cloud_preds = reply.logits.argmax(1)
-                for j, (i, b) in enumerate(zip(remaining, _split_bytes(len(body), len(remaining)))):
-                    preds[i], lat[i], sent[i] = int(cloud_preds[j]), (t_done - t0) * 1000.0, b
+                for row, i, b in zip(reply.logits, remaining, _split_bytes(len(body), len(remaining))):
+                    preds[i], lat[i], sent[i] = max(range(len(row)), key=row.__getitem__), (t_done - t0) * 1000.0, b
         recs = []
-        ents = r.entropies.tolist()
-        for i, lab in enumerate(labels.tolist()):
+        ents = r.entropies
+        for i, lab in enumerate(labels):
             code = int(decided[i])
             where = f"exit:{code}" if code >= 0 else "cloud" if code == CLOUD else "fallback"
             rec = {"index": start + i, "label": int(lab), "prediction": int(preds[i]), "decided_at": where,
@@ -166,16 +164,25 @@ class EdgeRunner:
             recs.append(rec)
         return recs
 
-    def iter_records(self, images: np.ndarray, labels: np.ndarray):
+    def iter_records(self, images, labels: list[int]):
+        """``images``: uint8 (N, C, H, W) in C order, any bytes-like object; one record per input, in order."""
         bs, t_run = self.opt.batch_size, time.perf_counter()
+        x, img = memoryview(images).cast("B"), len(memoryview(images).cast("B")) // max(len(labels), 1)
         for i in range(0, len(labels), bs):
-            recs = self.run_batch(images[i:i + bs], labels[i:i + bs], i)
+            recs = self.run_batch(x[i * img:(i + bs) * img], labels[i:i + bs], i)
             self.stats.wall_s = time.perf_counter() - t_run
             yield from recs
 
 
 def _pct(values, q):
-    return float(np.percentile(np.asarray(values, dtype=float), q)) if len(values) else None
+    """numpy.percentile's default (linear interpolation between the closest ranks)."""
+    if not values:
+        return None
+    v = sorted(map(float, values))
+    pos = (len(v) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(v) - 1)
+    return v[lo] + (v[hi] - v[lo]) * (pos - lo)
 
 
 def summarize(records: list[dict], runner: EdgeRunner) -> dict:
@@ -217,14 +224,14 @@ def summarize(records: list[dict], runner: EdgeRunner) -> dict:
               "on_cloud_failure": opt.on_cloud_failure, "requests": st.requests, "failed_requests": st.failed_requests,
               "skipped_requests": st.skipped_requests, "retries": st.retries,
               "response_bytes_per_request": st.response_bytes / max(st.requests - st.failed_requests, 1),
-              "server_batch_samples_mean": float(np.mean(st.server_batch_samples)) if st.server_batch_samples else None,
+              "server_batch_samples_mean": statistics.fmean(st.server_batch_samples) if st.server_batch_samples else None,
               "server_batch_samples_max": max(st.server_batch_samples) if st.server_batch_samples else None,
               "wall_s": st.wall_s, "throughput_per_s": n / st.wall_s if st.wall_s > 0 else None,
               "engine": runner.engine})
     return s
 
 
-def run_edge(folder, images: np.ndarray, labels: np.ndarray, options: Options, out=None) -> tuple[dict, list[dict]]:
+def run_edge(folder, images, labels: list[int], options: Options, out=None) -> tuple[dict, list[dict]]:
     """Load the exported edge, check the cloud, run every input (records streamed to ``out``), summarize."""
     runner = EdgeRunner(PackedEdge(folder), options)
     recs: list[dict] = []

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from ..model.checkpoint import load_model
 
-FILES = {"onnx": ("edge.onnx", "cloud.onnx"), "packed": ("edge.packed.safetensors",)}
+FILES = {"onnx": ("edge.onnx", "cloud.onnx"), "packed": ("edge.packed.safetensors", "edge.json")}
 
 
 def export_checkpoint(checkpoint, fmt: str, out) -> dict:
@@ -24,6 +24,9 @@ def export_checkpoint(checkpoint, fmt: str, out) -> dict:
         from .packed import PackedEdge
 
         PackedEdge.from_edge(edge.eval()).save(out / FILES[fmt][0])
+        from .edge_manifest import write_manifest
+
+        write_manifest(checkpoint, out)  # what the hybridexit-edge package (edge/) reads beside the artifact
     else:
         from .onnx_export import cloud_model, edge_model
 

@@ -23,7 +23,7 @@ from ..errors import EngineError
 
 CSRC = Path(__file__).parent / "csrc"
 # the torch-free core (C ABI: csrc/hx_edge.h, also built by the hybridexit-edge package in edge/) and its binding
-CORE_SOURCES = ("bconv.cpp", "kbit.cpp", "decide.cpp")
+CORE_SOURCES = ("bconv.cpp", "kbit.cpp", "decide.cpp", "layout.cpp")
 SOURCES = (*CORE_SOURCES, "torch_binding.cpp")
 CFLAGS = ["-O3", "-ffp-contract=off", "-std=c++17"]
 

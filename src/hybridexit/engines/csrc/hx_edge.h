@@ -24,7 +24,7 @@ extern "C" {
 #pragma GCC visibility push(default) /* the ABI stays visible in a library built with -fvisibility=hidden */
 #endif
 
-#define HX_EDGE_ABI_VERSION 1
+#define HX_EDGE_ABI_VERSION 2
 
 /* One quantized 3x3 conv (padding 1) with what precedes and follows it in a residual block. */
 typedef struct hx_conv {
@@ -114,6 +114,23 @@ int hx_edge_feature_shape(const hx_edge* e, int* h, int* w, int* c, char* err, s
 int hx_decide(const hx_edge* e, const void* x, int x_u8, int n, const float* thresholds, const float* temperatures,
               int isa, int kisa, hx_parallel_fn par, int64_t* preds, int64_t* decided, float* ents, float* feats,
               int64_t* remaining, int* n_remaining, char* err, size_t errlen);
+
+/* layout.cpp: what a host without numpy needs around the kernels (the main package's arithmetic, exactly). */
+/* Binary conv weights from sign bits (O, C, 3, 3), 1 = +1, little bit order: wt (3 ceil(3C/64), ceil(O/8) 8)
+ * words and wpop (9, O) per-tap counts of +1 weights (engines/packed.py kernel_weights). */
+int hx_binary_layout(const uint8_t* bits, int o, int c, uint64_t* wt, int32_t* wpop, char* err, size_t errlen);
+/* k-bit conv weights from levels r packed `bits` each, little bit order, (O, C, 3, 3): wk int8 (9, ceil(C/4),
+ * ceil(O/16) 16, 4) of w = 2r - Z and wbias (opad) (engines/kbit.py kernel_kweights). */
+int hx_kbit_layout(const uint8_t* levels, int o, int c, int bits, int8_t* wk, int32_t* wbias, char* err,
+                   size_t errlen);
+/* Eval BatchNorm as fma(x, a, b): a = rsqrt(var + eps) weight (float32), b = bias - mean a (float64). */
+void hx_fold_bn(const float* weight, const float* bias, const float* mean, const float* var, float eps, int n,
+                float* a, float* b);
+/* Payload of a (r, c, h, w) feature frame from channels-last features: codec 1 fp32, 2 fp16, 3 int8 with
+ * per-(sample, channel) scales (runtime/wire.py); hx_payload_bytes gives its size. */
+size_t hx_payload_bytes(int r, int h, int w, int c, int codec);
+int hx_encode_features(const float* x, int r, int h, int w, int c, int codec, uint8_t* out, char* err,
+                       size_t errlen);
 
 #if defined(__GNUC__)
 #pragma GCC visibility pop
