@@ -132,34 +132,49 @@ def _records(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-BACKBONES = [[]]  # network flags per backbone: the CIFAR ResNet-8 (default family)
+def _one_per_definition() -> list[str]:
+    """Every registered backbone, one per definition: a deeper sibling of the same blocks and stem (cifar_resnet32 ..
+    110 after cifar_resnet20, resnet34 after resnet18) runs the same code."""
+    from hybridexit.model.backbones import BACKBONES, get_backbone
+
+    seen, names = set(), []
+    for name in BACKBONES:
+        b = get_backbone(name)
+        sig = (type(b).__name__, getattr(b, "bottleneck", None), getattr(b, "small_stem", None))
+        if sig not in seen:
+            seen.add(sig)
+            names.append(name)
+    return names
 
 
-@pytest.mark.parametrize("net", BACKBONES, ids=lambda n: " ".join(n) or "cifar-resnet")
+@pytest.mark.parametrize("backbone", _one_per_definition())
 def test_a_class_folder_dataset_trains_calibrates_evaluates_serves_and_runs_on_the_edge(tmp_path, capsys,
-                                                                                      monkeypatch, net):
+                                                                                      monkeypatch, backbone):
+    from hybridexit.model.backbones import get_backbone
     from hybridexit.runtime.process import ServerProcess
 
-    tree = write_tree(tmp_path / "tree")
+    b = get_backbone(backbone)  # one edge block, an exit after it, the backbone's quantized edge (binary if float)
+    net = ["--backbone", backbone, "--edge-blocks", "1", "--exits", str(b.per_block),
+           "--edge-bits", str(1 if b.default_edge_bits == 32 else b.default_edge_bits)]
+    tree = write_tree(tmp_path / "tree", size=36, splits=(("train", 8), ("test", 2)))  # small: 5 backbones
     ck = tmp_path / "ck"
-    net = net or ["--depth", "8", "--edge-layers", "2", "--exits", "2"]
-    assert main(["train", "--data-dir", str(tree), *net, "--edge-bits", "1", "--exit-pool", "global",
-                 "--epochs", "2", "--batch-size", "8", "--out", str(ck)]) == 0
+    assert main(["train", "--data-dir", str(tree), *net, "--exit-pool", "global", "--epochs", "1",
+                 "--batch-size", "16", "--out", str(ck)]) == 0
     capsys.readouterr()
     cfg = json.loads((ck / "config.json").read_text())
     d = cfg["data"]
-    assert d["kind"] == "folder" and d["classes"] == ["class_0", "class_1", "class_2"] and d["image_size"] == 40
-    assert cfg["network"]["image_size"] == 40 and cfg["network"]["num_classes"] == 3
-    assert cfg["network"]["mean"] == d["mean"] and d["val_size"] == 4 and d["augmentation"] == "pad-crop-flip"
+    assert d["kind"] == "folder" and d["classes"] == ["class_0", "class_1", "class_2"] and d["image_size"] == 36
+    assert cfg["network"]["image_size"] == 36 and cfg["network"]["num_classes"] == 3
+    assert cfg["network"]["mean"] == d["mean"] and d["val_size"] == 2 and d["augmentation"] == "pad-crop-flip"
 
     assert main(["calibrate", str(ck), "--exit-fraction", "0.5", "--write", "--json"]) == 0  # the recorded folder
     cal = json.loads(capsys.readouterr().out)
-    assert cal["split"] == "val" and cal["n"] == 4 and cal["written"]
+    assert cal["split"] == "val" and cal["n"] == 2 and cal["written"]
 
     ev = tmp_path / "ev.jsonl"
     assert main(["evaluate", str(ck), "--split", "test", "--json", "--out", str(ev), "--link", "wifi"]) == 0
     s = json.loads(capsys.readouterr().out)
-    assert s["n"] == 12 and s["link"]["send_image"]["bytes"] == 3 * 40 * 40
+    assert s["n"] == 6 and s["link"]["send_image"]["bytes"] == 3 * 36 * 36
     img = tmp_path / "img.jsonl"  # the test folder as edge inputs: the same images, read at the network's size
     assert main(["evaluate", str(ck), "--images", str(tree / "test"), "--json", "--out", str(img)]) == 0
     capsys.readouterr()
@@ -175,9 +190,9 @@ def test_a_class_folder_dataset_trains_calibrates_evaluates_serves_and_runs_on_t
         assert main(["edge", str(ck), "--cloud", srv.url, "--images", str(tree / "test"), "--json", "--threads", "1",
                      "--codec", "int8"]) == 0
         ei = json.loads(capsys.readouterr().out)
-    assert es["inputs"] == 12 and es["raw_image_bytes"] == 3 * 40 * 40 and es["failed_requests"] == 0
+    assert es["inputs"] == 6 and es["raw_image_bytes"] == 3 * 36 * 36 and es["failed_requests"] == 0
     assert [key(r) for r in _records(edge)] == [key(r) for r in _records(ev)]  # the same decisions as evaluate
-    assert ei["inputs"] == 12 and ei["unreadable_inputs"] == 0 and ei["raw_image_bytes"] == 4800
+    assert ei["inputs"] == 6 and ei["unreadable_inputs"] == 0 and ei["raw_image_bytes"] == 3888
 
 
 def test_class_folder_errors_are_one_line(tmp_path, capsys):
@@ -190,3 +205,18 @@ def test_class_folder_errors_are_one_line(tmp_path, capsys):
     assert main(["train", "--data-dir", str(root), "--depth", "8", "--epochs", "1", "--val-size", "3",
                  "--out", str(tmp_path / "o")]) == 2
     assert "val_size applies to CIFAR" in capsys.readouterr().err
+
+
+def test_a_recipe_sets_the_image_size_and_statistics_and_large_images_get_random_resized_crops(tmp_path, capsys):
+    tree = write_tree(tmp_path / "tree", size=40, splits=(("train", 4), ("test", 1)))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text("epochs = 1\nbatch_size = 16\nimage_size = 72\nmean = [0.5, 0.5, 0.5]\nstd = [0.25, 0.25, 0.25]\n")
+    assert main(["train", "--data-dir", str(tree), "--depth", "8", "--recipe", str(recipe), "--out",
+                 str(tmp_path / "ck")]) == 0
+    capsys.readouterr()
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["data"]["image_size"] == 72 and cfg["data"]["augmentation"] == "random-resized-crop-flip"
+    assert cfg["network"]["image_size"] == 72 and cfg["network"]["mean"] == [0.5] * 3 and cfg["data"]["std"] == [0.25] * 3
+    recipe.write_text("epochs = 1\nmean = [0.5, 0.5, 0.5]\n")
+    assert main(["train", "--data-dir", str(tree), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
+    assert "give both mean and std" in capsys.readouterr().err
