@@ -39,10 +39,12 @@ def load_recipe(path) -> dict:
     """The ``TrainConfig`` keyword arguments a recipe file sets (``description`` and other meta keys dropped);
     a recipe that also sets network options is refused (use ``read_recipe``)."""
     train, network = read_recipe(path)
-    network.update(recipe_data(path))
-    if network:
-        raise ConfigError(f"recipe {path} sets network or data options {sorted(network)}, which this command does not "
-                          f"apply (it builds the network itself): train it with `hybridexit train --recipe {path}`")
+    data = recipe_data(path)
+    if network or data:
+        what = " and ".join(f"{kind} options {sorted(keys)}" for kind, keys in (("network", network), ("data", data))
+                            if keys)
+        raise ConfigError(f"recipe {path} sets {what}, which this command does not apply (it builds the network "
+                          f"itself): train it with `hybridexit train --recipe {path}`")
     return train
 
 
