@@ -217,6 +217,11 @@ def test_a_recipe_sets_the_image_size_and_statistics_and_large_images_get_random
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert cfg["data"]["image_size"] == 72 and cfg["data"]["augmentation"] == "random-resized-crop-flip"
     assert cfg["network"]["image_size"] == 72 and cfg["network"]["mean"] == [0.5] * 3 and cfg["data"]["std"] == [0.25] * 3
+    from hybridexit.errors import ConfigError
+    from hybridexit.workflows.recipes import load_recipe
+
+    with pytest.raises(ConfigError, match=r"sets data options \['image_size', 'mean', 'std'\]"):
+        load_recipe(recipe)  # the sweep builds its own network on CIFAR: a recipe's data options are refused there
     recipe.write_text("epochs = 1\nmean = [0.5, 0.5, 0.5]\n")
     assert main(["train", "--data-dir", str(tree), "--recipe", str(recipe), "--out", str(tmp_path / "o")]) == 2
     assert "give both mean and std" in capsys.readouterr().err
