@@ -67,6 +67,7 @@ class PackedEdge:
         self.image_shape = (inp["channels"], inp["size"], inp["size"])
         self.feature_shape = tuple(m["feature_shape"])
         self._keep: list = []  # every C array the structures point into
+        self._feats = (ctypes.c_float * 0)()
         blocks = (native.Block * len(m["blocks"]))()
         for i, spec in enumerate(m["blocks"]):
             b = blocks[i]
@@ -165,12 +166,15 @@ class PackedEdge:
         temps = native.floats([1.0] * k if temperatures is None else temperatures)
         if len(thr) != k or len(temps) != k:
             raise InputShapeError(f"{len(thr)} thresholds and {len(temps)} temperatures for {k} exits: one each")
-        c, h, w = self.feature_shape
+        size = math.prod(self.feature_shape)
+        if len(self._feats) < n * size:  # the features of every input, at most: kept from call to call
+            self._feats = (ctypes.c_float * (n * size))()
         preds, decided, rem = ((ctypes.c_int64 * n)() for _ in range(3))
-        ents, feats = (ctypes.c_float * (n * k))(), (ctypes.c_float * (n * h * w * c))()
-        r = ctypes.c_int()
+        ents, r = (ctypes.c_float * (n * k))(), ctypes.c_int()
         native.call(self.so.hx_decide, ctypes.byref(self.edge), (ctypes.c_uint8 * len(x)).from_buffer_copy(x), 1, n,
-                    thr, temps, self.isa, self.kisa, None, preds, decided, ents, feats, rem, ctypes.byref(r))
+                    thr, temps, self.isa, self.kisa, None, preds, decided, ents, self._feats, rem, ctypes.byref(r))
+        feats = (ctypes.c_float * (r.value * size))()
+        ctypes.memmove(feats, self._feats, ctypes.sizeof(feats))
         e = list(ents)
         return EdgeResult(list(preds), list(decided), [e[i * k:(i + 1) * k] for i in range(n)], feats,
                           list(rem)[: r.value])

@@ -48,6 +48,17 @@ float entropy_of(const float* logits, int k, float temperature, float* buf) {
   return -e;
 }
 
+// The decision's float feature buffers, kept per thread from call to call (grow only): a batch's buffers are
+// megabytes, and allocating them anew each call costs page faults that depend on the host process's allocator.
+struct Workspace {
+  std::vector<float> h, next;
+};
+
+Workspace& workspace() {
+  static thread_local Workspace w;
+  return w;
+}
+
 void check_edge(const hx_edge* e) {
   HX_CHECK(e && e->c >= 1 && e->h >= 1 && e->w >= 1 && e->c0 >= 1, "decide: an edge with (C, H, W) inputs and a stem");
   HX_CHECK(e->mean && e->std && e->stem, "decide: prologue = mean, std, stem weights");
@@ -115,7 +126,10 @@ int hx_decide(const hx_edge* e, const void* x, int x_u8, int n, const float* thr
     const int K = e->n_exits, c = e->c, H = e->h, W = e->w, c0 = e->c0;
     int fh, fw, fc;
     hx::blocks_shape(e->blocks, e->n_blocks, H, W, c0, &fh, &fw, &fc);
-    std::vector<float> h((size_t)n * H * W * c0);
+    Workspace& ws = workspace();
+    std::vector<float>& h = ws.h;
+    std::vector<float>& next = ws.next;
+    h.resize((size_t)n * H * W * c0);
     {
       const hx::NormFn norm = hx::norm_fn(isa);
       const hx::StemFn stem = hx::stem_fn(isa);
@@ -140,7 +154,6 @@ int hx_decide(const hx_edge* e, const void* x, int x_u8, int n, const float* thr
     for (int i = 0; i < n; ++i) idx[i] = i;
     const hx::HeadFn headf = hx::head_fn(isa);
     int hh = H, ww = W, cc = c0, b0 = 0;
-    std::vector<float> next;
     for (int k = 0; k < K && !idx.empty(); ++k) {
       const int r = (int)idx.size(), b1 = e->exit_end[k];
       if (b1 > b0) {
