@@ -57,7 +57,7 @@ def figures(r: dict) -> list[str]:
             f"{r['weights_sha256'][:12]}..., artifact {r['artifact_bytes']:,} B, native library "
             f"{r['library_bytes']:,} B) on {mach['cpu']}, kernels {mach['isa']}; a shared machine, load average "
             f"{mach['load_average_1min'][0]} before and {mach['load_average_1min'][1]} after, the two sides "
-            "alternating in the same run:", "", *rows, "", agree,
+            "alternating in the same run:", "", *rows, "", agree, "",
             "The aarch64 build is checked for correctness only (qemu-user); its speed is unmeasured until it runs on "
             "real ARM hardware."]
 
