@@ -233,3 +233,6 @@ class QuanConv(nn.Module):
             x = self.shift(x)
         x = self.conv(self.act(x))
         return x if self.rprelu is None else self.rprelu(x)
+
+
+BNQuantConv = QuanConv  # the name model/backbones/cifar.py imports (the rename to BNQuantConv is in flight)
