@@ -73,8 +73,6 @@ def _net_cfg(a, recipe_network: dict | None = None):
         kw["exit_pool"] = a.exit_pool
     if a.image_size is not None:
         kw["image_size"] = a.image_size
-    if a.image_size is not None:
-        kw["image_size"] = a.image_size
     if a.backbone is not None:
         kw["backbone"] = a.backbone
     bb = HybridConfig(depth=a.depth, backbone=kw.get("backbone", ""), image_size=kw.get("image_size", 32))
