@@ -66,11 +66,9 @@ def manifest(checkpoint, artifact: Path) -> dict:
     }
 
 
-def write_manifest(checkpoint, out) -> Path:
-    """``out/edge.json`` for the packed artifact in ``out``."""
-    from .export import FILES
-
-    out = Path(out)
-    path = out / MANIFEST
-    path.write_text(json.dumps(manifest(checkpoint, out / FILES["packed"][0]), indent=1) + "\n")
+def write_manifest(checkpoint, artifact) -> Path:
+    """``edge.json`` beside the packed ``artifact`` of ``checkpoint``."""
+    artifact = Path(artifact)
+    path = artifact.parent / MANIFEST
+    path.write_text(json.dumps(manifest(checkpoint, artifact), indent=1) + "\n")
     return path

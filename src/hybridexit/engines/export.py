@@ -26,7 +26,7 @@ def export_checkpoint(checkpoint, fmt: str, out) -> dict:
         PackedEdge.from_edge(edge.eval()).save(out / FILES[fmt][0])
         from .edge_manifest import write_manifest
 
-        write_manifest(checkpoint, out)  # what the hybridexit-edge package (edge/) reads beside the artifact
+        write_manifest(checkpoint, out / FILES[fmt][0])  # what the hybridexit-edge package (edge/) reads beside it
     else:
         from .onnx_export import cloud_model, edge_model
 
