@@ -57,9 +57,6 @@ def _net_args(p: argparse.ArgumentParser, classes_default=10):
     p.add_argument("--image-size", type=positive_int, default=None,
                    help="side of the (square) input images (default: 32; train: the dataset's, CIFAR 32, a class "
                         "folder's images resized to this side)")
-    p.add_argument("--image-size", type=positive_int, default=None,
-                   help="side of the (square) input images (default: 32; train: the dataset's, CIFAR 32, a class "
-                        "folder's images resized to this side)")
 
 
 def _net_cfg(a, recipe_network: dict | None = None):
