@@ -60,16 +60,16 @@ def measure(ckpt: str, name: str, split_name: str, limit: int, repeat: int, data
     model, meta = load_model(ckpt)
     policy = meta["policy"]
     split = split_of(ckpt, load_cifar(meta["data"]["name"], data_dir), split_name).limit(limit)
-    ep = evaluate.edge_pass(model, split, policy.thresholds, policy.temperatures or None)
+    feats = evaluate.offloaded_features(model, split, policy.thresholds, policy.temperatures or None)
     codec = codecs.get(name, checkpoint=ckpt)
     held, fp = codecs.held_codecs(ckpt), fingerprint(ckpt)
-    shape = (1, *ep.features.shape[1:])
+    shape = (1, *feats.shape[1:])
     parts = {k: [] for k in ("encode", "decode", "encode_cpu", "decode_cpu", "layers_encode_cpu", "layers_decode_cpu",
                              "coder_encode_cpu", "coder_decode_cpu")}
     sizes = []
     learned = isinstance(codec, codecs.LearnedCodec)
-    for j in range(len(ep.remaining)):
-        x = ep.features[j:j + 1].contiguous()
+    for j in range(len(feats)):
+        x = feats[j:j + 1].contiguous()
         w, c, body = _timed(repeat, wire.frame, codec, x, fp)
         parts["encode"].append(w)
         parts["encode_cpu"].append(c)

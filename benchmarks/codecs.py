@@ -6,12 +6,12 @@ images: every CIFAR-10 test image encoded as raw uint8, PNG (Pillow, optimize), 
   decoded and classified by the float network (``checkpoints/c10-r32-fp32``): bytes per image (the encoded file)
   and accuracy on the full test set.
 features: for each hybrid checkpoint (the 20E main one, the 16E joint one where it exists, and the 20E checkpoint
-  that carries the learned codec) and each codec: the real conditional run (edge, exits, cloud on the samples
-  that did not exit), with the offloaded features sent through the codec as wire frames of one sample each
-  (``evaluate.evaluate_codec``): bytes per offloaded sample (the whole frame a batch-size-1 edge sends),
-  bytes per input, test accuracy and its change against the fp32 codec, encode and decode time per sample (one
-  thread, measured while other jobs share the machine: compare within a row set, not across machines).
-  The q codecs choose their clip quantile on the checkpoint's VALIDATION split (accuracy of the offloaded
+  that carries the learned codec) and each codec: the real conditional run (edge, exits, cloud on the samples that
+  did not exit), with the offloaded features sent through the codec as wire frames of one sample each
+  (``evaluate.evaluate_split``, every codec in the same pass): bytes per offloaded sample (the whole frame a
+  batch-size-1 edge sends), bytes per input, test accuracy and its change against the fp32 codec, encode and decode
+  time per sample (one thread, measured while other jobs share the machine: compare within a row set, not across
+  machines). The q codecs choose their clip quantile on the checkpoint's VALIDATION split (accuracy of the offloaded
   samples, ties to the smaller payload), then run once on test.
 energy: per link (links.LINKS), the edge's energy per image (compute + transmit) for each codec at the measured
   exit rate, against sending each image format, and the exit rate above which the hybrid's edge spends less.
@@ -103,15 +103,17 @@ def part_images(ds, limit) -> dict:
     return {"network": FP32, "n": len(test), "rows": rows}
 
 
-def _choose_clip(name, ckpt, model, ep_val) -> tuple[float, dict]:
-    """Clip quantile of a q codec, chosen on the validation split (offloaded accuracy, then payload)."""
+def _choose_clip(name, ckpt, model, val, val_feats, thresholds, temps) -> tuple[float, dict]:
+    """Clip quantile of a q codec, chosen on the validation split (offloaded accuracy, then payload): every
+    candidate in one pass over ``val``."""
     from hybridexit import codecs
     from hybridexit.workflows import evaluate
 
+    cands = {str(p): evaluate.WireCodec(codecs.get(name, calibration=val_feats, clip_p=p), ckpt) for p in CLIP_P}
+    run = evaluate.evaluate_split(model, val, thresholds, temps, codecs=cands, plain=False)
     best, seen = None, {}
     for p in CLIP_P:
-        codec = codecs.get(name, calibration=ep_val.features, clip_p=p)
-        r = evaluate.apply_codec(model, ep_val, codec, ckpt)
+        r = run.codec_figures(str(p))
         seen[str(p)] = {"accuracy": r["accuracy"], "payload_bytes_per_offloaded": r["payload_bytes_per_offloaded"]}
         key = (r["accuracy"], -r["payload_bytes_per_offloaded"])
         if best is None or key > best[0]:
@@ -135,21 +137,27 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
         policy = meta["policy"]
         temps = policy.temperatures or None
         learned = codecs.required_codec(ckpt) is not None
-        ep_test = evaluate.edge_pass(model, ds.test.limit(limit), policy.thresholds, temps)
-        ep_val = None
-        if not learned and any(n in codecs.QUANT_NAMES for n in names or FEATURE_CODECS):  # q codecs' clip ranges
-            ep_val = evaluate.edge_pass(model, get_split(ds, "val", val_ids=read_val_ids(ckpt)), policy.thresholds, temps)
-        rows, base = [], None
-        for name in [codecs.LEARNED] if learned else (names or FEATURE_CODECS):
-            chosen = None
+        val = val_feats = None
+        todo = [codecs.LEARNED] if learned else (names or FEATURE_CODECS)
+        if not learned and any(n in codecs.QUANT_NAMES for n in todo):  # q codecs' clip ranges
+            val = get_split(ds, "val", val_ids=read_val_ids(ckpt))
+            val_feats = evaluate.offloaded_features(model, val, policy.thresholds, temps)
+        built, chosen = {}, {}
+        for name in todo:
             if name in codecs.QUANT_NAMES:  # the default clip quantile; --sweep also records the others on val
                 p, seen = codecs.DEFAULT_CLIP_P, None
                 if sweep:
-                    p, seen = _choose_clip(name, ckpt, model, ep_val)
-                codec, chosen = codecs.get(name, calibration=ep_val.features, clip_p=p), {"clip_p": p, "val_sweep": seen}
+                    p, seen = _choose_clip(name, ckpt, model, val, val_feats, policy.thresholds, temps)
+                built[name], chosen[name] = codecs.get(name, calibration=val_feats, clip_p=p), {"clip_p": p,
+                                                                                               "val_sweep": seen}
             else:
-                codec = codecs.get(name, checkpoint=ckpt)
-            r = evaluate.apply_codec(model, ep_test, codec, ckpt)
+                built[name] = codecs.get(name, checkpoint=ckpt)
+        # one pass over the test images: the edge decides once, every codec sends the same offloaded features
+        run = evaluate.evaluate_split(model, ds.test.limit(limit), policy.thresholds, temps, plain=False,
+                                      codecs={n: evaluate.WireCodec(c, ckpt) for n, c in built.items()})
+        rows, base = [], None
+        for name, codec in built.items():
+            r = run.codec_figures(name)
             if name == "fp32":
                 base = r["accuracy"]
             row = {"codec": name, **{k: r[k] for k in ("n", "accuracy", "edge_fraction", "payload_bytes_per_offloaded",
@@ -162,8 +170,8 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
                 row["codec_files"] = {"folder": str(home), "format": codec.format,
                                       "codec_safetensors_sha256": _sha256(home / codecs.CODEC_TENSORS),
                                       "codec_json_sha256": _sha256(home / codecs.CODEC_FILE)}
-            if chosen:
-                row["clip_chosen_on_val"] = chosen
+            if name in chosen:
+                row["clip_chosen_on_val"] = chosen[name]
             rows.append(row)
             print(f"  {ckpt} {name:<10}{r['payload_bytes_per_offloaded']:8.0f} B/offloaded  {100 * r['accuracy']:.2f} %",
                   file=sys.stderr, flush=True)
@@ -174,8 +182,8 @@ def part_features(ds, limit, only=None, names=None, sweep=False) -> dict:
                          if r["codec"] == "fp32" and e["thresholds"] == list(policy.thresholds)), None)
             if base is None and (ROOT / against).is_dir():  # its fp32 codec at these thresholds, measured now
                 ref, _ = load_model(against)
-                ep_ref = evaluate.edge_pass(ref, ds.test.limit(limit), policy.thresholds, temps)
-                base = evaluate.apply_codec(ref, ep_ref, codecs.get("fp32"), against)["accuracy"]
+                base = evaluate.evaluate_codec(ref, ds.test.limit(limit), policy.thresholds, codecs.get("fp32"),
+                                               against, temps)["accuracy"]
         for row in rows:
             row["accuracy_change_vs_fp32_points"] = None if base is None else 100 * (row["accuracy"] - base)
         out.append({"checkpoint": ckpt, "split_at_layer": model.cfg.edge_layers, "thresholds": list(policy.thresholds),

@@ -2,6 +2,7 @@
 a codec recipe run in two stages (train_codec, hybridexit train-codec / export-codec)."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,14 @@ from safetensors.torch import load_file
 from hybridexit import codecs, errors
 from hybridexit.cli import main
 from hybridexit.workflows import evaluate
-from hybridexit.workflows.train_codec import Bottleneck, BottleneckConfig, export_checkpoint, train_bottleneck, train_codec
+from hybridexit.workflows.train_codec import (
+    Bottleneck,
+    BottleneckConfig,
+    export_checkpoint,
+    read_best,
+    train_bottleneck,
+    train_codec,
+)
 
 
 def test_symbols_are_what_the_forward_pass_quantizes():
@@ -93,7 +101,8 @@ def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cif
     run = tmp_path / "run"
     bcfg = BottleneckConfig(code_channels=4, bits=2, epochs=2, batch_size=32, match_blocks=1, refine=refine)
     hist = train_bottleneck(str(tiny_ckpt), run, bcfg, data_dir=tiny_cifar)["history"]
-    assert [h["epoch"] for h in hist] == [1, 2] and (run / "best.pt").is_file()
+    assert [h["epoch"] for h in hist] == [1, 2] and (run / "best" / "best.json").is_file()
+    assert not list(run.rglob("*.pt"))  # safetensors and JSON only: nothing pickled
     assert train_bottleneck(str(tiny_ckpt), run, bcfg, data_dir=tiny_cifar)["history"] == hist  # resumed: done
     out = tmp_path / "with-codec"
     export_checkpoint(run, out)
@@ -140,9 +149,9 @@ def test_train_codec_runs_both_stages_resumes_and_exports(tiny_ckpt, tiny_cifar,
     assert list(hist) == ["stage1", "stage2"] and [len(h) for h in hist.values()] == [1, 1]
     assert (run / "recipe.toml").read_text() == TWO_STAGES
     cfg2 = json.loads((run / "stage2" / "config.json").read_text())["bottleneck"]
-    assert (cfg2["code_channels"], cfg2["bits"], cfg2["init_from"]) == (4, 2, str(run / "stage1" / "best.pt"))
+    assert (cfg2["code_channels"], cfg2["bits"], cfg2["init_from"]) == (4, 2, str(run / "stage1" / "best"))
     # stage 2 started from stage 1's best: same validation accuracy at its start, same weights (tiny lr)
-    best1, best2 = (torch.load(run / s / "best.pt", weights_only=True) for s in ("stage1", "stage2"))
+    best1, best2 = (read_best(run / s / "best") for s in ("stage1", "stage2"))
     start2 = next(r for r in _lines(run / "stage2" / "log.jsonl") if r.get("event") == "init")
     assert start2["from"] == cfg2["init_from"] and start2["val_offloaded_acc"] == best1["val"]["val_offloaded_acc"]
     for k in ("reduce.weight", "expand.weight", "log_step"):
@@ -154,7 +163,7 @@ def test_train_codec_runs_both_stages_resumes_and_exports(tiny_ckpt, tiny_cifar,
     logs = {s: (run / s / "log.jsonl").read_text() for s in ("stage1", "stage2")}
     assert train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar) == hist  # finished: nothing retrained
     assert {s: (run / s / "log.jsonl").read_text() for s in logs} == logs
-    (run / "stage2" / "state.pt").unlink()  # as if stage 2 had been interrupted before its first epoch ended
+    shutil.rmtree(run / "stage2" / "state")  # as if stage 2 had been interrupted before its first epoch ended
     assert train_codec(str(tiny_ckpt), recipe, run, data_dir=tiny_cifar)["stage1"] == hist["stage1"]
     assert (run / "stage1" / "log.jsonl").read_text() == logs["stage1"]  # stage 1 skipped, stage 2 trained again
     assert len((run / "stage2" / "log.jsonl").read_text()) > len(logs["stage2"])
@@ -170,6 +179,52 @@ def test_train_codec_runs_both_stages_resumes_and_exports(tiny_ckpt, tiny_cifar,
     assert (trained["stage"], trained["run"], trained["tables_from_train_samples"]) == ("stage2", str(run / "stage2"), 64)
     export_checkpoint(run / "stage1", tmp_path / "stage1-codec")  # one stage folder: its views are found too
     assert codecs.required_codec(tmp_path / "stage1-codec") == "bn"
+
+
+RESUMED = """[stage1]
+code_channels = 4
+bits = 2
+epochs = 2
+batch_size = 32
+limit_train = 64
+[stage2]
+epochs = 2
+views = 2
+match_blocks = 0
+batch_size = 32
+limit_train = 64
+"""
+
+
+def _untimed(hist):
+    return {s: [{k: v for k, v in r.items() if k not in ("epoch_s", "wall_s")} for r in h] for s, h in hist.items()}
+
+
+def test_an_interrupted_codec_run_resumes_to_the_uninterrupted_result(tiny_ckpt, tiny_cifar, tmp_path):
+    """The stages are phases of train.py's one loop: a run stopped after any epoch (in a stage, at the boundary
+    between the stages) and resumed by the same call ends with the weights, optimizer states, best epochs and logs
+    of the run that was never stopped."""
+    recipe = tmp_path / "codec.toml"
+    recipe.write_text(RESUMED)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    want = train_codec(str(tiny_ckpt), recipe, whole, data_dir=tiny_cifar, cache_dir=tmp_path / "cache")
+    assert [len(h) for h in want.values()] == [2, 2]
+    first = train_codec(str(tiny_ckpt), recipe, parts, data_dir=tiny_cifar, cache_dir=tmp_path / "cache",
+                        stop_after_epochs=1)  # stopped inside stage 1
+    assert _untimed(first) == _untimed({"stage1": want["stage1"][:1], "stage2": []})
+    for stop in (2, None):  # the stage 1 -> 2 boundary inside the call, then the rest
+        got = train_codec(str(tiny_ckpt), recipe, parts, data_dir=tiny_cifar, cache_dir=tmp_path / "cache",
+                          stop_after_epochs=stop)
+    assert _untimed(got) == _untimed(want)
+    for stage in ("stage1", "stage2"):
+        for sub, name in (("state", "model.safetensors"), ("state", "train_state.safetensors"),
+                          ("best", "model.safetensors")):
+            a, b = load_file(str(whole / stage / sub / name)), load_file(str(parts / stage / sub / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (stage, sub, name)
+        assert read_best(whole / stage / "best")["epoch"] == read_best(parts / stage / "best")["epoch"]
+    w, p = (load_file(str(d / "stage2" / "state" / "model.safetensors")) for d in (whole, parts))
+    s1 = load_file(str(whole / "stage1" / "best" / "model.safetensors"))
+    assert any(not torch.equal(w[k], s1[k]) for k in w if k.startswith("bottleneck."))  # stage 2 did train
 
 
 def test_train_codec_command_prints_each_stage_and_export_refuses_an_unfinished_run(tiny_ckpt, tiny_cifar, tmp_path,
@@ -235,8 +290,6 @@ def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, 
     with pytest.raises(errors.ConfigError, match="already carries"):
         export_checkpoint(run, tiny_ckpt)
     other = tmp_path / "other"  # a checkpoint of another model is refused
-    import shutil
-
     shutil.copytree(tiny_ckpt, other, ignore=shutil.ignore_patterns(codecs.CODEC_DIR))
     t = load_file(str(other / "model.safetensors"))
     t = {k: (v + 1 if v.is_floating_point() else v) for k, v in t.items()}

@@ -232,11 +232,12 @@ def _load_data_for(meta, a):
 
 
 def cmd_evaluate(a):
+    from ..codecs import QUANT_NAMES
     from ..engines import resolve_engine
     from ..model.checkpoint import fingerprint, load_model, split_of
     from ..model.hybrid import resolve_thresholds
     from ..model.policy import read_policy_file
-    from ..workflows.evaluate import evaluate_checkpoint_summary
+    from ..workflows.evaluate import evaluate_run
 
     model, meta = load_model(a.checkpoint)
     engine = resolve_engine(a.engine, model.cfg, next(model.parameters()).device)  # auto: the fastest here
@@ -244,7 +245,7 @@ def cmd_evaluate(a):
     thresholds = a.thresholds if a.thresholds is not None else (policy.thresholds if policy else None)
     temperatures = policy.temperatures or None if policy else None
     resolve_thresholds(model.cfg, thresholds)  # none or a wrong count: refused before the data is read
-    _codec_choice(a)  # so is a codec the checkpoint's cloud half cannot read
+    codec = _codec_choice(a)  # so is a codec the checkpoint's cloud half cannot read
     folder = None
     if a.images:  # an image folder (FOLDER/<class>/*.png, classes named as the checkpoint's) instead of a split
         from ..data import inputs_from_folder
@@ -262,11 +263,11 @@ def cmd_evaluate(a):
     else:
         ds = _load_data_for(meta, a)
         split, where, classes = split_of(a.checkpoint, ds, a.split).limit(a.limit), a.split, ds.classes
-    summary, recs = evaluate_checkpoint_summary(model, split, thresholds, temperatures, a.batch_size,
-                                                progress=not a.json, engine=engine)
-    if bool((split.labels < 0).any()):  # unlabelled images: no accuracy to report
-        summary["cloud_accuracy"] = None
-    coded = _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary, engine)
+    val = split_of(a.checkpoint, _load_data_for(meta, a), "val") if codec in QUANT_NAMES else None  # q codecs' clips
+    ev = evaluate_run(model, split, thresholds, temperatures, a.batch_size, progress=not a.json, engine=engine,
+                      codec=codec, checkpoint=a.checkpoint, val_split=val)  # one pass (unlabelled: no accuracies)
+    summary, recs, coded = ev.summary, ev.decisions, ev.coded
+    _link_energy(a, model, summary, coded)
     summary = {"checkpoint": a.checkpoint, "split": where, "engine": engine, **summary}
     if folder is not None:  # every file accounted for: n counts the answered images only
         summary.update(inputs=len(folder.labels), unreadable_inputs=len(folder.errors), **folder.folder_summary())
@@ -285,8 +286,8 @@ def _write_evaluate_records(out, recs, classes, coded, folder, engine: str) -> N
 
     def line(r):
         d = {**r.to_json(classes), "engine": engine}
-        if coded:
-            d.update(prediction=int(coded["predictions"][r.index]), payload_bytes=int(coded["payload_bytes"][r.index]))
+        if coded:  # the decisions carry the codec's answers already
+            d["payload_bytes"] = int(coded["payload_bytes"][r.index])
         if folder is not None:
             d["index"] = folder.readable[r.index]
             d["path"] = folder.paths[d["index"]]
@@ -315,7 +316,7 @@ def cmd_train_codec(a):
     stages = train_codec(a.checkpoint, a.recipe, a.out, a.data_dir, a.cache_dir)
     print(f"codec run {a.out} (recipe {a.recipe}, checkpoint {a.checkpoint})")
     for name, hist in stages.items():
-        best = max(hist, key=lambda h: (h["val_offloaded_acc"], h["epoch"]))  # best.pt: the last of the best
+        best = max(hist, key=lambda h: (h["val_offloaded_acc"], h["epoch"]))  # best/: the last of the best
         print(f"  {name}: {len(hist)} epochs, best validation accuracy of the offloaded samples "
               f"{100 * best['val_offloaded_acc']:.2f} % (epoch {best['epoch']})")
     print(f"export it: hybridexit export-codec {a.out} --out CHECKPOINT")
@@ -342,36 +343,22 @@ def _codec_choice(a) -> str | None:
     return a.codec or required
 
 
-def _evaluate_codec(a, model, meta, split, thresholds, temperatures, summary, engine: str = "torch") -> dict | None:
-    """evaluate --codec / --link: the offloaded features through a feature codec (docs/codecs.md), and the edge's
-    transmit energy per image over a named link. Updates ``summary``; returns the codec run (or None)."""
-    from .. import codecs
+def _link_energy(a, model, summary: dict, coded: dict | None) -> None:
+    """evaluate --link: the edge's transmit energy per image over a named link, the offloaded samples' bytes those of
+    the run's codec (``coded``) or of fp32 frames. Updates ``summary``."""
+    if not a.link:
+        return
     from ..codecs import links
     from ..model.energy import energy_report
     from ..runtime import wire
-    from ..workflows.evaluate import codec_summary
 
-    required = codecs.required_codec(a.checkpoint)
-    name = _codec_choice(a)
-    coded = None
-    if name:
-        from ..model.checkpoint import split_of
-
-        val = split_of(a.checkpoint, _load_data_for(meta, a), "val") if name in codecs.QUANT_NAMES else None
-        coded = codec_summary(model, split, thresholds, temperatures, name, a.checkpoint, val, engine)
-        summary["accuracy_without_codec"] = None if required else summary["accuracy"]
-        if required:  # the final classifier alone was run on features the codec never saw: not meaningful
-            summary["cloud_accuracy"] = None
-        summary.update({k: v for k, v in coded.items() if k not in ("predictions", "payload_bytes")})
-    if a.link:
-        lk = links.link(a.link, a.uj_per_bit)
-        per_off = coded["payload_bytes_per_offloaded"] if coded else wire.frame_bytes((1, *model.split()[0].feature_shape),
-                                                                                     "fp32")
-        t = links.transmit_report(energy_report(model.cfg), summary["exit_fraction"], per_off or 0, lk,
-                                  coded["codec_edge_macs"] if coded else 0, coded["codec_cloud_macs"] if coded else 0)
-        summary.update({"link": t, "transmit_uj": t["transmit_uj"], "edge_total_uj": t["edge_total_uj"],
-                        "expected_total_uj": t["expected_total_uj"]})
-    return coded
+    lk = links.link(a.link, a.uj_per_bit)
+    per_off = coded["payload_bytes_per_offloaded"] if coded else wire.frame_bytes((1, *model.split()[0].feature_shape),
+                                                                                 "fp32")
+    t = links.transmit_report(energy_report(model.cfg), summary["exit_fraction"], per_off or 0, lk,
+                              coded["codec_edge_macs"] if coded else 0, coded["codec_cloud_macs"] if coded else 0)
+    summary.update({"link": t, "transmit_uj": t["transmit_uj"], "edge_total_uj": t["edge_total_uj"],
+                    "expected_total_uj": t["expected_total_uj"]})
 
 
 def cmd_calibrate(a):

@@ -1,11 +1,12 @@
 """Learned-codec recipes as data: one TOML file per codec (``recipes/codec-*.toml``), run by ``hybridexit
-train-codec`` (``bottleneck.train_codec``).
+train-codec`` (``train_codec.train_codec``: each stage a phase of the one training loop).
 
 A recipe holds a table ``[stage1]`` and optionally ``[stage2]``, plus an optional top-level ``description``. Each
 table sets ``BottleneckConfig`` fields; what it leaves out keeps the library default (stage 2 does not inherit
-stage 1's other settings). Stage 2 starts from stage 1's ``best.pt`` and keeps its bottleneck, so it inherits
-``code_channels`` and ``bits``: a stage 2 that names other values is refused. ``init_from`` is the driver's, never
-the recipe's. A typo, a wrong type or a value out of range is a one-line ``ConfigError`` that says what to fix.
+stage 1's other settings). Stage 2 starts from stage 1's best epoch (``stage1/best``) and keeps its bottleneck, so
+it inherits ``code_channels`` and ``bits``: a stage 2 that names other values is refused. ``init_from`` is the
+driver's, never the recipe's. A typo, a wrong type or a value out of range is a one-line ``ConfigError`` that says
+what to fix.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .recipes import read_toml
 STAGES = ("stage1", "stage2")
 META_KEYS = ("description",)
 INHERITED = ("code_channels", "bits")  # stage 2 keeps stage 1's bottleneck
-DRIVER_KEYS = ("init_from",)  # set by train_codec: stage 2 starts from stage 1's best.pt
+DRIVER_KEYS = ("init_from",)  # set by train_codec: stage 2 starts from stage 1's best epoch
 EXAMPLE = "recipes/codec-c16b2.toml"
 
 # (lowest, highest) allowed; None: unbounded on that side. Floats must also be finite; lr-like values > 0.
@@ -73,7 +74,7 @@ def _stage(path, stage: str, table) -> dict:
     for k in table:
         if k in DRIVER_KEYS:
             raise ConfigError(f"codec recipe {path} [{stage}]: remove {k}; train-codec sets it (stage 2 starts "
-                              f"from stage 1's best.pt)")
+                              f"from stage 1's best epoch)")
     unknown = sorted(set(table) - set(known))
     if unknown:
         raise ConfigError(f"codec recipe {path} [{stage}]: unknown keys {unknown}; known: {sorted(known)}")

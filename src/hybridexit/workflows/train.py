@@ -2,7 +2,9 @@
 
 A run is a list of phases. A phase says which parameters move (its own optimizer), which modules are in train mode
 (the others stay in eval: weights and BatchNorm statistics frozen), how a batch's outputs are computed, and which
-outputs (exits then final) it trains and logs. ``_train_epoch`` runs any phase; ``train`` walks the phases.
+outputs (exits then final) it trains and logs. ``_train_epoch`` runs any phase; ``run_schedule``, the one loop over
+epochs (a checkpoint after each, exact resume from the last one), walks the phases of ``train`` and the learned
+codec's stages (``train_codec``: each stage a phase on cached edge features, its state saved the same way).
 
 Joint (paper Eq. 5), one phase: loss = sum_k lambda_k CE(exit_k) + lambda_final CE(final), lambdas sum to 1.
 Separate, two phases: the backbone (stem, blocks, final head) is trained alone for ``epochs``; then it is frozen and
@@ -396,10 +398,10 @@ def _restore_optimizer(opt, tensors: dict, meta: dict) -> None:
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
-def _write_checkpoint(out_dir: Path, model: HybridNet, opts: list, gen: torch.Generator, meta: dict,
-                      history: list[dict], wall: float, val_ids: torch.Tensor) -> None:
-    """Weights, config and the validation images' ids, plus what resuming needs: each phase's optimizer state
-    (``opt<i>``), both RNG states, the epoch count, the log so far."""
+def schedule_state(opts: list, gen: torch.Generator, epochs_done: int, history: list[dict],
+                   wall: float) -> tuple[dict, dict]:
+    """What resuming a schedule needs, as (JSON, tensors) for ``ck.STATE_JSON`` / ``ck.STATE_FILE``: each phase's
+    optimizer state (``opt<i>``), both RNG states (the run's generator and torch's), the epochs done, the log so far."""
     opt_files, opt_tensors = {}, {}
     for j, o in enumerate(opts):
         t, m = _optimizer_state(o)
@@ -407,7 +409,26 @@ def _write_checkpoint(out_dir: Path, model: HybridNet, opts: list, gen: torch.Ge
         opt_tensors.update({f"opt{j}/{k}": v for k, v in t.items()})
     opt_tensors["rng/generator"] = gen.get_state()
     opt_tensors["rng/torch"] = torch.get_rng_state()
-    state_json = {"epoch": meta["epochs_done"], "history": history, "wall_s": wall, **opt_files}
+    return {"epoch": epochs_done, "history": history, "wall_s": wall, **opt_files}, opt_tensors
+
+
+def restore_schedule(folder: Path, opts: list, gen: torch.Generator) -> tuple[int, list[dict], float]:
+    """Optimizer and RNG states from ``schedule_state``'s files in ``folder``; (epochs done, log so far, wall s)."""
+    st = json.loads((Path(folder) / ck.STATE_JSON).read_text())
+    tensors = ck.read_tensors(folder, ck.STATE_FILE)
+    for j, opt in enumerate(opts):
+        if f"opt{j}" in st:
+            _restore_optimizer(opt, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt{j}/")},
+                               st[f"opt{j}"])
+    gen.set_state(tensors["rng/generator"])
+    torch.set_rng_state(tensors["rng/torch"])
+    return st["epoch"], st["history"], st["wall_s"]
+
+
+def _write_checkpoint(out_dir: Path, model: HybridNet, opts: list, gen: torch.Generator, meta: dict,
+                      history: list[dict], wall: float, val_ids: torch.Tensor) -> None:
+    """Weights, config and the validation images' ids, plus what resuming needs (``schedule_state``)."""
+    state_json, opt_tensors = schedule_state(opts, gen, meta["epochs_done"], history, wall)
     log = "".join(json.dumps(r) + "\n" for r in history).encode()
     ck.write_checkpoint(out_dir, {ck.CONFIG_FILE: dict(meta, format=ck.FORMAT), ck.STATE_JSON: state_json, ck.LOG_FILE: log},
                         {ck.MODEL_FILE: model.state_dict(), ck.STATE_FILE: opt_tensors, ck.VAL_FILE: {"val_ids": val_ids}})
@@ -434,15 +455,7 @@ def _saved_run(out_dir: Path, resume: bool, net_cfg: HybridConfig, tcfg: TrainCo
 def _restore_run(out_dir: Path, model: HybridNet, opts: list, gen: torch.Generator) -> tuple[int, list[dict], float]:
     """Load weights, optimizer and RNG states from ``out_dir``; (epochs done, log so far, wall seconds so far)."""
     ck.load_state_strict(model, ck.read_tensors(out_dir), str(out_dir))
-    st = json.loads((out_dir / ck.STATE_JSON).read_text())
-    tensors = ck.read_tensors(out_dir, ck.STATE_FILE)
-    for j, opt in enumerate(opts):
-        if f"opt{j}" in st:
-            _restore_optimizer(opt, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt{j}/")},
-                               st[f"opt{j}"])
-    gen.set_state(tensors["rng/generator"])
-    torch.set_rng_state(tensors["rng/torch"])
-    return st["epoch"], st["history"], st["wall_s"]
+    return restore_schedule(out_dir, opts, gen)
 
 
 def _train_val(out_dir: Path, ds: Dataset, tcfg: TrainConfig, resume: bool):
@@ -526,24 +539,48 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     start_epoch, history, wall = _restore_run(out_dir, model, opts, loop.gen) if saved else (0, [], 0.0)
 
     end_epoch = tcfg.total_epochs if stop_after_epochs is None else min(tcfg.total_epochs, start_epoch + stop_after_epochs)
-    meta = None
-    for epoch in range(start_epoch, end_epoch):
-        t0 = time.time()
-        i, phase_epoch = _phase_at(phases, epoch)
+
+    def run_epoch(i: int, phase_epoch: int, epoch: int) -> dict:
         desc = f"epoch {epoch + 1}/{tcfg.total_epochs}{' (exits)' if phases[i].name == 'exits' else ''}"
         fields = _train_epoch(loop, phases[i], opts[i], phase_epoch, desc, len(net_cfg.exits) + 1)
-        val_acc = evaluate_outputs(model, val_split, device=device)
-        wall += time.time() - t0
-        rec = {"epoch": epoch + 1, "phase": phases[i].name, "train_acc": fields["train_acc"], "val_acc": val_acc,
-               **({"float_weights": True} if phases[i].float_weights else {}),
-               **({"cloud_share": fields["cloud_share"]} if "cloud_share" in fields else {}),
-               "epoch_s": round(time.time() - t0, 1), "wall_s": round(wall, 1)}
-        history.append(rec)
+        return {"train_acc": fields["train_acc"], "val_acc": evaluate_outputs(model, val_split, device=device),
+                **({"float_weights": True} if phases[i].float_weights else {}),
+                **({"cloud_share": fields["cloud_share"]} if "cloud_share" in fields else {})}
+
+    written: list[dict] = []
+
+    def save(epochs_done: int, history: list[dict], wall: float) -> None:
         meta = {"network": net_cfg.to_dict(), "train": tcfg.to_dict(), "data": data_meta,
-                "epochs_done": epoch + 1, "val_acc": val_acc, "train_wall_s": round(wall, 1),
+                "epochs_done": epochs_done, "val_acc": history[-1]["val_acc"], "train_wall_s": round(wall, 1),
                 "device": str(device), "torch": torch.__version__,
                 **({"easy_thresholds": list(thresholds)} if thresholds else {})}
         _write_checkpoint(out_dir, model, opts, loop.gen, meta, history, wall, val_ids)
+        written[:] = [meta]
+
+    run_schedule(phases, start_epoch, end_epoch, history, wall, run_epoch, save, progress)
+    return written[0] if written else ck.read_config(out_dir)
+
+
+# ---- the schedule: the one loop over epochs, for every run (the modes' phases above, the codec's stages) -----------
+
+def run_schedule(phases: list, start_epoch: int, end_epoch: int, history: list[dict], wall: float,
+                 run_epoch: Callable[[int, int, int], dict], save: Callable[[int, list[dict], float], None],
+                 progress: bool = False) -> float:
+    """The one training loop. Each global epoch from ``start_epoch`` to ``end_epoch`` belongs to a phase
+    (``_phase_at``: a phase has a ``name`` and its ``epochs``); ``run_epoch(phase index, epoch within the phase,
+    global epoch)`` trains one epoch of it and validates, returning the log fields; the record (epoch, phase, the
+    fields, epoch and wall seconds) joins ``history`` and ``save(epochs done, history, wall)`` writes the checkpoint a
+    resumed run starts from. A phase may count its own epochs (a codec stage does: its field ``epoch``). Returns the
+    wall seconds."""
+    for epoch in range(start_epoch, end_epoch):
+        t0 = time.time()
+        i, phase_epoch = _phase_at(phases, epoch)
+        fields = run_epoch(i, phase_epoch, epoch)
+        wall += time.time() - t0
+        rec = {"epoch": epoch + 1, "phase": phases[i].name, **fields, "epoch_s": round(time.time() - t0, 1),
+               "wall_s": round(wall, 1)}
+        history.append(rec)
+        save(epoch + 1, history, wall)
         if progress:
             tqdm.write(json.dumps(rec))
-    return meta if meta is not None else ck.read_config(out_dir)
+    return wall

@@ -7,13 +7,20 @@ L/2 - 1) + L/2`` in [0, L), L = 2^bits, value ``(r - L/2 + 1/2) * s``. Only the 
 for the cloud half. Gradients pass the rounding by a straight-through estimator (LSQ-style: the step gets the
 gradient of ``value = r * s``).
 
-Training (``train_bottleneck``): the edge half and its exits are frozen (weights and BatchNorm statistics), so
-the exits' decisions and calibrated thresholds stay valid and the edge tensors are bit-identical; the bottleneck
-and the cloud half are trained on the frozen edge's features of augmented training images, distilled from the
-checkpoint's own cloud half on the unquantized features (the hybrid with the fp32 codec) plus cross-entropy.
-The edge features of a few augmented views of the training split are computed once and cached (float16,
-memory-mapped) in the run directory: augmentation happens before the edge, so each view is a fixed crop/flip
-of every image, drawn from a seeded generator.
+Training (``train_bottleneck``, one stage; ``train_codec``, a recipe's stages): the edge half and its exits are
+frozen (weights and BatchNorm statistics), so the exits' decisions and calibrated thresholds stay valid and the edge
+tensors are bit-identical; the bottleneck and the cloud half are trained on the frozen edge's features of augmented
+training images, distilled from the checkpoint's own cloud half on the unquantized features (the hybrid with the
+fp32 codec) plus cross-entropy. The edge features of a few augmented views of the training split are computed once
+and cached (float16, memory-mapped) in the run directory: augmentation happens before the edge, so each view is a
+fixed crop/flip of every image, drawn from a seeded generator.
+
+Each stage is a phase of ``train.run_schedule``, the one training loop (``_Stage``: set-up, one epoch, checkpoint):
+after every epoch a stage folder's ``state/`` holds its weights (``model.safetensors``: ``bottleneck.*``,
+``cloud.*``), optimizer and RNG states (``train_state.safetensors`` / ``train_state.json``, as ``train.py``'s
+checkpoints) and its log so far, so an interrupted run resumes exactly; ``best/`` holds the epoch with the best
+validation accuracy of the offloaded samples (``model.safetensors`` + ``best.json``), which stage 2 starts from and
+``export_checkpoint`` exports. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -121,122 +128,222 @@ def _view_offloaded(edge, feats, policy, batch: int = 2000) -> torch.Tensor:
     return torch.cat(out)
 
 
-def _save_state(run: Path, bneck, cloud, opt, epoch, history):
-    tmp = run / "state.pt.tmp"
-    torch.save({"bottleneck": bneck.state_dict(), "cloud": cloud.state_dict(), "opt": opt.state_dict(),
-                "epoch": epoch, "history": history, "rng": torch.get_rng_state()}, tmp)
-    tmp.replace(run / "state.pt")
+STATE_DIR, BEST_DIR = "state", "best"  # a stage folder's resumable state and its best epoch (safetensors + JSON)
+BEST_JSON = "best.json"  # in BEST_DIR: the epoch, the bottleneck's spec, its validation figures
 
 
-def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, cache_dir=None) -> dict:
-    """Train a bottleneck + the cloud half of checkpoint ``init`` (edge and exits frozen), resumable from
-    ``run_dir``. Writes ``state.pt`` (every epoch) and ``best.pt`` (best val accuracy of the offloaded samples).
-    ``cache_dir`` (default ``run_dir``) holds the cached views; runs with the same init, seed and views share it."""
-    # Over 60 lines: set-up, resume and the epoch loop of a training run on cached features. It is a second training
-    # loop beside train.py's (which runs on images); folding it into train.py's phases is left to do (issue 19).
-    from ..data.datasets import get_split, load_cifar
-    from ..model.checkpoint import load_model, read_val_ids
+def _weights(bneck, cloud) -> dict[str, torch.Tensor]:
+    """What a stage trains, as one tensor dict: ``bottleneck.*`` and ``cloud.*`` (CloudNet keys)."""
+    return {**{f"bottleneck.{k}": v for k, v in bneck.state_dict().items()},
+            **{f"cloud.{k}": v for k, v in cloud.state_dict().items()}}
 
-    run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
-    logf = open(run / "log.jsonl", "a")
 
-    def log(rec):
-        logf.write(json.dumps(rec) + "\n")
-        logf.flush()
+def _part(tensors: dict, prefix: str) -> dict:
+    return {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
 
-    model, meta = load_model(init)
-    d = meta["data"]
-    edge, cloud0 = model.split()
-    edge.eval()
-    cloud0.eval()
-    ds = load_cifar(d["name"], data_dir)
-    ids = read_val_ids(init)  # the checkpoint's own hold-out, found by content (positions when it has no record)
-    train_split = get_split(ds, "train", d.get("val_size", 5000), d.get("split_seed", 0), ids).limit(bcfg.limit_train)
-    val_split = get_split(ds, "val", d.get("val_size", 5000), d.get("split_seed", 0), ids)
-    cfg_path = run / "config.json"
-    want = {"init": init, "bottleneck": asdict(bcfg)}
-    if cfg_path.exists() and json.loads(cfg_path.read_text()) != want:
-        raise ConfigError(f"{run} holds a run with another config: {cfg_path.read_text()}")
-    cfg_path.write_text(json.dumps(want, indent=2))
-    torch.manual_seed(bcfg.seed)
-    cache = Path(cache_dir) if cache_dir else run
-    cache.mkdir(parents=True, exist_ok=True)
-    views = _cache_views(cache, edge, cloud0, train_split, bcfg, log, init)
-    vf = _edge_features(edge, val_split.images)
-    offloaded = _offloaded(edge, val_split, meta["policy"])
-    bneck = Bottleneck(vf.shape[1], bcfg.code_channels, bcfg.bits, bcfg.refine)
-    bneck.init_pca(torch.from_numpy(views[0][0][:2000].astype(np.float32)))
-    _, cloud = model.split()
-    if bcfg.init_from:
-        st = torch.load(bcfg.init_from, weights_only=True)  # tensors and plain data only: nothing unpickled
-        missing, unexpected = bneck.load_state_dict(st["bottleneck"], strict=False)
-        if unexpected or any(not k.startswith(("enc.", "dec.")) for k in missing):  # a plain start may gain refine
-            raise ConfigError(f"{bcfg.init_from} does not fit this bottleneck: missing {missing}, unexpected "
-                              f"{unexpected}")
-        cloud.load_state_dict(st["cloud"])
-    k = bcfg.match_blocks
-    tuned = cloud.blocks[:k] if k else cloud  # the part of the cloud that learns; the rest stays as it is
-    params = [{"params": list(bneck.parameters()), "lr": bcfg.lr}]
-    if bcfg.tune_cloud:
-        params.append({"params": list(tuned.parameters()), "lr": bcfg.cloud_lr})
-    else:  # the checkpoint's own cloud reads the codec's output: gradients pass it, its weights stay
-        cloud.requires_grad_(False)
-    weights = [None] * len(views)
-    if bcfg.offload_weight != 1.0:
-        for v, (feats, _) in enumerate(views):
-            off = _view_offloaded(edge, feats, meta["policy"])
-            weights[v] = torch.where(off, bcfg.offload_weight, 1.0)
-            log({"event": "offload_weights", "view": v, "offloaded": float(off.float().mean())})
-    opt = torch.optim.AdamW(params, weight_decay=bcfg.weight_decay)
-    start, history = 0, []
-    if (run / "state.pt").exists():
-        st = torch.load(run / "state.pt", weights_only=True)
-        bneck.load_state_dict(st["bottleneck"])
-        cloud.load_state_dict(st["cloud"])
-        opt.load_state_dict(st["opt"])
-        start, history = st["epoch"], st["history"]
-        torch.set_rng_state(st["rng"])
-    else:
-        acc, acc_off = _val_accuracy(bneck, cloud, vf, val_split.labels, offloaded)
-        log({"event": "init", "from": bcfg.init_from or "pca", "val_cloud_acc": acc, "val_offloaded_acc": acc_off})
-    n = len(train_split)
-    steps = bcfg.epochs * math.ceil(n / bcfg.batch_size)
-    for epoch in range(start, bcfg.epochs):
-        t0 = time.time()
-        feats, tlogits = views[epoch % len(views)]
-        bneck.train()
-        cloud.eval()
+
+def read_best(folder) -> dict:
+    """A stage's best epoch (``BEST_DIR``, or a folder given as ``init_from``): ``bottleneck`` and ``cloud`` state
+    dicts, ``epoch``, ``spec`` (``Bottleneck(**spec)``) and ``val`` (its log record)."""
+    from ..model import checkpoint as ck
+
+    folder = Path(folder)
+    if not (folder / BEST_JSON).is_file():
+        raise ConfigError(f"{folder} holds no best epoch of a codec stage ({BEST_JSON}): train it for at least one "
+                          f"epoch first")
+    tensors = ck.read_tensors(folder)
+    return {**json.loads((folder / BEST_JSON).read_text()), "bottleneck": _part(tensors, "bottleneck"),
+            "cloud": _part(tensors, "cloud")}
+
+
+def _stage_state(stage: Path) -> dict | None:
+    """A stage folder's resumable state (``train.schedule_state``'s JSON: epoch, history, ...), or None."""
+    from ..model import checkpoint as ck
+
+    f = stage / STATE_DIR / ck.STATE_JSON
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+class _Stage:
+    """A codec stage as a phase of ``train.run_schedule``: ``name`` (the log's phase) and ``epochs``; ``folder``
+    holds its config, log, ``state/`` and ``best/``; ``cache`` its cached views. ``start`` sets it up (loads the
+    checkpoint, caches the views, builds the bottleneck from PCA or ``init_from``, restores the state of an
+    interrupted run), ``epoch`` trains one epoch and validates, ``save`` checkpoints it."""
+
+    def __init__(self, name: str, init: str, folder: Path, bcfg: BottleneckConfig, cache: Path, data_dir=None):
+        self.name, self.init, self.folder, self.bcfg, self.cache, self.data_dir = name, init, folder, bcfg, cache, data_dir
+        self.epochs = bcfg.epochs
+
+    def want(self) -> dict:
+        return {"init": self.init, "bottleneck": asdict(self.bcfg)}
+
+    def done(self) -> list[dict]:
+        """The history of the epochs this stage finished (refusing a folder that holds another config's run)."""
+        cfg_path = self.folder / "config.json"
+        if cfg_path.is_file() and json.loads(cfg_path.read_text()) != self.want():
+            raise ConfigError(f"{self.folder} holds a run with another config: {cfg_path.read_text()}")
+        st = _stage_state(self.folder)
+        return st["history"] if st is not None and cfg_path.is_file() else []
+
+    def log(self, rec: dict) -> None:
+        with open(self.folder / "log.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+    def start(self) -> None:
+        # Over 40 lines: the set-up of a stage (data, views, modules, optimizer, resume) in the order it needs.
+        from ..data.datasets import get_split, load_cifar
+        from ..model.checkpoint import load_model, read_val_ids
+        from .train import restore_schedule
+
+        bcfg, self.folder = self.bcfg, Path(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.done()  # refuses another config's run
+        (self.folder / "config.json").write_text(json.dumps(self.want(), indent=2))
+        model, meta = load_model(self.init)
+        d = meta["data"]
+        edge, self.cloud0 = model.split()
+        edge.eval()
+        self.cloud0.eval()
+        ds = load_cifar(d["name"], self.data_dir)
+        ids = read_val_ids(self.init)  # the checkpoint's own hold-out, found by content (positions without a record)
+        size, seed = d.get("val_size", 5000), d.get("split_seed", 0)
+        self.train_split = get_split(ds, "train", size, seed, ids).limit(bcfg.limit_train)
+        val_split = get_split(ds, "val", size, seed, ids)
+        torch.manual_seed(bcfg.seed)
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.views = _cache_views(self.cache, edge, self.cloud0, self.train_split, bcfg, self.log, self.init)
+        self.vf, self.vl = _edge_features(edge, val_split.images), val_split.labels
+        self.offloaded = _offloaded(edge, val_split, meta["policy"])
+        self.bneck = Bottleneck(self.vf.shape[1], bcfg.code_channels, bcfg.bits, bcfg.refine)
+        self.bneck.init_pca(torch.from_numpy(self.views[0][0][:2000].astype(np.float32)))
+        _, self.cloud = model.split()
+        if bcfg.init_from:
+            st = read_best(bcfg.init_from)
+            missing, unexpected = self.bneck.load_state_dict(st["bottleneck"], strict=False)
+            if unexpected or any(not k.startswith(("enc.", "dec.")) for k in missing):  # a plain start may gain refine
+                raise ConfigError(f"{bcfg.init_from} does not fit this bottleneck: missing {missing}, unexpected "
+                                  f"{unexpected}")
+            self.cloud.load_state_dict(st["cloud"])
+        k = bcfg.match_blocks
+        self.tuned = self.cloud.blocks[:k] if k else self.cloud  # the part of the cloud that learns; the rest stays
+        groups = [{"params": list(self.bneck.parameters()), "lr": bcfg.lr}]
         if bcfg.tune_cloud:
-            tuned.train()
-        perm = torch.randperm(n)
+            groups.append({"params": list(self.tuned.parameters()), "lr": bcfg.cloud_lr})
+        else:  # the checkpoint's own cloud reads the codec's output: gradients pass it, its weights stay
+            self.cloud.requires_grad_(False)
+        self.sample_weights = [None] * len(self.views)
+        if bcfg.offload_weight != 1.0:
+            for v, (feats, _) in enumerate(self.views):
+                off = _view_offloaded(edge, feats, meta["policy"])
+                self.sample_weights[v] = torch.where(off, bcfg.offload_weight, 1.0)
+                self.log({"event": "offload_weights", "view": v, "offloaded": float(off.float().mean())})
+        self.opt = torch.optim.AdamW(groups, weight_decay=bcfg.weight_decay)
+        self.gen = torch.Generator().manual_seed(bcfg.seed)  # the order of the training samples, epoch after epoch
+        if _stage_state(self.folder) is not None:
+            from ..model import checkpoint as ck
+
+            w = ck.read_tensors(self.folder / STATE_DIR)
+            self.bneck.load_state_dict(_part(w, "bottleneck"))
+            self.cloud.load_state_dict(_part(w, "cloud"))
+            restore_schedule(self.folder / STATE_DIR, [self.opt], self.gen)
+        else:
+            acc, acc_off = _val_accuracy(self.bneck, self.cloud, self.vf, self.vl, self.offloaded)
+            self.log({"event": "init", "from": bcfg.init_from or "pca", "val_cloud_acc": acc,
+                      "val_offloaded_acc": acc_off})
+
+    def epoch(self, phase_epoch: int) -> dict:
+        """One epoch on the cached view ``phase_epoch % views`` (cosine schedule over the stage's steps), then the
+        validation accuracy of the cloud with the bottleneck, on all samples and on the offloaded ones."""
+        from .train import _lr_at
+
+        bcfg, n = self.bcfg, len(self.train_split)
+        feats, tlogits = self.views[phase_epoch % len(self.views)]
+        wv_all = self.sample_weights[phase_epoch % len(self.views)]
+        self.bneck.train()
+        self.cloud.eval()
+        if bcfg.tune_cloud:
+            self.tuned.train()
+        per_epoch = math.ceil(n / bcfg.batch_size)
+        perm = torch.randperm(n, generator=self.gen)
         tot, seen = 0.0, 0
         for b, i in enumerate(range(0, n, bcfg.batch_size)):
             idx = perm[i:i + bcfg.batch_size].sort().values
             f = torch.from_numpy(feats[idx.numpy()].astype(np.float32))
-            y, tl = train_split.labels[idx], tlogits[idx]
-            step = epoch * math.ceil(n / bcfg.batch_size) + b
-            scale = 0.5 * (1 + math.cos(math.pi * step / steps))
-            for g, base in zip(opt.param_groups, (bcfg.lr, bcfg.cloud_lr)):
-                g["lr"] = base * scale
-            wv = None if weights[epoch % len(views)] is None else weights[epoch % len(views)][idx]
-            loss = _match_loss(bneck, cloud0, tuned, f, k, wv) if k else _kd_loss(cloud(bneck(f)), tl, y, bcfg, wv)
-            opt.zero_grad(set_to_none=True)
+            y, tl = self.train_split.labels[idx], tlogits[idx]
+            for g, base in zip(self.opt.param_groups, (bcfg.lr, bcfg.cloud_lr)):
+                g["lr"] = _lr_at(phase_epoch * per_epoch + b, bcfg.epochs * per_epoch, 0, base)
+            wv = None if wv_all is None else wv_all[idx]
+            k = bcfg.match_blocks
+            loss = (_match_loss(self.bneck, self.cloud0, self.tuned, f, k, wv) if k
+                    else _kd_loss(self.cloud(self.bneck(f)), tl, y, bcfg, wv))
+            self.opt.zero_grad(set_to_none=True)
             loss.backward()
-            opt.step()
+            self.opt.step()
             tot += float(loss.detach()) * len(idx)
             seen += len(idx)
-        acc, acc_off = _val_accuracy(bneck, cloud, vf, val_split.labels, offloaded)
-        rec = {"epoch": epoch + 1, "loss": tot / seen, "val_cloud_acc": acc, "val_offloaded_acc": acc_off,
-               "seconds": round(time.time() - t0, 1)}
-        history.append(rec)
-        log(rec)
-        _save_state(run, bneck, cloud, opt, epoch + 1, history)
-        if acc_off >= max(h["val_offloaded_acc"] for h in history):
-            torch.save({"bottleneck": bneck.state_dict(), "cloud": cloud.state_dict(), "epoch": epoch + 1,
-                        "spec": bneck.spec(), "val": rec}, run / "best.pt")
-    logf.close()
-    return {"history": history}
+        acc, acc_off = _val_accuracy(self.bneck, self.cloud, self.vf, self.vl, self.offloaded)
+        return {"epoch": phase_epoch + 1, "loss": tot / seen, "val_cloud_acc": acc, "val_offloaded_acc": acc_off}
+
+    def save(self, history: list[dict], wall: float) -> None:
+        """The epoch just logged (``history[-1]``, this stage's): the log line, the state (``STATE_DIR``: weights,
+        optimizer and RNG states, the stage's log so far) and, when its offloaded accuracy is the best so far, the
+        best epoch (``BEST_DIR``, what stage 2 and export read)."""
+        from ..model import checkpoint as ck
+        from .train import schedule_state
+
+        rec = history[-1]
+        self.log(rec)
+        st_json, st_tensors = schedule_state([self.opt], self.gen, rec["epoch"], history, wall)
+        weights = _weights(self.bneck, self.cloud)
+        ck.write_checkpoint(self.folder / STATE_DIR, {ck.STATE_JSON: st_json}, {ck.MODEL_FILE: weights,
+                                                                              ck.STATE_FILE: st_tensors})
+        if rec["val_offloaded_acc"] >= max(h["val_offloaded_acc"] for h in history):
+            best = {"epoch": rec["epoch"], "spec": self.bneck.spec(), "val": rec}
+            ck.write_checkpoint(self.folder / BEST_DIR, {BEST_JSON: best}, {ck.MODEL_FILE: weights})
+
+
+def _run_stages(stages: list[_Stage], stop_after_epochs: int | None = None) -> dict[str, list[dict]]:
+    """The stages as phases of ``train.run_schedule``, the one training loop: finished epochs are skipped (each
+    stage's ``state/`` records its own), an interrupted stage resumes from its last complete epoch, a stage is set
+    up when its first epoch in this call comes. Returns each stage's history."""
+    from .train import run_schedule
+
+    done = [s.done() for s in stages]
+    start, history, wall = 0, [], 0.0
+    for s, hist in zip(stages, done):
+        start += len(hist)
+        history += hist
+        wall += hist[-1]["wall_s"] if hist else 0.0
+        if len(hist) < s.epochs:
+            break
+    total = sum(s.epochs for s in stages)
+    end = total if stop_after_epochs is None else min(total, start + stop_after_epochs)
+    current: list[int] = []
+
+    def run_epoch(i: int, phase_epoch: int, epoch: int) -> dict:
+        if current != [i]:
+            stages[i].start()
+            current[:] = [i]
+        return stages[i].epoch(phase_epoch)
+
+    def save(epochs_done: int, hist: list[dict], wall_s: float) -> None:
+        s = stages[current[0]]
+        s.save([h for h in hist if h["phase"] == s.name], wall_s)
+
+    run_schedule(stages, start, end, history, wall, run_epoch, save)
+    return {s.name: [h for h in history if h["phase"] == s.name] for s in stages}
+
+
+def train_bottleneck(init: str, run_dir, bcfg: BottleneckConfig, data_dir=None, cache_dir=None,
+                     stop_after_epochs: int | None = None) -> dict:
+    """Train a bottleneck + the cloud half of checkpoint ``init`` (edge and exits frozen): one stage, a phase of
+    ``train.run_schedule``, resumable from ``run_dir``. Writes ``state/`` (every epoch) and ``best/`` (the best
+    validation accuracy of the offloaded samples), each a safetensors file and its JSON. ``cache_dir`` (default
+    ``run_dir``) holds the cached views; runs with the same init, seed and views share it. ``stop_after_epochs``
+    stops early (the same call later finishes the stage)."""
+    run = Path(run_dir)
+    stage = _Stage("bottleneck", init, run, bcfg, Path(cache_dir) if cache_dir else run, data_dir)
+    return {"history": _run_stages([stage], stop_after_epochs)["bottleneck"]}
 
 
 # ---------------------------------------------------------------------------------------------- recipes
@@ -249,10 +356,6 @@ def _views_dir(root: Path, bcfg: BottleneckConfig) -> Path:
     same images share their views (view v of a subset and seed is the same for every stage) and others never meet."""
     subset = "all" if bcfg.limit_train is None else f"first{bcfg.limit_train}"
     return root / f"{subset}-seed{bcfg.seed}"
-
-
-def _stage_state(stage: Path) -> dict | None:
-    return torch.load(stage / "state.pt", weights_only=True) if (stage / "state.pt").is_file() else None
 
 
 def _check_init(init: str, stages: dict) -> None:
@@ -269,20 +372,23 @@ def _check_init(init: str, stages: dict) -> None:
         raise ConfigError(f"{init} has no exit policy: calibrate it first (hybridexit calibrate)")
 
 
-def train_codec(init: str, recipe_path, run_dir, data_dir=None, cache_dir=None) -> dict:
-    """Run a codec recipe (``codec_recipe.read_codec_recipe``) on checkpoint ``init``: stage 1 in ``run_dir/stage1``,
-    stage 2 (from stage 1's ``best.pt``) in ``run_dir/stage2``, each a ``train_bottleneck`` run. Resumable: the same
-    call skips finished stages and continues an interrupted one. The recipe is copied to ``run_dir/recipe.toml``; a
-    run folder of another recipe or checkpoint is refused. Cached views go to ``cache_dir`` (default
-    ``run_dir/views``), one sub-folder per training subset and seed. Returns ``{stage: history}``."""
+def train_codec(init: str, recipe_path, run_dir, data_dir=None, cache_dir=None,
+                stop_after_epochs: int | None = None) -> dict:
+    """Run a codec recipe (``codec_recipe.read_codec_recipe``) on checkpoint ``init``: its stages are the phases of
+    one schedule of ``train.run_schedule``, stage 1 in ``run_dir/stage1``, stage 2 (from stage 1's best epoch,
+    ``stage1/best``) in ``run_dir/stage2``. Resumable: the same call skips finished epochs and continues an
+    interrupted stage from its last complete one (``stop_after_epochs`` stops early). The recipe is copied to
+    ``run_dir/recipe.toml``; a run folder of another recipe or checkpoint is refused. Cached views go to
+    ``cache_dir`` (default ``run_dir/views``), one sub-folder per training subset and seed. Returns ``{stage:
+    history}``."""
     import shutil
 
     from .codec_recipe import read_codec_recipe
 
-    stages = read_codec_recipe(recipe_path)
+    recipe = read_codec_recipe(recipe_path)
     init, run = os.path.normpath(init), Path(os.path.normpath(run_dir))
-    _check_init(init, stages)
-    if (run / RECIPE_COPY).is_file() and read_codec_recipe(run / RECIPE_COPY) != stages:
+    _check_init(init, recipe)
+    if (run / RECIPE_COPY).is_file() and read_codec_recipe(run / RECIPE_COPY) != recipe:
         raise ConfigError(f"{run} holds a run of another recipe ({run / RECIPE_COPY}): give that recipe, or "
                           f"choose another run folder")
     if (run / CODEC_RUN).is_file() and json.loads((run / CODEC_RUN).read_text())["init"] != init:
@@ -293,18 +399,13 @@ def train_codec(init: str, recipe_path, run_dir, data_dir=None, cache_dir=None) 
     (run / CODEC_RUN).write_text(json.dumps({"init": init, "cache_dir": None if cache_dir is None else str(cache_dir)},
                                             indent=2) + "\n")
     root = Path(cache_dir) if cache_dir else run / "views"
-    out, prev = {}, None
-    for name, bcfg in stages.items():
+    stages, prev = [], None
+    for name, bcfg in recipe.items():
         if prev is not None:
-            bcfg = replace(bcfg, init_from=str(run / prev / "best.pt"))
-        stage = run / name
-        cfg_path, st = stage / "config.json", _stage_state(stage)
-        done = (st is not None and st["epoch"] >= bcfg.epochs and cfg_path.is_file()
-                and json.loads(cfg_path.read_text()) == {"init": init, "bottleneck": asdict(bcfg)})
-        out[name] = st["history"] if done else train_bottleneck(init, stage, bcfg, data_dir,
-                                                                 _views_dir(root, bcfg))["history"]
+            bcfg = replace(bcfg, init_from=str(run / prev / BEST_DIR))
+        stages.append(_Stage(name, init, run / name, bcfg, _views_dir(root, bcfg), data_dir))
         prev = name
-    return out
+    return _run_stages(stages, stop_after_epochs)
 
 
 def _weighted_mean(per_sample: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
@@ -346,8 +447,8 @@ def _offloaded(edge, split, policy) -> torch.Tensor:
 
 
 def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000) -> dict:
-    """The learned codec of a bottleneck run's ``best.pt`` (``codec.json``, ``codec.safetensors``), whose coder
-    tables are estimated on the symbols of the first ``tables_from`` images of the cached training view
+    """The learned codec (``codec.json``, ``codec.safetensors``) of a bottleneck run's best epoch (``best/``), whose
+    coder tables are estimated on the symbols of the first ``tables_from`` images of the cached training view
     (``cache_dir``, default the run's folder: training split). Where it goes:
 
     - the run fine-tuned the cloud half: a new codec checkpoint ``out_dir`` (it must not exist), the init checkpoint's
@@ -368,11 +469,9 @@ def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000
     out = Path(out_dir)
     cfg = json.loads((run / "config.json").read_text())
     init, bcfg = cfg["init"], BottleneckConfig(**cfg["bottleneck"])
-    if not (run / "best.pt").is_file():
-        raise ConfigError(f"{run} has no best.pt: train it for at least one epoch first")
+    best = read_best(run / BEST_DIR)
     if not (views / "view0.f16").is_file():
         raise ConfigError(f"no cached training view {views / 'view0.f16'}: give the cache folder {run} was trained with")
-    best = torch.load(run / "best.pt", weights_only=True)
     from ..model.checkpoint import load_model
 
     net_cfg = load_model(init)[0].cfg
