@@ -92,7 +92,7 @@ def static_energy(rec: dict, rep, codec_edge_uj: float, lk, overhead: int) -> tu
 def run_static(model, policy, fp, url, token, codec_label, codecs, images, labels, wall_s, interval_s, lk, rep):
     codec, z = codecs[codec_label]
     name = codec if isinstance(codec, str) else codec.name
-    opts = EdgeOptions(url, token=token, codec=name, compress=z, batch_size=1, engine="auto")
+    opts = EdgeOptions(url, token=token, codec=name + ("+zstd" if z else ""), batch_size=1, engine="auto")
     runner = EdgeRunner(model, policy, fp, opts, feature_codec=None if isinstance(codec, str) else codec)
     overhead = request_overhead(url, token)
     shape = tuple(model.split()[0].feature_shape)

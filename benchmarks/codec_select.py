@@ -42,7 +42,7 @@ def main(argv=None):
     from hybridexit.model.checkpoint import load_model, split_of
     from hybridexit.workflows import evaluate
     from hybridexit.workflows.codec_recipe import read_codec_recipe
-    from hybridexit.workflows.train_codec import CODEC_RUN, RECIPE_COPY, export_checkpoint
+    from hybridexit.workflows.train_codec import CODEC_RUN, RECIPE_COPY, export_codec
 
     model, meta = load_model(a.checkpoint)
     policy = meta["policy"]
@@ -64,7 +64,7 @@ def main(argv=None):
                                     f"not finished ({done} of {stages[last].epochs} epochs)")
             else:
                 copy = Path(tmp) / run.name
-                trained[run.name] = export_checkpoint(run, copy)["trained"]
+                trained[run.name] = export_codec(run, copy)["trained"]
                 sent[run.name] = evaluate.WireCodec(codecs.get("bn", checkpoint=copy), copy)
             runs[run.name] = entry
         # one pass over the validation split: the edge decides once, every codec sends the same offloaded features

@@ -422,11 +422,12 @@ def render_selection(sel: dict) -> str:
 
 
 def render_doc(res: dict, doc: Path) -> None:
-    text = doc.read_text()
-    i, j = text.index(BEGIN), text.index(END)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from splice import splice_file
+
     sel_path = ROOT / "results" / "codecs_selection.json"
     sel = render_selection(json.loads(sel_path.read_text())) if sel_path.exists() else ""
-    doc.write_text(text[:i + len(BEGIN)] + "\n" + sel + render(res) + "\n" + text[j:])
+    splice_file(doc, BEGIN, END, sel + render(res) + "\n")
 
 
 if __name__ == "__main__":

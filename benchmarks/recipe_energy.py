@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from hybridexit.model.energy import energy_report
@@ -71,9 +72,10 @@ def main():
     RESULTS.write_text(json.dumps(data, indent=2) + "\n")
     print(RESULTS)
     if a.render:
-        text = DOC.read_text()
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(head + BEGIN + "\n" + render(data) + END + rest.split(END, 1)[1])
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from splice import splice_file
+
+        splice_file(DOC, BEGIN, END, render(data))
         print(DOC)
 
 

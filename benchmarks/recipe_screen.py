@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from hybridexit.model.checkpoint import network_config, read_config
@@ -78,11 +79,10 @@ def main(argv=None) -> None:
     r["runs"] = "runs"
     RESULTS.write_text(json.dumps(r, indent=2) + "\n")
     if a.render:
-        text = DOC.read_text()
-        if BEGIN not in text or END not in text:
-            raise SystemExit(f"{DOC} has no screening markers")
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(head + BEGIN + "\n" + table(r) + "\n" + END + rest.split(END, 1)[1])
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from splice import splice_file
+
+        splice_file(DOC, BEGIN, END, table(r) + "\n")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ def run_clients(model, policy, fp, url, token, images, labels, clients: int, cod
 
     def client(k):
         try:
-            opts = EdgeOptions(url, token=token, codec=codec, compress=compress, batch_size=1)
+            opts = EdgeOptions(url, token=token, codec=codec + ("+zstd" if compress else ""), batch_size=1)
             runner = EdgeRunner(model, policy, fp, opts)
             with runner.cloud:
                 runner.check_cloud()

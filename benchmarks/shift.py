@@ -345,11 +345,10 @@ def render_tables(r: dict) -> str:
 
 
 def render_docs(r: dict) -> None:
-    text = DOCS.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{DOCS} has no results markers")
-    head, rest = text.split(BEGIN, 1)
-    DOCS.write_text(head + BEGIN + "\n" + render_tables(r) + "\n" + END + rest.split(END, 1)[1])
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from splice import splice_file
+
+    splice_file(DOCS, BEGIN, END, render_tables(r) + "\n")
 
 
 def main(argv=None) -> None:

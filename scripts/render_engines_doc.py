@@ -12,6 +12,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from splice import splice
+
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "engines.md"
 BEGIN, END = "<!-- engines:figures -->", "<!-- /engines:figures -->"
@@ -137,8 +139,7 @@ def render() -> str:
         f = ROOT / "results" / name
         if f.exists():
             body += fn(json.loads(f.read_text()))
-    head, rest = text.split(BEGIN, 1)
-    return head + BEGIN + "\n" + "\n".join(body) + END + rest.split(END, 1)[1]
+    return splice(text, BEGIN, END, "\n".join(body), str(DOC))
 
 
 def main() -> int:

@@ -314,7 +314,7 @@ export HYBRIDEXIT_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16)
 hybridexit serve checkpoints/{MAIN} --port 8000 &
 until curl -sf http://127.0.0.1:8000/healthz >/dev/null; do sleep 1; done
 hybridexit edge checkpoints/{MAIN} --cloud http://127.0.0.1:8000 --data-dir data --limit 1000 \\
-    --codec int8 --compress --out edge.jsonl
+    --codec int8+zstd --out edge.jsonl
 kill %1
 ```
 

@@ -15,7 +15,7 @@ from hybridexit.workflows import evaluate
 from hybridexit.workflows.train_codec import (
     Bottleneck,
     BottleneckConfig,
-    export_checkpoint,
+    export_codec,
     read_best,
     train_bottleneck,
     train_codec,
@@ -105,7 +105,7 @@ def test_training_keeps_the_edge_and_exports_a_working_codec(tiny_ckpt, tiny_cif
     assert not list(run.rglob("*.pt"))  # safetensors and JSON only: nothing pickled
     assert train_bottleneck(str(tiny_ckpt), run, bcfg, data_dir=tiny_cifar)["history"] == hist  # resumed: done
     out = tmp_path / "with-codec"
-    export_checkpoint(run, out)
+    export_codec(run, out)
     old, new = load_file(str(tiny_ckpt / "model.safetensors")), load_file(str(out / "model.safetensors"))
     edge = [k for k in old if not (k.startswith("head.") or (k.startswith("blocks.") and int(k.split(".")[1]) >= 2))]
     assert edge and all(torch.equal(old[k], new[k]) for k in edge)  # edge and exits bit-identical
@@ -177,7 +177,7 @@ def test_train_codec_runs_both_stages_resumes_and_exports(tiny_ckpt, tiny_cifar,
     assert codecs.required_codec(out) == "bn" and (out / "codec_recipe.toml").read_text() == TWO_STAGES
     trained = json.loads((out / codecs.CODEC_FILE).read_text())["trained"]
     assert (trained["stage"], trained["run"], trained["tables_from_train_samples"]) == ("stage2", str(run / "stage2"), 64)
-    export_checkpoint(run / "stage1", tmp_path / "stage1-codec")  # one stage folder: its views are found too
+    export_codec(run / "stage1", tmp_path / "stage1-codec")  # one stage folder: its views are found too
     assert codecs.required_codec(tmp_path / "stage1-codec") == "bn"
 
 
@@ -283,12 +283,12 @@ def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, 
     assert len(weights) == 1 and 0 <= weights[0]["offloaded"] <= 1
     before = (tiny_ckpt / "model.safetensors").read_bytes()
     fp = fingerprint(tiny_ckpt)
-    export_checkpoint(run, tiny_ckpt)  # into the checkpoint itself
+    export_codec(run, tiny_ckpt)  # into the checkpoint itself
     assert (tiny_ckpt / "model.safetensors").read_bytes() == before and fingerprint(tiny_ckpt) == fp
     assert (tiny_ckpt / codecs.CODEC_DIR / codecs.CODEC_FILE).is_file()
     assert codecs.required_codec(tiny_ckpt) is None and codecs.codec_home(tiny_ckpt) == tiny_ckpt / codecs.CODEC_DIR
     with pytest.raises(errors.ConfigError, match="already carries"):
-        export_checkpoint(run, tiny_ckpt)
+        export_codec(run, tiny_ckpt)
     other = tmp_path / "other"  # a checkpoint of another model is refused
     shutil.copytree(tiny_ckpt, other, ignore=shutil.ignore_patterns(codecs.CODEC_DIR))
     t = load_file(str(other / "model.safetensors"))
@@ -297,7 +297,7 @@ def test_a_frozen_cloud_codec_goes_into_the_checkpoints_codec_folder(tiny_ckpt, 
 
     save_file(t, str(other / "model.safetensors"))
     with pytest.raises(errors.ConfigError, match="another model fingerprint"):
-        export_checkpoint(run, other)
+        export_codec(run, other)
 
 
 def test_a_tuned_cloud_codec_is_not_added_to_an_existing_checkpoint(tiny_ckpt, tiny_cifar, tmp_path):
@@ -306,5 +306,5 @@ def test_a_tuned_cloud_codec_is_not_added_to_an_existing_checkpoint(tiny_ckpt, t
     train_bottleneck(str(tiny_ckpt), run, BottleneckConfig(code_channels=4, bits=2, epochs=1, batch_size=32,
                                                            match_blocks=0, limit_train=64), data_dir=tiny_cifar)
     with pytest.raises(errors.ConfigError, match="fine-tuned the cloud half"):
-        export_checkpoint(run, tiny_ckpt)
+        export_codec(run, tiny_ckpt)
     assert not (tiny_ckpt / codecs.CODEC_DIR).exists() and codecs.codec_home(tiny_ckpt) is None

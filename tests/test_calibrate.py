@@ -3,7 +3,14 @@ import warnings
 import pytest
 
 from hybridexit import ConfigError, HybridConfig
-from hybridexit.calibration.calibrate import Point, calibrate_checkpoint, choose, choose_in_order, sweep, validation_split
+from hybridexit.calibration.calibrate import (
+    OperatingPoint,
+    calibrate_checkpoint,
+    choose,
+    choose_in_order,
+    sweep,
+    validation_split,
+)
 from hybridexit.calibration.stats import collect_exit_stats
 from hybridexit.data import load_cifar
 from hybridexit.model.checkpoint import load_model
@@ -78,7 +85,8 @@ def test_targets(trained):
     assert cheap.accuracy >= floor
     assert cheap.expected_uj == pytest.approx(min(p.expected_uj for p in pts if p.accuracy >= floor))
     # (the synthetic points below check that a cheaper point under the floor is passed over)
-    synthetic = [Point((0.1,), 0.80, [0.7], 10.0), Point((0.5,), 0.85, [0.5], 20.0), Point((0.0,), 0.9, [0.0], 50.0)]
+    synthetic = [OperatingPoint((0.1,), 0.80, [0.7], 10.0), OperatingPoint((0.5,), 0.85, [0.5], 20.0),
+                 OperatingPoint((0.0,), 0.9, [0.0], 50.0)]
     with pytest.raises(ConfigError, match="lower --min-accuracy"):
         choose(synthetic, "min_accuracy", 0.95, 0.9)
     assert choose(synthetic, "min_accuracy", 0.84, 0.9).thresholds == (0.5,)
@@ -106,7 +114,7 @@ def test_a_calibration_chain_takes_its_first_target_that_is_met():
     from hybridexit.errors import TargetUnreachableError
 
     # final classifier 0.80; exits cost nothing up to 50 % at the edge, then accuracy falls
-    pts = [Point((t,), acc, [edge], 100 - 80 * edge) for t, acc, edge in
+    pts = [OperatingPoint((t,), acc, [edge], 100 - 80 * edge) for t, acc, edge in
            ((0.1, 0.80, 0.0), (0.3, 0.81, 0.3), (0.5, 0.80, 0.5), (0.7, 0.78, 0.65), (0.9, 0.70, 0.9))]
     floor, no_cost, at_62 = ("min_accuracy", 0.85), ("max_drop", 0.0, 0.62), ("exit_fraction", 0.62)
     assert choose_in_order(pts, [floor, no_cost, at_62], 0.80)[:2] == ("exit_fraction", 0.62)  # 50 % < 62 %

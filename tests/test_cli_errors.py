@@ -144,7 +144,8 @@ CASES = [
     ("sweep FILE --stop-after-epochs -1", "--stop-after-epochs: -1 is not allowed"),
     ("report --results-dir MISSING", "no such folder"),
     ("report --epochs 0", "--epochs: 0 is not allowed"),
-    ("report --docs OUT_MISSING", "does not exist"),
+    ("report --out OUT_MISSING", "does not exist"),
+    ("report --docs FILE", "scripts/render_sweep_doc.py"),
     # the command itself
     ("", "required: COMMAND"),
     ("nonsense", "invalid choice"),

@@ -170,6 +170,31 @@ def test_registry_refuses_unknown_names_and_missing_context(feats, tmp_path):
         codecs.get("bn", checkpoint=tmp_path)
 
 
+def test_every_codec_list_reads_the_registry(feats):
+    """One spelling per codec: the CLI's --codec choices (evaluate, edge) are the registry's; each one builds; the
+    deprecated --compress maps to NAME+zstd with a warning and is refused on a codec that codes its own payload."""
+    import argparse
+
+    from hybridexit.cli import build_parser
+    from hybridexit.cli.options import codec_of
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for cmd in ("evaluate", "edge"):
+        opt = next(a for a in sub.choices[cmd]._actions if "--codec" in a.option_strings)
+        assert tuple(opt.choices) == codecs.CODEC_CHOICES and opt.help.startswith(codecs.CODEC_HELP)
+    for name in codecs.CODEC_CHOICES:
+        assert codecs.check_name(name) == name
+        if name != codecs.LEARNED:
+            base, zstd = codecs.frame_codec(name)
+            assert codecs.get(name, calibration=feats).name.startswith(base) and zstd == name.endswith("+zstd")
+    assert codecs.receivable({"bn": None}) == ["fp32", "fp16", "int8", "q1", "q2", "q3", "q4", "bn"]
+    assert codec_of(argparse.Namespace(codec="q2", compress=False)) == "q2"
+    with pytest.warns(FutureWarning, match="--codec int8\\+zstd"):
+        assert codec_of(argparse.Namespace(codec="int8", compress=True)) == "int8+zstd"
+    with pytest.raises(errors.ConfigError, match="fp32, fp16 and int8 only"):
+        codec_of(argparse.Namespace(codec="bn", compress=True))
+
+
 def test_v1_frames_are_unchanged(feats):
     """The original codecs still make version-1 frames the old decoder reads (header codec ids 1-3)."""
     for name, cid in (("fp32", 1), ("fp16", 2), ("int8", 3)):

@@ -16,7 +16,7 @@ from hybridexit.engines.onnx_engine import OnnxCloud, OnnxEdge, session  # noqa:
 from hybridexit.engines.onnx_export import GraphBuilder, float_conv_exact, weight_levels  # noqa: E402
 from hybridexit.model.exits import entropy  # noqa: E402
 from hybridexit.model.hybrid import CLOUD, HybridNet  # noqa: E402
-from hybridexit.model.quant import ChannelShift, QuanConv, RPReLU, quantize_weight, uniform_ste  # noqa: E402
+from hybridexit.model.quant import BNQuantConv, ChannelShift, RPReLU, quantize_weight, uniform_ste  # noqa: E402
 from hybridexit.model.resnet import HybridConfig  # noqa: E402
 
 
@@ -142,7 +142,7 @@ def test_kbit_quan_conv_exact_mode_equals_the_exact_value(bits, opts, cin, cout,
     """kbit="exact": BatchNorm, RSign, quantizer, exact integer conv, scale, RPReLU: to float rounding of the exact
     value (the float64 conv of torch's own levels), and to torch's float32 conv (whose sum rounds, far more)."""
     g = torch.Generator().manual_seed(bits + cin * cout)
-    q = QuanConv(cin, cout, stride, bits, **opts).eval()
+    q = BNQuantConv(cin, cout, stride, bits, **opts).eval()
     _randomize(q, g)
     q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
     x = torch.randn(2, cin, 9, 9, generator=g)
@@ -171,7 +171,7 @@ def test_kbit_quan_conv_torch_mode_computes_torchs_float_values(bits, opts, cin,
     round to different sides of a quantizer boundary: none in these draws)."""
     g = torch.Generator().manual_seed(bits * cin + cout)
     for c, size, n in ((1, 1, 64), (cin, 9, 2)):
-        q = QuanConv(c, cout, stride, bits, **opts).eval()
+        q = BNQuantConv(c, cout, stride, bits, **opts).eval()
         _randomize(q, g)
         q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
         x = torch.randn(n, c, size, size, generator=g)

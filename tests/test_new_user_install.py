@@ -130,8 +130,8 @@ DRIVER = textwrap.dedent('''
     with ServerProcess(p["ck"], env={"HYBRIDEXIT_TOKEN": "tok-0123456789"}) as srv:
         import os
         os.environ["HYBRIDEXIT_TOKEN"] = "tok-0123456789"
-        s = json.loads(run(["edge", p["ck"], "--cloud", srv.url, "--images", p["images"], "--codec", "int8",
-                            "--compress", "--json"], "runtime"))
+        s = json.loads(run(["edge", p["ck"], "--cloud", srv.url, "--images", p["images"], "--codec", "int8+zstd",
+                            "--json"], "runtime"))
         assert s["n"] == 3 and s["failed_requests"] == 0, s
     print("ok")
 ''')
@@ -176,9 +176,9 @@ def test_every_command_works_without_the_dev_extra(tmp_path):
              "--edge-bits", "1", "--exits", "4", "--epochs", "1", "--val-size", "20", "--limit-train", "32",
              "--batch-size", "16", "--device", "cpu"],
             ["calibrate", str(tmp_path / "run"), "--data-dir", str(data), "--exit-fraction", "0.5", "--json"],
-            ["report", "--results-dir", str(results), "--docs", str(docs)]]
+            ["report", "--results-dir", str(results), "--out", str(docs)]]
     args = {"commands": COMMANDS, "core": core, "ck": str(ck), "images": str(tmp_path / "imgs")}
     r = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(args)], env=_guarded_env(tmp_path), cwd=ROOT,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
-    assert "report:begin" in docs.read_text()
+    assert "### Table III" in docs.read_text()

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from hybridexit.errors import ConfigError
-from hybridexit.model.quant import QuanConv, QuantConv2d, quantize_activation, quantize_weight, sign_ste, uniform_ste
+from hybridexit.model.quant import BNQuantConv, QuantConv2d, quantize_activation, quantize_weight, sign_ste, uniform_ste
 
 
 def test_binary_weight_is_plus_minus_alpha_per_output_channel():
@@ -63,12 +63,12 @@ def test_weight_ste_reaches_latent_weights():
 
 
 def test_quanconv_order_and_bits():
-    m = QuanConv(4, 8, 1, bits=2)
+    m = BNQuantConv(4, 8, 1, bits=2)
     assert [type(c).__name__ for c in m.children()] == ["BatchNorm2d", "ActQuantizer", "QuantConv2d"]
     assert m.conv.bits == 2 and m.act.bits == 2
-    assert QuanConv(4, 8, 1, bits=32).conv.__class__ is torch.nn.Conv2d
+    assert BNQuantConv(4, 8, 1, bits=32).conv.__class__ is torch.nn.Conv2d
 
 
 def test_unsupported_bits_rejected():
     with pytest.raises(ConfigError, match="use one of 1, 2, 4, 8, 32"):
-        QuanConv(4, 4, bits=3)
+        BNQuantConv(4, 4, bits=3)

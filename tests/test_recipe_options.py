@@ -16,7 +16,7 @@ from hybridexit.errors import EngineError
 from hybridexit.model.checkpoint import fingerprint, load_model, read_tensors, save_model
 from hybridexit.model.energy import EnergyTable, count_layers, energy_report
 from hybridexit.model.hybrid import HybridNet
-from hybridexit.model.quant import ChannelShift, QuanConv, QuantConv2d, RPReLU, quantize_activation, set_float_weights
+from hybridexit.model.quant import BNQuantConv, ChannelShift, QuantConv2d, RPReLU, quantize_activation, set_float_weights
 from hybridexit.model.resnet import EXIT_POOLS, block_specs
 from hybridexit.workflows.recipes import load_recipe, read_recipe
 from hybridexit.workflows.train import TrainConfig, _phases, build_model, train
@@ -70,7 +70,7 @@ def test_ste_option_reaches_the_edge_and_changes_gradients_only():
 
 def test_rsign_and_rprelu_compute_their_formulas():
     torch.manual_seed(0)
-    q = QuanConv(4, 6, 1, bits=1, act_shift=True, rprelu=True).eval()
+    q = BNQuantConv(4, 6, 1, bits=1, act_shift=True, rprelu=True).eval()
     with torch.no_grad():
         q.shift.bias.copy_(torch.tensor([0.5, -0.3, 0.0, 1.0]))
         q.rprelu.shift_in.copy_(torch.linspace(-1, 1, 6))

@@ -1,14 +1,20 @@
 """The sweep report: Table III from the energy model, figures and tables from result rows, missing points shown as
-missing, the docs' hand-written text kept around the generated section."""
+missing, the docs' hand-written text kept around the generated section (scripts/render_sweep_doc.py, the one doc
+splicer scripts/splice.py)."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
 from hybridexit.data import DATASETS
 from hybridexit.model.energy import energy_report
 from hybridexit.model.resnet import HybridConfig
-from hybridexit.workflows.report import BEGIN, END, PAPER_TABLE3, table3_rows, write_report
+from hybridexit.workflows.report import PAPER_TABLE3, table3_rows, write_report
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from render_sweep_doc import BEGIN, END, render  # noqa: E402
 
 C100 = DATASETS["cifar100"]
 
@@ -58,7 +64,7 @@ def test_report_writes_figures_and_keeps_hand_written_docs(tmp_path):
     (tmp_path / "sweep-cifar100.json").write_text(json.dumps(rows))
     docs = tmp_path / "sweep.md"
     docs.write_text(f"# Sweeps\n\nhand-written intro\n\n{BEGIN}\nold generated text\n{END}\n\nhand-written outro\n")
-    written = write_report(results_dir=tmp_path, docs=docs)
+    written = render(results_dir=tmp_path, docs=docs)
     text = docs.read_text()
     assert "hand-written intro" in text and "hand-written outro" in text and "old generated text" not in text
     for name in ("fig4a-cifar10.png", "fig4b-cifar100.png", "fig5-cifar100.png"):
@@ -71,8 +77,11 @@ def test_report_writes_figures_and_keeps_hand_written_docs(tmp_path):
     assert next(r for r in section.splitlines() if r.startswith("| e10-b2-x10-joint-k3")).split("|")[2].strip() == "missing"
     assert "| 2269 " in section and "| 88.61 " in section and "| 52.8 " in section  # the paper's values beside ours
     assert "24E+6C 4-bit, exit at 24" in section and "-1.3 pt" in section  # 66.0 % vs the FP32 row's 67.3 %
-    write_report(results_dir=tmp_path, docs=docs)
+    render(results_dir=tmp_path, docs=docs)
     assert docs.read_text() == text  # regenerating from the same rows changes nothing
+    out = tmp_path / "own.md"  # hybridexit report: the same section as a file of its own, nothing spliced
+    assert write_report(results_dir=tmp_path, out=out)[-1] == str(out)
+    assert section.strip() in out.read_text() and BEGIN not in out.read_text()
 
 
 def test_report_sets_a_longer_schedule_beside_the_grid_and_names_the_validation_choice(tmp_path):
@@ -84,11 +93,24 @@ def test_report_sets_a_longer_schedule_beside_the_grid_and_names_the_validation_
         "rule": "largest reduction", "chosen": "checkpoints/long", "candidates": [
             dict(cand, checkpoint="checkpoints/short"),
             dict(cand, checkpoint="checkpoints/long", epochs=30, val_edge_fraction=0.78, val_reduction=5.3)]}))
-    docs = tmp_path / "sweep.md"
-    write_report(results_dir=tmp_path, docs=docs)
-    part = docs.read_text().split("### Longer training schedules")[1]
+    written = write_report(results_dir=tmp_path)
+    assert written[-1] == str(tmp_path / "report.md")
+    part = (tmp_path / "report.md").read_text().split("### Longer training schedules")[1]
     lines = [r for r in part.splitlines() if r.startswith("| e24-b4-x24-joint-k3")]
     assert "30 ep" in lines[0] and "75.0 % / " in lines[0] and "12 ep" in lines[1] and "55.0 % / " in lines[1]
     chosen = next(r for r in part.splitlines() if r.startswith("| checkpoints/long"))
     assert "78.0" in chosen and chosen.rstrip(" |").endswith("chosen")
     assert "chosen" not in next(r for r in part.splitlines() if r.startswith("| checkpoints/short"))
+
+
+def test_the_one_doc_splicer_keeps_every_byte_around_the_section():
+    from splice import SpliceError, between, splice
+
+    text = "intro\r\n  <!-- x:begin (note) -->\nold\n<!-- x:end -->\ttail \n"
+    new = splice(text, "<!-- x:begin (note) -->", "<!-- x:end -->", "a | b\n")
+    assert new == "intro\r\n  <!-- x:begin (note) -->\na | b\n<!-- x:end -->\ttail \n"
+    assert splice(text, "<!-- x:begin (note) -->", "<!-- x:end -->", "a | b") == new  # the end marker on its own line
+    assert between(new, "<!-- x:begin (note) -->", "<!-- x:end -->") == "\na | b\n"
+    for begin, end in (("<!-- y:begin -->", "<!-- x:end -->"), ("<!-- x:end -->", "<!-- x:begin (note) -->")):
+        with pytest.raises(SpliceError, match="add the two markers"):
+            splice(text, begin, end, "z")

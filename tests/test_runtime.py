@@ -391,8 +391,8 @@ def test_edge_over_network_equals_in_process_evaluation(server, ckpt, images, re
 def test_edge_codecs_keep_edge_decisions_and_cut_bytes(server, ckpt, images, reference):
     got = {}
     for codec, compress in (("fp16", False), ("int8", False), ("int8", True)):
-        s, recs = run_edge(ckpt, _inputs(images), EdgeOptions(server.url, token=TOKEN, codec=codec,
-                                                                    compress=compress, batch_size=4))
+        opts = EdgeOptions(server.url, token=TOKEN, codec=codec + ("+zstd" if compress else ""), batch_size=4)
+        s, recs = run_edge(ckpt, _inputs(images), opts)
         assert [r["decided_at"] for r in recs] == [r["decided_at"] for r in reference]
         assert s["fallback_fraction"] == 0
         got[(codec, compress)] = s["payload_bytes_per_offloaded"]
@@ -508,7 +508,7 @@ def test_cli_edge_on_an_image_folder(server, ckpt, images, tmp_path, capsys, mon
     monkeypatch.setenv("HYBRIDEXIT_TOKEN", TOKEN)
     out = tmp_path / "r.jsonl"
     code = main(["edge", str(ckpt), "--cloud", server.url, "--images", str(tmp_path / "imgs"), "--out", str(out),
-                 "--codec", "fp16", "--compress", "--json"])
+                 "--codec", "fp16+zstd", "--json"])
     assert code == 0
     summary = json.loads(capsys.readouterr().out)
     recs = [json.loads(line) for line in out.read_text().splitlines()]

@@ -137,17 +137,17 @@ def _spec_with(tmp_path, extra: str) -> Path:
 def test_adopts_a_finished_outside_run_and_reads_the_reference(tmp_path, tiny_cifar):
     from hybridexit.data import load_cifar
     from hybridexit.model.resnet import HybridConfig
-    from hybridexit.workflows.sweep import Point
+    from hybridexit.workflows.sweep import DesignPoint
     from hybridexit.workflows.train import train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
     spec = load_sweep(TINY)
-    point = Point(4, 1, (4,))
+    point = DesignPoint(4, 1, (4,))
     train(tmp_path / "outside", spec.net_config(point), spec.train_config(point), ds, progress=False)
     fp32 = HybridConfig(depth=8, mean=ds.mean, std=ds.std)
-    train(tmp_path / "fp32", fp32, spec.train_config(Point(0, 32, ())), ds, progress=False)
+    train(tmp_path / "fp32", fp32, spec.train_config(DesignPoint(0, 32, ())), ds, progress=False)
     outside = files_of(tmp_path / "outside")
     p = _spec_with(tmp_path, f'\n[adopt]\n"e4-b1-x4-joint-k3" = "{tmp_path / "outside"}"\n')
     text = p.read_text().replace('value = 0.05', 'below_reference = 0.05').replace(
@@ -169,13 +169,13 @@ def test_adopts_a_finished_outside_run_and_reads_the_reference(tmp_path, tiny_ci
 
 def test_adoption_refuses_another_recipe_and_waits_for_an_unfinished_run(tmp_path, tiny_cifar):
     from hybridexit.data import load_cifar
-    from hybridexit.workflows.sweep import Point
+    from hybridexit.workflows.sweep import DesignPoint
     from hybridexit.workflows.train import train
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ds = load_cifar("cifar10", tiny_cifar, download_ok=False)
-    spec, point = load_sweep(TINY), Point(4, 1, (4,))
+    spec, point = load_sweep(TINY), DesignPoint(4, 1, (4,))
     train(tmp_path / "part", spec.net_config(point), spec.train_config(point), ds, progress=False, stop_after_epochs=1)
     p = _spec_with(tmp_path, f'\n[adopt]\n"e4-b1-x4-joint-k3" = "{tmp_path / "part"}"\n')
     s = sweep(tmp_path, tiny_cifar, spec=p, only=["e4-b1-x4-joint-k3"])

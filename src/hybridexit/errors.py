@@ -84,3 +84,35 @@ class CodecMismatch(WireError):
 class FrameTooLarge(WireError):
     code = "too_large"
     http_status = 413
+
+
+# ---------------------------------------------------------------- optional dependencies
+EXTRAS = {  # an optional dependency -> the extra of pyproject.toml that installs it
+    "constriction": "codecs", "zstandard": "codecs", "onnx": "onnx", "onnxruntime": "onnx", "fastapi": "runtime",
+    "uvicorn": "runtime", "httpx": "runtime", "starlette": "runtime", "h11": "runtime", "ray": "ray", "ninja": "packed",
+}
+
+
+class MissingExtra(HybridExitError, ModuleNotFoundError):
+    """An optional dependency is not installed; the message names the extra that installs it."""
+
+
+def missing_extra(module: str, what: str = "this", extra: str | None = None) -> MissingExtra:
+    """The one-line error for an optional ``module`` that ``what`` needs (``extra``, default ``EXTRAS``' entry)."""
+    top = module.split(".")[0]
+    extra = extra or EXTRAS.get(top)
+    how = f"pip install 'hybridexit[{extra}]'" if extra else f"pip install {top}"
+    return MissingExtra(f"{what} needs {top}, which is not installed: {how}", name=top)
+
+
+def need(module: str, what: str = "this", extra: str | None = None):
+    """``import module`` for an optional dependency; when it is not installed, ``missing_extra`` (one line, the
+    extra named) instead of a ModuleNotFoundError traceback."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name is not None and module.split(".")[0] != e.name.split(".")[0]:
+            raise  # the module is there but something it imports is missing: not ours to name
+        raise missing_extra(module, what, extra) from None

@@ -27,7 +27,7 @@ TARGETS = ("max_drop", "exit_fraction", "min_accuracy")
 
 
 @dataclass
-class Point:
+class OperatingPoint:
     thresholds: tuple[float, ...]
     accuracy: float
     exit_fraction: list[float]
@@ -52,7 +52,7 @@ def candidates(ent: torch.Tensor, grid: int | None = None) -> list[float]:
     return [0.0, *mids, float(u[-1]) + 1e-6 if len(u) else 1.0]
 
 
-def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24, temperatures=None) -> list[Point]:
+def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24, temperatures=None) -> list[OperatingPoint]:
     """Every candidate threshold setting with its validation accuracy, exit fractions and expected energy."""
     ents = stats.entropies_at(temperatures)
     k = ents.shape[1]
@@ -64,11 +64,11 @@ def sweep(stats: ExitStats, report: EnergyReport, grid: int = 24, temperatures=N
     for thr in itertools.product(*per_exit):
         preds, decided = stats.simulate(thr, entropies=ents)
         fr = [float((decided == j).sum()) / n for j in range(k)]
-        points.append(Point(tuple(float(t) for t in thr), stats.accuracy(preds), fr, report.expected_uj(fr)))
+        points.append(OperatingPoint(tuple(float(t) for t in thr), stats.accuracy(preds), fr, report.expected_uj(fr)))
     return points
 
 
-def choose(points: list[Point], target: str, value: float, cloud_accuracy: float) -> Point:
+def choose(points: list[OperatingPoint], target: str, value: float, cloud_accuracy: float) -> OperatingPoint:
     if target not in TARGETS:
         raise ConfigError(f"unknown target {target!r}: use one of {', '.join(TARGETS)}")
     if target == "max_drop":
@@ -98,7 +98,7 @@ def _as_chain(fallback) -> list[tuple]:
     return [tuple(fallback)] if isinstance(fallback[0], str) else [tuple(f) for f in fallback]
 
 
-def choose_in_order(points: list[Point], chain: list[tuple], cloud_accuracy: float) -> tuple[str, float, Point]:
+def choose_in_order(points: list[OperatingPoint], chain: list[tuple], cloud_accuracy: float) -> tuple[str, float, OperatingPoint]:
     """The first of ``chain``'s (target, value[, min_edge]) that can be met: (target, value, point). The last entry
     raises as ``choose`` does when it cannot be met; an earlier one is unmet when ``choose`` finds no point or
     the point decides less than its ``min_edge`` at the edge."""
@@ -113,7 +113,7 @@ def choose_in_order(points: list[Point], chain: list[tuple], cloud_accuracy: flo
     return target, value, choose(points, target, value, cloud_accuracy)
 
 
-def plot(points: list[Point], chosen: Point, report: EnergyReport, cloud_accuracy: float, path) -> None:
+def plot(points: list[OperatingPoint], chosen: OperatingPoint, report: EnergyReport, cloud_accuracy: float, path) -> None:
     """Accuracy and expected energy against the fraction of samples decided at the edge."""
     import matplotlib
 
@@ -224,7 +224,7 @@ def calibrate_risk(path, ds, eps: float, delta: float, kind: str = "disagreement
     report = energy_report(model.cfg)
     preds, decided = stats.simulate(policy.thresholds, policy.temperatures or None)
     fr = [int((decided == j).sum()) / len(val) for j in range(len(policy.thresholds))]
-    point = Point(policy.thresholds, stats.accuracy(preds), fr, report.expected_uj(fr))
+    point = OperatingPoint(policy.thresholds, stats.accuracy(preds), fr, report.expected_uj(fr))
     old = meta.get("policy")
     result = {"split": "val", "n": len(val), "target": f"{kind}_risk", "value": eps,
               "cloud_accuracy": stats.cloud_accuracy, **point.to_dict(report),

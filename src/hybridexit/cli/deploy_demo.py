@@ -23,7 +23,7 @@ def default_codec(checkpoint) -> str:
 
 
 def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, codec: str | None = None,
-             compress: bool = False, batch_size: int = 1, threads: int | None = 1, out: str | None = None) -> dict:
+             batch_size: int = 1, threads: int | None = 1, out: str | None = None) -> dict:
     import torch
 
     from ..data import Inputs
@@ -54,7 +54,7 @@ def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, co
               f"{len(split)} {ds.name} test images ...", flush=True)
         if threads:
             torch.set_num_threads(threads)
-        opts = EdgeOptions(srv.url, token=token, codec=codec, compress=compress, batch_size=batch_size)
+        opts = EdgeOptions(srv.url, token=token, codec=codec, batch_size=batch_size)
         summary, _ = run_edge(checkpoint, Inputs(split.images, split.labels, None, f"{ds.name} test"), opts,
                               out=out, progress=sys.stderr.isatty())
     print(f"[demo] {checkpoint}: edge process -> cloud process over loopback HTTP")
@@ -65,19 +65,18 @@ def run_demo(checkpoint: str, data_dir: str | None = None, limit: int = 1000, co
 
 def main(argv=None) -> int:
     from .main import guarded
+    from .options import add_codec_option
 
     p = argparse.ArgumentParser(prog="python -m hybridexit.cli.deploy_demo", description=__doc__)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--data-dir", default=None, help="CIFAR folder (default: $HYBRIDEXIT_DATA, then the cache)")
     p.add_argument("--limit", type=int, default=1000)
-    p.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8", "bn"],
-                   help="feature codec (default: the checkpoint's learned codec bn if it carries one, else fp32)")
-    p.add_argument("--compress", action="store_true")
+    add_codec_option(p, None, " (default: the checkpoint's learned codec bn if it carries one, else fp32)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per process (0: torch's default)")
     p.add_argument("--out", default=None, help="write the per-image records (JSONL)")
     a = p.parse_args(argv)
-    return guarded(lambda: run_demo(a.checkpoint, a.data_dir, a.limit, a.codec, a.compress, a.batch_size,
+    return guarded(lambda: run_demo(a.checkpoint, a.data_dir, a.limit, a.codec, a.batch_size,
                                     a.threads or None, a.out), "hybridexit demo")
 
 

@@ -8,9 +8,11 @@ import os
 import sys
 
 from ..engines import CHOICES as ENGINE_CHOICES
-from ..errors import HybridExitError
+from ..errors import HybridExitError, missing_extra
 from .options import (
+    POLICY_HELP,
     Parser,
+    add_codec_option,
     checkpoint_dir,
     device,
     existing_dir,
@@ -23,6 +25,7 @@ from .options import (
     output_file,
     positive_float,
     positive_int,
+    refused,
     threshold,
 )
 
@@ -32,8 +35,6 @@ DATA_DIR_HELP = ("folder holding the official CIFAR archive or its extracted fol
                  "checkpoint, default for a class-folder dataset: the folder it was trained on")
 DEVICE_HELP = "torch device: cpu, cuda, cuda:1 ... (default: cuda when present)"
 JSON_HELP = "print one JSON object (full precision) instead of the table"
-POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresholds, temperatures, guarantee), as "
-               "`calibrate --policy-out FILE` writes it")
 
 
 def _net_args(p: argparse.ArgumentParser, classes_default=10):
@@ -323,9 +324,9 @@ def cmd_train_codec(a):
 
 
 def cmd_export_codec(a):
-    from ..workflows.train_codec import export_checkpoint
+    from ..workflows.train_codec import export_codec
 
-    t = export_checkpoint(a.run, a.out)["trained"]
+    t = export_codec(a.run, a.out)["trained"]
     c = t["config"]
     print(f"{a.out}: learned codec ({c['code_channels']} channels x {c['bits']} bits) from {t['run']}, epoch "
           f"{t['chosen_epoch']}, validation accuracy of the offloaded samples "
@@ -424,19 +425,12 @@ def cmd_sweep(a):
 def cmd_report(a):
     from ..workflows.report import write_report
 
-    for path in write_report(results_dir=a.results_dir, docs=a.docs, epochs=a.epochs, force=getattr(a, "force", False)):
+    for path in write_report(results_dir=a.results_dir, out=a.out, epochs=a.epochs, force=getattr(a, "force", False)):
         print(path)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    # Long by nature: one declaration per option, each with its type (validation) and help beside it.
-    from .. import __version__
-
-    p = Parser(prog="hybridexit", description="Conditionally deep hybrid networks across edge and cloud: train, "
-               "evaluate and calibrate them, and serve the cloud half to edge devices.")
-    p.add_argument("--version", action="version", version=f"hybridexit {__version__}")
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
-
+def _add_train(sub) -> None:
+    """``train``: the network's flags, then every training option (recipe values unless given)."""
     t = sub.add_parser("train", help="train a float or hybrid network (joint or separate optimization, or the cloud half alone)")
     _net_args(t)
     t.add_argument("--dataset", default=None, choices=["cifar10", "cifar100", "folder"],
@@ -485,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", type=device, default=None, help=DEVICE_HELP)
     t.set_defaults(func=cmd_train)
 
+
+def _add_summary_energy(sub) -> None:
+    """``summary`` and ``energy``: a network from flags or a checkpoint, and the energy table."""
     for name, fn, hlp in (("summary", cmd_summary, "per-layer table: placement, bits, params, MACs, energy"),
                           ("energy", cmd_energy, "energy per image: FP32, edge, cloud, expected, reduction")):
         e = sub.add_parser(name, help=hlp)
@@ -504,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
             e.add_argument("--json", action="store_true", help=JSON_HELP)
         e.set_defaults(func=fn)
 
+
+def _add_evaluate(sub) -> None:
+    """``evaluate``: a checkpoint on a split or a folder, with an engine, a codec and a link."""
     v = sub.add_parser("evaluate", help="real conditional inference on a split, with energy from measured exits")
     v.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")
     v.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
@@ -521,14 +521,15 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--engine", default="auto", choices=list(ENGINE_CHOICES),
                    help="engine of the edge half (default auto: the fastest that can run the checkpoint here, packed "
                         "then onnx then torch; onnx, packed: CPU); the cloud half runs in torch")
-    v.add_argument("--codec", default=None, choices=["fp32", "fp16", "int8", "fp32+zstd", "fp16+zstd", "int8+zstd",
-                                                     "q1", "q2", "q3", "q4", "bn"],
-                   help="send the offloaded features through this codec as wire frames and report the bytes "
-                        "(docs/codecs.md); default: none, or the checkpoint's learned codec")
+    add_codec_option(v, None, "; the offloaded features go through it as wire frames and the bytes are reported "
+                              "(default: none, or the checkpoint's learned codec)")
     _link_args(v)
     v.add_argument("--json", action="store_true", help=JSON_HELP)
     v.set_defaults(func=cmd_evaluate)
 
+
+def _add_export(sub) -> None:
+    """``export``: the edge half (and the cloud half) as files for a device runtime."""
     x = sub.add_parser("export", help="write the edge half (and for onnx the cloud half) for a device runtime")
     x.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")
     x.add_argument("--format", required=True, choices=["onnx", "packed"],
@@ -536,6 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output folder (created)")
     x.set_defaults(func=cmd_export)
 
+
+def _add_train_codec(sub) -> None:
+    """``train-codec``: a learned codec for a checkpoint from a codec recipe."""
     k = sub.add_parser("train-codec", help="train a learned feature codec for a checkpoint from a codec recipe "
                        "(docs/codecs.md); the same command resumes")
     k.add_argument("checkpoint", type=checkpoint_dir, help="calibrated checkpoint whose edge and exits stay frozen")
@@ -548,6 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder for the cached edge features of the training views (default: OUT/views)")
     k.set_defaults(func=cmd_train_codec)
 
+
+def _add_export_codec(sub) -> None:
+    """``export-codec``: the codec of a train-codec run into a checkpoint."""
     xc = sub.add_parser("export-codec", help="the learned codec of a train-codec run: a new codec checkpoint, or (cloud "
                         "half not tuned) the checkpoint's own codec/ folder")
     xc.add_argument("run", type=existing_dir,
@@ -557,6 +564,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint it was trained on: its codec goes into OUT/codec/")
     xc.set_defaults(func=cmd_export_codec)
 
+
+def _add_calibrate(sub) -> None:
+    """``calibrate``: thresholds for one target on the validation split."""
     c = sub.add_parser("calibrate", help="choose exit thresholds on the validation split for a target")
     c.add_argument("checkpoint", type=checkpoint_dir, help="checkpoint folder")
     c.add_argument("--data-dir", type=existing_dir, default=None, help=DATA_DIR_HELP)
@@ -584,6 +594,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", action="store_true", help=JSON_HELP)
     c.set_defaults(func=cmd_calibrate)
 
+
+def _add_sweep(sub) -> None:
+    """``sweep``: the points of a sweep file, here or on Ray."""
     w = sub.add_parser("sweep", help="design-space exploration: train, calibrate and evaluate every point of a sweep file")
     w.add_argument("spec", type=existing_file, help="sweep file, e.g. sweeps/paper-cifar10.toml")
     w.add_argument("--workers", type=positive_int, default=1,
@@ -609,21 +622,40 @@ def build_parser() -> argparse.ArgumentParser:
                         "their rows cite; train nothing for them")
     w.add_argument("--report", action="store_true", help="then regenerate the figures and tables (hybridexit report)")
     w.add_argument("--results-dir", default="results", help=argparse.SUPPRESS)
-    w.add_argument("--docs", default="docs/sweep.md", help=argparse.SUPPRESS)
+    w.add_argument("--out", default=None, help=argparse.SUPPRESS)
     w.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     w.set_defaults(func=cmd_sweep)
 
+
+def _add_report(sub) -> None:
+    """``report``: the sweeps' figures and tables."""
     r = sub.add_parser("report", help="figures and tables of the sweeps (Fig. 4, Fig. 5, Tables II-IV) from the result rows")
     r.add_argument("--results-dir", type=existing_dir, default="results",
                    help="folder with sweep-cifar10.json, sweep-cifar100.json")
-    r.add_argument("--docs", type=output_file, default="docs/sweep.md",
-                   help="markdown file whose generated section is rewritten")
+    r.add_argument("--out", type=output_file, default=None,
+                   help="markdown file to write the report to (default: RESULTS_DIR/report.md, report-epN.md with "
+                        "--epochs); the figures go beside the result rows")
+    r.add_argument("--docs", action=refused("the report is a markdown file of its own (--out FILE); the repository's "
+                                            "docs/sweep.md is rendered by scripts/render_sweep_doc.py"),
+                   help=argparse.SUPPRESS)
     r.add_argument("--epochs", type=positive_int, default=None,
                    help="report the rows of a schedule override (sweep --epochs N: results/sweep-<dataset>-epN.json)")
     r.add_argument("--force", action="store_true",
-                   help="rewrite the generated section even when it would hold fewer results than now (more cells "
+                   help="replace the --out file even when it would hold fewer results than now (more cells "
                         "'missing'); without it such a report is refused and nothing is written")
     r.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .. import __version__
+
+    p = Parser(prog="hybridexit", description="Conditionally deep hybrid networks across edge and cloud: train, "
+               "evaluate and calibrate them, and serve the cloud half to edge devices.")
+    p.add_argument("--version", action="version", version=f"hybridexit {__version__}")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for add in (_add_train, _add_summary_energy, _add_evaluate, _add_export, _add_train_codec, _add_export_codec,
+                _add_calibrate, _add_sweep, _add_report):
+        add(sub)
 
     try:
         from .serving import add_parsers
@@ -647,10 +679,8 @@ def guarded(fn, prog: str = "hybridexit") -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except ModuleNotFoundError as e:  # an optional dependency this command needs is not installed
-        print(f"{prog}: error: {e}: this command needs the Python package {e.name!r}; install the hybridexit extra "
-              f"its docs name (pip install 'hybridexit[runtime]', '[onnx]', '[packed]', '[codecs]' or '[ray]')",
-              file=sys.stderr)
+    except ModuleNotFoundError as e:  # an optional dependency imported without errors.need: still one line
+        print(f"{prog}: error: {missing_extra(e.name or str(e), 'this command')}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
@@ -675,3 +705,4 @@ def main(argv=None) -> int:
     except SystemExit as e:  # a bad argument (one line already printed), --help or --version
         return e.code if isinstance(e.code, int) else 2
     return guarded(lambda: args.func(args))
+

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 
 BadValue = argparse.ArgumentTypeError
+POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresholds, temperatures, guarantee), as "
+               "`calibrate --policy-out FILE` writes it")
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -219,3 +221,31 @@ def output_dir(v: str) -> str:
     if not os.access(anc, os.W_OK):
         raise BadValue(f"cannot write {v}: permission denied on {anc}")
     return v
+
+
+# ---------------------------------------------------------------------------------------------- codecs
+def add_codec_option(p, default: str | None, what: str = "", compress_alias: bool = False) -> None:
+    """``--codec``: its choices and help read the codec registry (``hybridexit.codecs.CODEC_CHOICES`` / ``CODEC_HELP``).
+    ``compress_alias``: also ``--compress``, the deprecated spelling of ``+zstd`` (``codec_of`` maps it)."""
+    from ..codecs import CODEC_CHOICES, CODEC_HELP
+
+    p.add_argument("--codec", default=default, choices=list(CODEC_CHOICES), help=CODEC_HELP + what)
+    if compress_alias:
+        p.add_argument("--compress", action="store_true", help="deprecated: --codec NAME+zstd (fp32, fp16, int8)")
+
+
+def codec_of(a) -> str | None:
+    """The codec an ``add_codec_option`` parse names: ``--codec int8 --compress`` is ``int8+zstd`` (with a one-line
+    warning that --compress is deprecated); --compress on a codec that codes its own payload is refused."""
+    import warnings
+
+    from ..codecs import V1_NAMES, ZSTD
+    from ..errors import ConfigError
+
+    if not getattr(a, "compress", False):
+        return a.codec
+    base = a.codec or "fp32"
+    if base not in V1_NAMES:
+        raise ConfigError(f"--compress applies to fp32, fp16 and int8 only (codec {base} codes its own payload)")
+    warnings.warn(f"--compress is deprecated: use --codec {base}{ZSTD}", FutureWarning, stacklevel=2)
+    return base + ZSTD

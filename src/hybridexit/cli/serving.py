@@ -10,12 +10,15 @@ import argparse
 import importlib.util
 import json
 
-from ..codecs import LEARNED, QUANT_NAMES
+from ..codecs import QUANT_NAMES, ZSTD
 from ..engines import CHOICES as ENGINE_CHOICES
-from ..errors import HybridExitError
+from ..errors import missing_extra
 from ..threads import runtime_threads, runtime_threads_help
 from .options import (
+    POLICY_HELP,
+    add_codec_option,
     checkpoint_dir,
+    codec_of,
     device,
     existing_dir,
     existing_file,
@@ -30,20 +33,15 @@ from .options import (
     threshold,
 )
 
-POLICY_HELP = ("exit policy file to use instead of the checkpoint's own (thresholds, temperatures, guarantee: "
-               "the audit's EPS and levels), as `calibrate --policy-out FILE` writes it")
 TOKEN_ON_COMMAND_LINE = ("a command line is visible to every user in ps; put the token in a file and pass "
                          "--token-file FILE, or set HYBRIDEXIT_TOKEN")
 
 
-class MissingDependency(HybridExitError):
-    """An optional dependency of the runtime is not installed."""
-
-
 def _require(*modules: str) -> None:
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependency(f"the runtime needs {', '.join(missing)}: pip install 'hybridexit[runtime]'")
+    """Stop in one line (the extra named) before any work when the runtime's optional modules are missing."""
+    for m in modules:
+        if importlib.util.find_spec(m) is None:
+            raise missing_extra(m, "the runtime", "runtime")
 
 
 def cmd_serve(a) -> None:
@@ -107,8 +105,9 @@ def _edge_adaptive(a, opts, inputs, meta, policy) -> None:
 
 
 def cmd_edge(a) -> None:
+    codec = codec_of(a)
     _require("httpx")
-    if a.compress:
+    if codec.endswith(ZSTD):
         _require("zstandard")
     import torch
 
@@ -124,8 +123,7 @@ def cmd_edge(a) -> None:
         from ..errors import ConfigError
 
         raise ConfigError("--audit-burst-rate needs --audit-rate (the base rate of audits)")
-    opts = EdgeOptions(cloud_url=a.cloud, token=resolve_token(a.token_file), ca=a.ca, codec=a.codec,
-                       compress=a.compress,
+    opts = EdgeOptions(cloud_url=a.cloud, token=resolve_token(a.token_file), ca=a.ca, codec=codec,
                        batch_size=a.batch_size, timeout_s=a.timeout_s, retries=a.retries,
                        retry_backoff_ms=a.retry_backoff_ms, cooldown_s=a.cooldown_s,
                        on_cloud_failure=a.on_cloud_failure,
@@ -159,7 +157,12 @@ def cmd_edge(a) -> None:
 
 
 def add_parsers(sub) -> None:
-    # Long by nature: the serve/edge option declarations, each with its type and help beside it.
+    """``serve`` and ``edge`` on the ``hybridexit`` parser."""
+    _add_serve(sub)
+    _add_edge(sub)
+
+
+def _add_serve(sub) -> None:
     s = sub.add_parser("serve", help="cloud server: the cloud half of a checkpoint over HTTP, dynamic batching",
                        description="Serve the CloudNet of a checkpoint (POST /v1/infer, GET /healthz, /v1/info, "
                                    "/v1/stats). See docs/wire-format.md.")
@@ -191,6 +194,8 @@ def add_parsers(sub) -> None:
                    help="server log level")
     s.set_defaults(func=cmd_serve)
 
+
+def _add_edge(sub) -> None:
     e = sub.add_parser("edge", help="edge client: exits locally, offloads the rest to a cloud server",
                        description="Run the edge half and its exits on a split (or a folder of images); send only "
                                    "the samples that do not exit to the cloud server; one record per input.")
@@ -229,15 +234,13 @@ def add_parsers(sub) -> None:
                    help="with --slo-ms: hand off at the checkpoint's boundary (or finish locally), or at any block")
     e.add_argument("--adaptive-codecs", nargs="+", default=["bn", "int8+zstd", "fp16"], metavar="CODEC",
                    help="with --slo-ms: the codecs to choose from (bn: the checkpoint's learned codec, if any)")
-    e.add_argument("--codec", default="fp32", choices=["fp32", "fp16", "int8", *QUANT_NAMES, LEARNED],
-                   help="feature codec on the wire (docs/codecs.md): q1-q4 choose their clip ranges on the validation "
-                        "split (needs the dataset); bn is the learned codec of a checkpoint that carries one")
-    e.add_argument("--compress", action="store_true", help="zstd-compress the payload (fp32, fp16, int8)")
+    add_codec_option(e, "fp32", compress_alias=True)
     e.add_argument("--batch-size", type=positive_int, default=1,
                    help="inputs processed together (1: streaming, per-sample latency and bytes)")
     e.add_argument("--thresholds", type=threshold, nargs="*", default=None,
                    help="exit thresholds, one per exit (default: the checkpoint's exit policy)")
-    e.add_argument("--policy", type=existing_file, default=None, metavar="FILE", help=POLICY_HELP)
+    e.add_argument("--policy", type=existing_file, default=None, metavar="FILE",
+                   help=POLICY_HELP + "; its guarantee gives the audit's EPS and levels")
     e.add_argument("--timeout-s", type=positive_float, default=10.0, help="per HTTP attempt")
     e.add_argument("--retries", type=non_negative_int, default=2, help="retries of a failed request (after the first try)")
     e.add_argument("--retry-backoff-ms", type=non_negative_float, default=100.0,

@@ -6,9 +6,9 @@ import io
 
 import torch
 
-from ..errors import CorruptPayload, WrongShape
+from ..errors import CorruptPayload, WrongShape, need
 
-ZSTD_LEVEL = 19
+NAMED_ZSTD_LEVEL = 19  # the named codecs' payloads (q1..q4); v1 frames use v1.ZSTD_LEVEL
 
 
 class Codec:
@@ -53,9 +53,9 @@ def check_batch(x: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def zstd(data: bytes) -> bytes:
-    import zstandard
+    zstandard = need("zstandard", "zstd compression")
 
-    return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(data)
+    return zstandard.ZstdCompressor(level=NAMED_ZSTD_LEVEL, write_content_size=True).compress(data)
 
 
 def unzstd(data: bytes, expected: int) -> bytes:
@@ -67,7 +67,7 @@ def unzstd(data: bytes, expected: int) -> bytes:
 
 def decompress(data: bytes, expected: int) -> bytes:
     """zstd bytes back, never more than ``expected`` (+1 to detect a frame that claims less than it holds)."""
-    import zstandard
+    zstandard = need("zstandard", "zstd compression")
 
     try:
         size = zstandard.frame_content_size(data)

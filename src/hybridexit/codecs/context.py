@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ConfigError, CorruptPayload, WrongShape
+from ..errors import ConfigError, CorruptPayload, WrongShape, need
 
 
 def coding_steps(h: int, w: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -128,7 +128,7 @@ class ContextCoder:
         return zlib.crc32(np.ascontiguousarray(sym, np.uint8).tobytes()) & 0xFF
 
     def encode(self, sym: np.ndarray) -> bytes:
-        import constriction
+        constriction = need("constriction", "the learned codec (bn)")
 
         p = self._plan(sym.shape)
         c, h, w = sym.shape
@@ -146,7 +146,7 @@ class ContextCoder:
         return words[:n].tobytes()
 
     def decode(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-        import constriction
+        constriction = need("constriction", "the learned codec (bn)")
 
         p = self._plan(shape)
         c, h, w = shape
@@ -226,7 +226,7 @@ class SerialContextCoder:
         return self._plans[shape]
 
     def encode(self, sym: np.ndarray) -> bytes:
-        import constriction
+        constriction = need("constriction", "the learned codec (bn)")
 
         own, up, left, row, _ = self._plan(sym.shape)
         c, h, w = sym.shape
@@ -239,7 +239,7 @@ class SerialContextCoder:
         return enc.get_compressed().tobytes()
 
     def decode(self, data: bytes, shape: tuple[int, int, int]) -> np.ndarray:
-        import constriction
+        constriction = need("constriction", "the learned codec (bn)")
 
         own, up, left, row, cuts = self._plan(shape)
         c, h, w = shape

@@ -6,7 +6,7 @@ its error bound (``reference`` is what a round trip must give back, ``error_boun
 element may be). The wire format (``runtime/wire.py``, docs/wire-format.md) carries the codec's name, its
 parameters and the per-sample payloads; a receiver rebuilds the codec from them with ``from_frame``.
 
-Registry (``NAMES``):
+Registry (``CODEC_CHOICES``, every name ``get`` takes):
 
 - ``fp32``, ``fp16``, ``int8`` (each optionally ``+zstd``): the protocol's original codecs; their frames are the
   original ones (``wire.encode(x, fp, codec, compress)``). ``fp32`` is lossless; ``fp16`` rounds to nearest;
@@ -36,36 +36,53 @@ from ..errors import ConfigError, CorruptPayload, UnknownCodec
 from .base import Codec
 from .clipped import ClippedUniform
 from .learned import CODEC_FILE, LEARNED, LearnedCodec, codec_home
-from .v1 import NAMES as V1_NAMES
-from .v1 import V1Codec
+from .v1 import V1_NAMES, V1Codec
 
 QUANT_NAMES = ("q1", "q2", "q3", "q4")
-NAMES = (*V1_NAMES, *QUANT_NAMES, LEARNED)
+ZSTD = "+zstd"  # fp32 / fp16 / int8 with their payload zstd-compressed: the one spelling of that option
+CODEC_CHOICES = (*V1_NAMES, *(n + ZSTD for n in V1_NAMES), *QUANT_NAMES, LEARNED)  # every name ``get`` takes: CLI choices
+CODEC_HELP = ("feature codec on the wire (docs/codecs.md): fp32, fp16, int8 (+zstd: zstd the payload); q1-q4 choose "
+        "their clip ranges on the validation split (needs the dataset); bn is the learned codec of a checkpoint "
+        "that carries one")
 DEFAULT_CLIP_P = 0.005  # q codecs: clip at the 0.5 % / 99.5 % quantiles (best of 0.5-5 % on validation, docs/codecs.md)
+
+
+def _unknown(name: str) -> UnknownCodec:
+    return UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(CODEC_CHOICES)}")
+
+
+def frame_codec(name: str) -> tuple[str, bool]:
+    """(the codec a frame names, zstd on its payload) for a registry name: ``int8+zstd`` -> (``int8``, True)."""
+    base = check_name(name).removesuffix(ZSTD)
+    return base, base != name
+
+
+def receivable(held=()) -> list[str]:
+    """The codec names a receiver decodes (frames carry zstd as a flag, not a name): fp32 / fp16 / int8, q1..q4 and
+    the checkpoint-bound codecs it ``held``."""
+    return [*V1_NAMES, *QUANT_NAMES, *held]
+
 
 def get(name: str, checkpoint=None, calibration: torch.Tensor | None = None, clip_p: float = DEFAULT_CLIP_P) -> Codec:
     """The codec called ``name``. ``fp32``/``fp16``/``int8`` take ``+zstd``; ``q1``..``q4`` need
     ``calibration`` (validation features) for their clip ranges; ``bn`` needs the ``checkpoint`` that carries it."""
-    base, _, extra = name.partition("+")
-    if base in V1_NAMES and extra in ("", "zstd"):
-        return V1Codec(base, extra == "zstd")
-    if base in QUANT_NAMES and not extra:
+    base, zstd = frame_codec(name)
+    if base in V1_NAMES:
+        return V1Codec(base, zstd)
+    if base in QUANT_NAMES:
         if calibration is None:
             raise ConfigError(f"codec {name} chooses its clip ranges on validation features: none were given")
         return ClippedUniform.calibrate(int(base[1]), calibration, clip_p)
-    if base == LEARNED and not extra:
-        if checkpoint is None:
-            raise ConfigError("codec bn is the learned bottleneck of a checkpoint: give the checkpoint")
-        return LearnedCodec.load(checkpoint)
-    raise UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(NAMES)} (fp32/fp16/int8 also with +zstd)")
+    if checkpoint is None:
+        raise ConfigError("codec bn is the learned bottleneck of a checkpoint: give the checkpoint")
+    return LearnedCodec.load(checkpoint)
 
 
 def check_name(name: str) -> str:
     """``name`` if the registry knows it (without building the codec), else ``UnknownCodec``."""
-    base, _, extra = name.partition("+")
-    if (base in V1_NAMES and extra in ("", "zstd")) or (base in (*QUANT_NAMES, LEARNED) and not extra):
+    if name in CODEC_CHOICES:
         return name
-    raise UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(NAMES)} (fp32/fp16/int8 also with +zstd)")
+    raise _unknown(name)
 
 
 def required_codec(checkpoint) -> str | None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import CorruptPayload, UnknownCodec, WrongShape
+from ..errors import CorruptPayload, UnknownCodec, WrongShape, need
 from .base import Codec, check_batch, decompress
 
-NAMES = ("fp32", "fp16", "int8")
+V1_NAMES = ("fp32", "fp16", "int8")
 CODEC_DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "int8"}
 NP = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "int8": np.dtype("i1")}
 ZSTD_LEVEL = 3
@@ -49,9 +49,9 @@ def encode_raw(x: torch.Tensor, codec: str, compress: bool = False, level: int =
         scale, q = quantize_int8(x)
         raw = scale.tobytes() + q.tobytes()
     else:
-        raise UnknownCodec(f"unknown codec {codec!r}: use one of {', '.join(NAMES)}")
+        raise UnknownCodec(f"unknown codec {codec!r}: use one of {', '.join(V1_NAMES)}")
     if compress:
-        import zstandard
+        zstandard = need("zstandard", "zstd compression (+zstd)")
 
         raw = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(raw)
     return raw
@@ -85,8 +85,8 @@ class V1Codec(Codec):
     (behind a v1 header on the wire)."""
 
     def __init__(self, name: str, compress: bool = False):
-        if name not in NAMES:
-            raise UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(NAMES)} (optionally +zstd)")
+        if name not in V1_NAMES:
+            raise UnknownCodec(f"unknown codec {name!r}: use one of {', '.join(V1_NAMES)} (optionally +zstd)")
         self.base, self.compress = name, compress
         self.name = name + ("+zstd" if compress else "")
         self.lossless = name == "fp32"

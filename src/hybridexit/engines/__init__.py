@@ -22,7 +22,7 @@ from ..errors import ConfigError, EngineError
 ENGINES = ("torch", "onnx", "packed")
 CHOICES = ("auto", *ENGINES)  # what --engine accepts: auto = the fastest engine that can run the checkpoint here
 AUTO_ORDER = ("packed", "onnx", "torch")  # fastest first (results/edge_speed.json)
-PACKED_BITS = (1, 2, 4)  # engines.packed.SUPPORTED_BITS (not imported here: that module needs torch's kernels)
+PACKED_BITS = (1, 2, 4)  # the edge bits the packed engine runs (engines.packed)
 
 
 def unsupported_options(cfg, engine: str) -> list[str]:

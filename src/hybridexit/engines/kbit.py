@@ -1,6 +1,6 @@
 """The k-bit (2- and 4-bit) edge on integer kernels: export of an EdgeNet's k-bit blocks and their kernel layout.
 
-A k-bit QuanConv (``quant.QuanConv``: BatchNorm -> [RSign shift] -> k-bit activation quantizer -> conv with
+A k-bit QuanConv (``quant.BNQuantConv``: BatchNorm -> [RSign shift] -> k-bit activation quantizer -> conv with
 weights ``s_c Q_k(W / s_c)`` -> [RPReLU]) computes, with Z = 2^k - 1, activation levels q in {0 .. Z} (value
 (2q - Z) / Z) and weight levels r in {0 .. Z} (value s_c (2r - Z) / Z):
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from ..errors import EngineError
+from ..model.quant import weight_levels
 from ..model.resnet import HybridConfig, block_specs
 from .folding import fold_bn
 
@@ -36,16 +37,6 @@ def _z(bits: int) -> int:
     if bits not in KBITS:
         raise EngineError(f"the k-bit kernels run 2- and 4-bit edges, not {bits}-bit ones")
     return 2**bits - 1
-
-
-def weight_levels(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r, s): integer weight levels r in {0 .. Z} (int64, W's shape) and per-output-channel scales s (float32),
-    the arithmetic of ``quant.quantize_weight`` (so s (2r - Z) / Z is the trained network's quantized weight)."""
-    z = float(_z(bits))
-    w = w.detach().float()
-    scale = w.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
-    r = torch.round(((w / scale).clamp(-1.0, 1.0) + 1.0) * (z / 2.0))
-    return r.to(torch.int64), scale.flatten().contiguous()
 
 
 def pack_levels(r: torch.Tensor, bits: int) -> torch.Tensor:

@@ -8,17 +8,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import EngineError, InputShapeError
+from ..errors import InputShapeError, need
 from ..model.hybrid import EdgeResult
 from .packed import algorithm1
 
 
 def _ort():
-    try:
-        import onnxruntime
-    except ImportError:
-        raise EngineError("the onnx engine needs onnxruntime: pip install 'hybridexit[onnx]'") from None
-    return onnxruntime
+    return need("onnxruntime", "the onnx engine")
 
 
 # ONNX Runtime folds a Mul by a constant into the Conv before it (its weights times the scale): the exact integer

@@ -8,7 +8,7 @@ Cloud (``cloud.onnx``): input ``features``, the float blocks and the final head,
 
 Every network the trainer makes is exported (edge bits 1, 2, 4, 8 or 32, every recipe option):
 
-- A quantized conv is ``QuanConv``'s chain: BatchNorm as ``Mul`` + ``Add`` with the folded terms (PyTorch fuses
+- A quantized conv is ``BNQuantConv``'s chain: BatchNorm as ``Mul`` + ``Add`` with the folded terms (PyTorch fuses
   them into one multiply-add: the results differ in the last bit at most), RSign's threshold as a per-channel
   ``Sub`` (as torch computes it, after the BatchNorm), the activation quantizer, the conv, then RPReLU as ``Sub``,
   ``PRelu``, ``Add`` (before the residual ``Add``, as in torch).
@@ -56,7 +56,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EngineError
+from ..errors import EngineError, need
+from ..model.quant import weight_levels
 from ..model.resnet import block_specs, edge_feature_shape
 from . import check_backbone, check_options
 from .folding import fold_bn
@@ -69,20 +70,7 @@ FLOAT_EXACT = 2**24  # float32 holds every integer of magnitude up to this exact
 
 
 def _onnx():
-    try:
-        import onnx
-    except ImportError:
-        raise EngineError("ONNX export needs the onnx extra: pip install 'hybridexit[onnx]'") from None
-    return onnx
-
-
-def weight_levels(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r, s): a k-bit conv's weight level indices r in 0..Z (Z = 2^k - 1, float) and its per-output-channel
-    scale s = max |W[c]|, with ``quant.quantize_weight``'s float32 operations, so that its weights are exactly
-    ``(r * (2 / Z) - 1) * s`` and their integer levels 2r - Z."""
-    z = float(2**bits - 1)
-    s = w.detach().float().abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-8)
-    return torch.round(((w.detach().float() / s).clamp(-1.0, 1.0) + 1.0) * (z / 2.0)), s.flatten()
+    return need("onnx", "ONNX export")
 
 
 def float_conv_exact(cin: int, bits: int) -> bool:
@@ -203,8 +191,8 @@ class GraphBuilder:
         return self.op("Add", [p, self.channel(m.shift_out)])
 
     def quan_conv(self, x: str, q, size: int) -> str:
-        """The project's QuanConv: BatchNorm -> (RSign shift) -> activation quantizer -> conv (-> RPReLU);
-        ``size``: the spatial size of its input."""
+        """``BNQuantConv`` (the paper's QuanConv): BatchNorm -> (RSign shift) -> activation quantizer -> conv
+        (-> RPReLU); ``size``: the spatial size of its input."""
         z = self.bn(x, q.bn)
         if q.shift is not None:
             z = self.op("Sub", [z, self.channel(q.shift.bias)])

@@ -28,12 +28,11 @@ from torch import nn
 from ..errors import EngineError, InputShapeError
 from ..model.hybrid import EdgeNet, EdgeResult, HybridNet, resolve_thresholds
 from ..model.resnet import HybridConfig, block_specs
-from . import check_backbone
+from . import PACKED_BITS, check_backbone  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
 from .folding import fold_bn  # noqa: F401  (re-exported: the engines' shared BatchNorm fold)
 from .native import kernels
 
-FORMAT = "hybridexit-packed-1"
-SUPPORTED_BITS = (1, 2, 4)  # binary: XNOR-popcount kernels; k-bit: integer dot products (engines.kbit)
+PACKED_FORMAT = "hybridexit-packed-1"
 KBIT_ISA_NAMES = ("portable", "avx2", "avx512bw", "avx512vnni")  # the k-bit kernels' levels (csrc/kbit.h)
 
 
@@ -88,7 +87,7 @@ def export_state(edge: EdgeNet) -> dict[str, torch.Tensor]:
     """The packed artifact's tensors: float stem/exits (and normalization) as in the torch state dict; per binary
     conv its weight bits, scale, folded BatchNorm and recipe options (``_option_state``); k-bit convs as
     ``engines.kbit`` lays them out."""
-    if edge.cfg.edge_bits not in SUPPORTED_BITS:
+    if edge.cfg.edge_bits not in PACKED_BITS:
         raise EngineError(f"the packed engine runs 1, 2 and 4-bit edges; this edge has {edge.cfg.edge_bits}-bit "
                           "layers (use --engine onnx or torch)")
     state = {k: v.detach().float().clone() for k, v in edge.state_dict().items()
@@ -104,7 +103,7 @@ def export_state(edge: EdgeNet) -> dict[str, torch.Tensor]:
 
 
 def binary_conv_state(name: str, q) -> dict[str, torch.Tensor]:
-    """One binary ``QuanConv``'s artifact tensors: sign(W) bits, scale alpha, folded BatchNorm, recipe options."""
+    """One binary ``BNQuantConv``'s artifact tensors: sign(W) bits, scale alpha, folded BatchNorm, recipe options."""
     w = q.conv.weight.detach().float()
     out = {f"{name}.bits": pack_bits(w), f"{name}.alpha": w.abs().mean(dim=(1, 2, 3))}
     out[f"{name}.bn_a"], out[f"{name}.bn_b"] = fold_bn(q.bn)
@@ -156,7 +155,7 @@ class PackedEdge:
 
     def __init__(self, cfg: HybridConfig, state: dict[str, torch.Tensor], isa: int | None = None):
         check_backbone(cfg, "packed")
-        if cfg.edge_bits not in SUPPORTED_BITS:
+        if cfg.edge_bits not in PACKED_BITS:
             raise EngineError(f"the packed engine runs 1, 2 and 4-bit edges, not {cfg.edge_bits}-bit ones (8-bit levels "
                               "do not fit its int8 dot products): use --engine onnx or torch")
         if cfg.edge_blocks == 0:
@@ -208,7 +207,7 @@ class PackedEdge:
 
     def save(self, path) -> None:
         save_file({k: v.contiguous() for k, v in self.state.items()}, str(path),
-                  metadata={"format": FORMAT, "network": json.dumps(self.cfg.to_dict(), sort_keys=True)})
+                  metadata={"format": PACKED_FORMAT, "network": json.dumps(self.cfg.to_dict(), sort_keys=True)})
 
     @classmethod
     def load(cls, path, isa: int | None = None) -> "PackedEdge":
@@ -216,8 +215,8 @@ class PackedEdge:
 
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise EngineError(f"{path} is not a packed edge artifact ({FORMAT})")
+        if meta.get("format") != PACKED_FORMAT:
+            raise EngineError(f"{path} is not a packed edge artifact ({PACKED_FORMAT})")
         return cls(HybridConfig.from_dict(json.loads(meta["network"])), load_file(str(path)), isa)
 
     @property

@@ -20,7 +20,7 @@ from pathlib import Path
 from ..errors import CheckpointError, ConfigError
 
 POLICY_FILE = "exit_policy.json"
-FORMAT = 1
+POLICY_FORMAT = 1
 
 
 @dataclass(frozen=True)
@@ -103,8 +103,8 @@ def _record(f: Path) -> tuple[ExitPolicy, dict]:
         d = json.loads(f.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{f}: invalid JSON ({e}); restore it from git or recalibrate") from None
-    if not isinstance(d, dict) or d.get("format") != FORMAT or "current" not in d:
-        raise CheckpointError(f"{f}: not an exit policy record (format {FORMAT} with 'current' expected)")
+    if not isinstance(d, dict) or d.get("format") != POLICY_FORMAT or "current" not in d:
+        raise CheckpointError(f"{f}: not an exit policy record (format {POLICY_FORMAT} with 'current' expected)")
     try:
         return ExitPolicy.from_dict(d["current"]), d
     except ConfigError as e:
@@ -129,7 +129,7 @@ def read_policy_file(path, fingerprint: str | None = None) -> ExitPolicy:
 def write_policy_file(path, policy: ExitPolicy, checkpoint: str, fingerprint: str) -> None:
     """Write ``policy`` to its own file (the format of exit_policy.json, naming the checkpoint and its weights'
     fingerprint), leaving the checkpoint's policy as it is."""
-    body = {"format": FORMAT, "current": policy.to_dict(), "history": [],
+    body = {"format": POLICY_FORMAT, "current": policy.to_dict(), "history": [],
             "checkpoint": {"path": str(checkpoint), "fingerprint": fingerprint}}
     f = Path(path)
     tmp = f.with_name(f.name + ".tmp")
@@ -148,7 +148,7 @@ def write_policy(ckpt, policy: ExitPolicy) -> ExitPolicy | None:
     history = policy_history(ckpt)
     if previous is not None and previous != policy:  # (a migrated policy written as it is has no history)
         history.append(previous.to_dict())
-    body = {"format": FORMAT, "current": policy.to_dict(), "history": history}
+    body = {"format": POLICY_FORMAT, "current": policy.to_dict(), "history": history}
     f = _file(ckpt)
     tmp = f.with_name(f.name + ".tmp")
     tmp.write_text(json.dumps(body, indent=2, sort_keys=True) + "\n")

@@ -133,6 +133,16 @@ def quantize_weight(w: torch.Tensor, bits: int) -> torch.Tensor:
     return uniform_ste(w / scale, bits) * scale
 
 
+def weight_levels(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(r, s): a k-bit conv weight's level indices r in 0..Z (Z = 2^k - 1; float32, W's shape) and its per-output-channel
+    scales s = max |W[c]| (float32, flat), with ``quantize_weight``'s float32 operations, so that its quantized weight is
+    exactly ``(r * (2 / Z) - 1) * s`` and its integer levels are 2r - Z. What the engines' k-bit weights are made of."""
+    z = float(2**bits - 1)
+    w = w.detach().float()
+    s = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True).clamp_min(1e-8)
+    return torch.round(((w / s).clamp(-1.0, 1.0) + 1.0) * (z / 2.0)), s.flatten().contiguous()
+
+
 class ActQuantizer(nn.Module):
     """Activation function of a conv: ReLU for float (bits=32), sign (1) or k-bit uniform otherwise."""
 
@@ -203,7 +213,7 @@ class RPReLU(nn.Module):
         return F.prelu(x - self.shift_in.view(1, -1, 1, 1), self.slope) + self.shift_out.view(1, -1, 1, 1)
 
 
-class QuanConv(nn.Module):
+class BNQuantConv(nn.Module):
     """The paper's QuanConv (Fig. 2): BatchNorm -> activation quantizer -> conv with quantized weights.
 
     With ``bits=32`` the same module is a pre-activation float conv (BatchNorm -> ReLU -> conv), with the same
@@ -233,6 +243,3 @@ class QuanConv(nn.Module):
             x = self.shift(x)
         x = self.conv(self.act(x))
         return x if self.rprelu is None else self.rprelu(x)
-
-
-BNQuantConv = QuanConv  # the name model/backbones/cifar.py imports (the rename to BNQuantConv is in flight)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..errors import ConfigError
+from ..model.exits import exit_rule
 from . import wire
 from .adaptive import AdaptivePolicy, Plan
 from .linkest import LinkEstimate
@@ -189,7 +190,7 @@ def exit_rates(entropies: torch.Tensor, thresholds, exits_before: list[int]) -> 
     left = torch.ones(n, dtype=torch.bool)
     out = [0.0] * entropies.shape[1]
     for j in exits_before:
-        here = left & (entropies[:, j] < thresholds[j])
+        here = left & exit_rule(entropies[:, j], thresholds[j])
         out[j] = float(here.sum()) / max(n, 1)
         left &= ~here
     return out

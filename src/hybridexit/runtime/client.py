@@ -55,8 +55,7 @@ FAILURE_POLICIES = ("fallback", "error")
 class EdgeOptions:
     cloud_url: str
     token: str | None = None
-    codec: str = "fp32"
-    compress: bool = False
+    codec: str = "fp32"  # a name of the codec registry (hybridexit.codecs.CODEC_CHOICES): fp32, int8+zstd, q2, bn, ...
     batch_size: int = 1
     timeout_s: float = 10.0
     retries: int = 2
@@ -74,11 +73,9 @@ class EdgeOptions:
     insecure: bool = False  # allow the token over plain HTTP to a non-loopback address
 
     def __post_init__(self):
-        from ..codecs import V1_NAMES, check_name
+        from ..codecs import check_name
 
-        check_name(self.codec)  # fp32/fp16/int8 (with --compress), or a named codec (hybridexit.codecs)
-        if self.compress and self.codec not in V1_NAMES:
-            raise ConfigError(f"codec {self.codec} codes its own payload: --compress applies to fp32/fp16/int8 only")
+        check_name(self.codec)  # fp32/fp16/int8 (+zstd), or a named codec (hybridexit.codecs)
         if self.on_cloud_failure not in FAILURE_POLICIES:
             raise ConfigError(f"on_cloud_failure={self.on_cloud_failure!r}: use one of {', '.join(FAILURE_POLICIES)}")
         if self.batch_size < 1:
@@ -94,6 +91,20 @@ class EdgeOptions:
                               f"on a network you trust")
         if self.ca is not None:
             tls_context(self.ca)  # a file that is not a CA certificate is refused now, not at the first request
+
+    @property
+    def frame_codec(self) -> str:
+        """The codec the frames name (``int8`` for ``int8+zstd``)."""
+        from ..codecs import frame_codec
+
+        return frame_codec(self.codec)[0]
+
+    @property
+    def compress(self) -> bool:
+        """zstd on the frames' payload: the ``+zstd`` of an fp32 / fp16 / int8 codec name."""
+        from ..codecs import frame_codec
+
+        return frame_codec(self.codec)[1]
 
 
 def _split_bytes(total: int, n: int) -> list[int]:
@@ -152,7 +163,7 @@ class EdgeRunner:
                  classes: list[str] | None = None, feature_codec=None):
         self.opt = options
         # what goes on the wire: a named codec object (hybridexit.codecs), or the name of a version-1 codec
-        self.wire_codec = feature_codec if feature_codec is not None else options.codec
+        self.wire_codec = feature_codec if feature_codec is not None else options.frame_codec
         self.device = pick_device(options.device or None)
         edge, _ = model.split()
         from ..engines import engine_name, get_engine
@@ -200,7 +211,7 @@ class EdgeRunner:
         if tuple(info.get("feature_shape", ())) != tuple(self.edge.feature_shape):
             raise CloudRejected(f"the cloud expects features {info.get('feature_shape')}, the edge produces "
                                 f"{list(self.edge.feature_shape)}", 409, wire.WrongShape.code)
-        if "codecs" in info and self.opt.codec not in info["codecs"]:
+        if "codecs" in info and self.opt.frame_codec not in info["codecs"]:
             raise CloudRejected(f"the cloud decodes the codecs {', '.join(info['codecs'])}, not {self.opt.codec}: run "
                                 f"the edge with one of them", 409, wire.CodecMismatch.code)
         return info
@@ -319,7 +330,7 @@ def run_edge(checkpoint, inputs: Inputs, options: EdgeOptions, out=None, progres
     and run only the inputs after them (``runtime/resume.py``); the summary covers every record."""
     model, meta = load_model(checkpoint)
     named = None
-    if options.codec not in codecs.V1_NAMES:
+    if options.frame_codec not in codecs.V1_NAMES:
         named = codecs.get(options.codec, checkpoint=checkpoint, calibration=codec_calibration)
     runner = EdgeRunner(model, policy or meta["policy"], fingerprint(checkpoint), options,
                         classes=meta.get("data", {}).get("classes"), feature_codec=named)

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from ..codecs import QUANT_NAMES, HeldCodecs
+from ..codecs import HeldCodecs, receivable
 from ..device import pick_device
 from ..errors import HybridExitError
 from . import wire
@@ -369,7 +369,7 @@ def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
         return {"model": model.name, "fingerprint": model.fingerprint, "protocol": wire.PROTOCOL_VERSION,
                 "feature_shape": list(model.feature_shape), "num_classes": model.num_classes,
                 "boundary": model.boundary, "boundaries": model.boundaries,
-                "codecs": [model.required_codec] if model.required_codec else [*wire.CODECS, *QUANT_NAMES, *model.codecs],
+                "codecs": [model.required_codec] if model.required_codec else receivable(model.codecs),
                 "compression": ["zstd"], "device": str(model.device),
                 "max_batch": settings.max_batch, "max_wait_ms": settings.max_wait_ms,
                 "max_request_bytes": settings.max_request_bytes, "request_timeout_s": settings.request_timeout_s}

@@ -81,7 +81,7 @@ def edge_summary(records: list[dict], report, thresholds, stats: EdgeStats | Non
         "latency_ms_offloaded_p95": _pct(offl, 95),
     })
     if options is not None:
-        s.update({"codec": options.codec, "compressed": options.compress, "batch_size": options.batch_size,
+        s.update({"codec": options.frame_codec, "compressed": options.compress, "batch_size": options.batch_size,
                   "on_cloud_failure": options.on_cloud_failure})
     if stats is not None:
         bs = stats.server_batch_samples

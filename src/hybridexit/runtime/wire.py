@@ -41,7 +41,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import codecs as codec_registry
-from ..codecs.v1 import CODEC_DTYPE, V1Codec, decode_raw, encode_raw, quantize_int8  # noqa: F401 (quantize_int8: re-exported)
+from ..codecs.v1 import CODEC_DTYPE, ZSTD_LEVEL, V1Codec, decode_raw, encode_raw, quantize_int8  # noqa: F401 (quantize_int8: re-exported)
 from ..codecs.v1 import NP as _NP
 from ..errors import (  # noqa: F401 (the wire's errors, re-exported for its users)
     BadMagic,
@@ -64,7 +64,6 @@ HEADER = struct.Struct("<4sHBB16sBBHI")
 HEADER_BYTES = HEADER.size  # 32
 MAX_NDIM = 8
 FLAG_ZSTD = 0x01
-ZSTD_LEVEL = 3
 
 CODECS = {"fp32": 1, "fp16": 2, "int8": 3}
 CODEC_NAMES = {v: k for k, v in CODECS.items()}

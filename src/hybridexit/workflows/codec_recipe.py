@@ -17,10 +17,9 @@ from dataclasses import fields, replace
 
 from ..codecs.bottleneck_net import GAUSS_STEP, BottleneckConfig
 from ..errors import ConfigError
-from .recipes import read_toml
+from .recipes import META_KEYS, read_toml
 
 STAGES = ("stage1", "stage2")
-META_KEYS = ("description",)
 INHERITED = ("code_channels", "bits")  # stage 2 keeps stage 1's bottleneck
 DRIVER_KEYS = ("init_from",)  # set by train_codec: stage 2 starts from stage 1's best epoch
 EXAMPLE = "recipes/codec-c16b2.toml"

@@ -41,7 +41,7 @@ import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..errors import ConfigError, HybridExitError, SweepError
+from ..errors import ConfigError, HybridExitError, SweepError, need
 
 KINDS = ("calibrated", "paper threshold", "without exit")
 ARITHMETIC = "ieee fp32"  # what rows are evaluated in (CUDA's TF32 default is turned off: hybridexit.device)
@@ -51,7 +51,7 @@ GRID_KEYS = {"edge_layers", "edge_bits", "exits", "mode", "exit_pool", "backbone
 
 
 @dataclass(frozen=True)
-class Point:
+class DesignPoint:
     edge_layers: int
     edge_bits: int
     exits: tuple[int, ...]
@@ -98,7 +98,7 @@ class SweepSpec:
     depth: int
     paper_threshold: float
     calibrate: Calibration
-    points: tuple[Point, ...]
+    points: tuple[DesignPoint, ...]
     reference: str | None
     adopt: dict
     separate_exit_epochs: int | None
@@ -107,7 +107,7 @@ class SweepSpec:
     description: str = ""
     keep: str | None = None
 
-    def net_config(self, point: Point):
+    def net_config(self, point: DesignPoint):
         from ..data.datasets import DATASETS
         from ..model.resnet import HybridConfig
 
@@ -117,7 +117,7 @@ class SweepSpec:
                             edge_bits=point.edge_bits, exits=point.exits, exit_pool=point.exit_pool,
                             mean=d["mean"], std=d["std"])
 
-    def train_config(self, point: Point, epochs: int | None = None):
+    def train_config(self, point: DesignPoint, epochs: int | None = None):
         """The recipe with the point's mode (and, in separate mode, the sweep's exit epochs); ``epochs`` overrides."""
         from .train import TrainConfig
 
@@ -129,7 +129,7 @@ class SweepSpec:
         return TrainConfig(**kw)
 
 
-def _grid_points(table: dict, where: str) -> list[Point]:
+def _grid_points(table: dict, where: str) -> list[DesignPoint]:
     unknown = sorted(set(table) - GRID_KEYS)
     if unknown:
         raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(GRID_KEYS)}")
@@ -149,7 +149,7 @@ def _grid_points(table: dict, where: str) -> list[Point]:
             exits = []
         if not isinstance(exits, list):
             raise ConfigError(f"{where}: exits entries are lists of positions, \"edge\" or \"none\", got {exits!r}")
-        points.append(Point(int(layers), int(bits), tuple(int(e) for e in exits), str(mode), str(pool), str(net)))
+        points.append(DesignPoint(int(layers), int(bits), tuple(int(e) for e in exits), str(mode), str(pool), str(net)))
     return points
 
 
@@ -282,7 +282,7 @@ def _adopt_state(src, net_cfg, tcfg) -> tuple[str, str]:
     return "ready", f"adopts finished run {src}"
 
 
-def _rows_done(rows: dict, point: Point, tcfg) -> bool:
+def _rows_done(rows: dict, point: DesignPoint, tcfg) -> bool:
     from .train import TrainConfig
 
     kinds = KINDS if point.exits else ("without exit",)
@@ -309,7 +309,7 @@ def _locked_elsewhere(point_dir: Path) -> bool:
         return True
 
 
-def point_state(spec: SweepSpec, point: Point, rows: dict, run_dir: Path, epochs: int | None) -> tuple[str, str]:
+def point_state(spec: SweepSpec, point: DesignPoint, rows: dict, run_dir: Path, epochs: int | None) -> tuple[str, str]:
     """("done" | "running" | "new" | "partial" | "trained" | "waiting" | "adopt", detail) of one grid point."""
     tcfg = spec.train_config(point, epochs)
     if _rows_done(rows, point, tcfg):
@@ -366,7 +366,7 @@ def _without_exit_row(base: dict, cfg, accuracy: float, n: int, trained_without:
                 without_exit="trained without exits" if trained_without else "exits off")
 
 
-def point_rows(spec: SweepSpec, point: Point, tcfg, ck_dir: Path, ds, device, reference_val, adopted,
+def point_rows(spec: SweepSpec, point: DesignPoint, tcfg, ck_dir: Path, ds, device, reference_val, adopted,
                plot_path: Path | None = None, epochs: int | None = None) -> list[dict]:
     """Calibrate on validation (thresholds written as the checkpoint's exit policy), evaluate on test. Rows record
     where they were evaluated and in what arithmetic (IEEE FP32 everywhere: hybridexit.device)."""
@@ -411,13 +411,13 @@ def keep_checkpoint(ck_dir: Path, dest: Path) -> Path:
     return dest
 
 
-def keep_path(spec: SweepSpec, point: Point, epochs: int | None = None) -> Path:
+def keep_path(spec: SweepSpec, point: DesignPoint, epochs: int | None = None) -> Path:
     """Where a finished point's checkpoint is kept; a schedule override (``epochs``) keeps its own copy, as it has
     its own run folder and store, so it never replaces the checkpoint the default schedule's rows cite."""
     return Path(spec.keep.format(name=point.name + ("" if epochs is None else f"-ep{epochs}")))
 
 
-def _kept(spec: SweepSpec, point: Point, ck_dir: Path, rows: list[dict], epochs: int | None = None) -> list[dict]:
+def _kept(spec: SweepSpec, point: DesignPoint, ck_dir: Path, rows: list[dict], epochs: int | None = None) -> list[dict]:
     """The point's rows citing its kept copy (made now) when the sweep keeps checkpoints; else unchanged."""
     if not spec.keep:
         return rows
@@ -479,8 +479,8 @@ def _train_or_resume(spec, point, tcfg, ck_dir: Path, ds, task) -> str | None:
     return None
 
 
-def _point_of(task: dict) -> Point:
-    return Point(**dict(task["point"], exits=tuple(task["point"]["exits"])))
+def _point_of(task: dict) -> DesignPoint:
+    return DesignPoint(**dict(task["point"], exits=tuple(task["point"]["exits"])))
 
 
 def _run_point(task: dict) -> dict:
@@ -647,10 +647,7 @@ def _local(tasks: list[dict], workers: int, poll):
 
 def _ray(tasks: list[dict], address: str, poll, gpus: float):
     """Points as Ray tasks (``address``: "auto", "ray://host:port", or "local" to start a runtime here)."""
-    try:
-        import ray
-    except ImportError:
-        raise ConfigError("--ray needs Ray: pip install 'hybridexit[ray]' (or 'ray[default]')") from None
+    ray = need("ray", "--ray")
     if not ray.is_initialized():
         if address == "local":
             ray.init(include_dashboard=False)
@@ -670,7 +667,7 @@ def _ray(tasks: list[dict], address: str, poll, gpus: float):
         raise
 
 
-def _select(points, only) -> list[Point]:
+def _select(points, only) -> list[DesignPoint]:
     if not only:
         return list(points)
     chosen = [p for p in points if any(fnmatch.fnmatchcase(p.name, pat) for pat in only)]
@@ -687,7 +684,7 @@ def _locations(spec: SweepSpec, epochs, runs, results) -> tuple[Path, Path]:
     return run_dir, Path(results) if results else default.with_name(f"{default.stem}{suffix}{default.suffix}")
 
 
-def _reevaluation(spec, point: Point, rows: dict) -> tuple[str, str | None]:
+def _reevaluation(spec, point: DesignPoint, rows: dict) -> tuple[str, str | None]:
     """(checkpoint, adopted_from) of a finished point's rows, which must all cite one existing checkpoint."""
     mine = [rows[f"{point.name}|{k}"] for k in (KINDS if point.exits else ("without exit",))]
     cited = {r["checkpoint"] for r in mine}

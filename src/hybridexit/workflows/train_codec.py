@@ -20,7 +20,7 @@ after every epoch a stage folder's ``state/`` holds its weights (``model.safeten
 ``cloud.*``), optimizer and RNG states (``train_state.safetensors`` / ``train_state.json``, as ``train.py``'s
 checkpoints) and its log so far, so an interrupted run resumes exactly; ``best/`` holds the epoch with the best
 validation accuracy of the offloaded samples (``model.safetensors`` + ``best.json``), which stage 2 starts from and
-``export_checkpoint`` exports. Nothing is pickled.
+``export_codec`` exports. Nothing is pickled.
 """
 
 from __future__ import annotations
@@ -446,7 +446,7 @@ def _offloaded(edge, split, policy) -> torch.Tensor:
     return torch.cat(out)
 
 
-def export_checkpoint(run_dir, out_dir, cache_dir=None, tables_from: int = 20000) -> dict:
+def export_codec(run_dir, out_dir, cache_dir=None, tables_from: int = 20000) -> dict:
     """The learned codec (``codec.json``, ``codec.safetensors``) of a bottleneck run's best epoch (``best/``), whose
     coder tables are estimated on the symbols of the first ``tables_from`` images of the cached training view
     (``cache_dir``, default the run's folder: training split). Where it goes:
@@ -517,7 +517,7 @@ def _cloud_unchanged(init: str, cloud: dict, edge_blocks: int) -> bool:
 
 def _export_codec_only(run: Path, init: str, out: Path, best: dict, bcfg, views: Path, codec_run, net_cfg,
                        tables_from: int) -> dict:
-    """``export_checkpoint`` of a run that left the cloud half as it was: the codec into ``out``'s ``codec/`` folder
+    """``export_codec`` of a run that left the cloud half as it was: the codec into ``out``'s ``codec/`` folder
     (``out`` copied from the init when it does not exist)."""
     import shutil
 
@@ -578,7 +578,7 @@ def _is_bottleneck_run(path: Path) -> bool:
 
 def _export_source(path: Path, cache_dir) -> tuple[Path, Path, Path | None]:
     """(stage folder, folder of its cached views, the train-codec run it belongs to or None) of what
-    ``export_checkpoint`` was given: a train-codec run (its recipe's last stage, which must be finished), one stage
+    ``export_codec`` was given: a train-codec run (its recipe's last stage, which must be finished), one stage
     of it, or a ``train_bottleneck`` run."""
     from .codec_recipe import read_codec_recipe
 
