@@ -4,6 +4,8 @@ the link allows and the plan is cheaper, answers locally where the link is too s
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from conftest import write_tiny_checkpoint
@@ -45,6 +47,14 @@ def _edge(ckpt, url, **kw):
                         _images(16, 9))
 
 
+def _until_probed(edge, n=2):
+    """The background probe has measured the link ``n`` times (it never holds up an input, so wait for it here)."""
+    t_end = time.monotonic() + 10
+    while edge.estimate.samples < n:
+        assert time.monotonic() < t_end, "no probe answered"
+        time.sleep(0.01)
+
+
 def _whole(ckpt, x):
     model, _ = load_model(ckpt)
     with torch.no_grad():
@@ -61,12 +71,13 @@ def test_good_link_offloads_slow_link_stays_local(ckpt):
             with Shaper(trace, (host, int(port))) as sh:
                 edge = _edge(ckpt, sh.url)
                 assert edge.link_matters
-                with edge.cloud:
+                with edge:
+                    _until_probed(edge)
                     recs = [edge.run_one(x[i:i + 1], 0, i) for i in range(len(x))]
             assert [r["prediction"] for r in recs] == want
             assert all(r["latency_ms"] <= SLO for r in recs)
             assert not any(r["degraded"] for r in recs)
-            settled = recs[4:]  # after the first probes: the estimate knows the link
+            settled = recs[2:]  # the estimate knows the link
             assert all(r["decided_at"] == route for r in settled), [r["plan"] for r in settled]
             if route == "cloud":  # the boundary the plan named reached the server: it answered from there
                 assert all(r["handoff"] < edge.n and r["payload_bytes"] > 0 for r in settled)
@@ -81,7 +92,8 @@ def test_unreachable_cloud_gives_degraded_local_answers_within_the_target(ckpt, 
     host, port = srv.url.split("://")[1].split(":")
     with Shaper(_trace(50.0, 10.0), (host, int(port))) as sh:
         edge = _edge(ckpt, sh.url)
-        with edge.cloud:
+        with edge:
+            _until_probed(edge)
             before = [edge.run_one(x[i:i + 1], 0, i) for i in range(5)]
             srv.stop()
             after = [edge.run_one(x[i:i + 1], 0, i) for i in range(5, 10)]

@@ -112,8 +112,9 @@ class AdaptivePolicy:
     def energy(self, plan: Plan) -> float:
         return self._energy[plan]
 
-    def choose(self, estimate) -> Choice:
-        budget = self.slo_ms * self.margin
+    def choose(self, estimate, waited_ms: float = 0.0) -> Choice:
+        """The plan for an input that has already waited ``waited_ms`` (behind earlier inputs) since it arrived."""
+        budget = self.slo_ms * self.margin - waited_ms
         pred = {p: p.predict_ms(estimate, self.quantile) for p in self.plans}
         ok = [p for p in self.plans if pred[p] <= budget]
         if ok:
@@ -124,7 +125,7 @@ class AdaptivePolicy:
         if best.local and estimate.down:
             cheapest = min(self.plans, key=lambda p: self._energy[p])
             degraded = not cheapest.local
-        return Choice(best, pred[best], pred[best] <= self.slo_ms, degraded, len(self.plans))
+        return Choice(best, pred[best], waited_ms + pred[best] <= self.slo_ms, degraded, len(self.plans))
 
     def fallback(self, elapsed_ms: float) -> Plan:
         """The local plan for an input whose request failed after ``elapsed_ms``: the cheapest local plan that

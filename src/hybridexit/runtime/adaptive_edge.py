@@ -18,6 +18,7 @@ its plan, predicted and measured latency, bytes and its edge energy split into c
 from __future__ import annotations
 
 import math
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -28,6 +29,8 @@ from ..model.exits import exit_rule
 from . import wire
 from .adaptive import AdaptivePolicy, Plan
 from .linkest import LinkEstimate
+
+PROBE_BYTES = 120  # a GET /healthz: request line and headers, about
 
 
 @dataclass(frozen=True)
@@ -310,19 +313,46 @@ class AdaptiveEdge:
                                                 for p in self.plans if not p.local)
         self.probe_bytes = 0
         self.probes = 0
+        self._probe_uj = 0.0  # radio of probes not yet charged to a record
+        self._stop = threading.Event()
+        self._prober: threading.Thread | None = None
 
     # ------------------------------------------------------------------ the link
-    def probe(self) -> None:
+    def probe(self, client=None) -> None:
         """A timed ``GET /healthz``: the round trip, or the link marked down."""
         t = time.perf_counter()
-        ok = self.cloud.health(timeout_s=min(self.ad.slo_ms / 1000.0, self.opt.timeout_s))
+        ok = (client or self.cloud).health(timeout_s=min(1.0, self.opt.timeout_s))
         ms = (time.perf_counter() - t) * 1000.0
         self.probes += 1
-        self.probe_bytes += 120  # request line and headers of the probe, about
+        self.probe_bytes += PROBE_BYTES
+        self._probe_uj += self.link.transmit_uj(PROBE_BYTES)
         if ok:
-            self.estimate.observe(120, ms)
+            self.estimate.observe(PROBE_BYTES, ms)
         else:
             self.estimate.observe_failure()
+
+    def _probe_loop(self, client) -> None:
+        """In the background (never in an input's way): a probe whenever the link has been quiet."""
+        with client:
+            while not self._stop.wait(self.ad.probe_interval_s / 4):
+                if self.estimate.needs_probe():
+                    self.probe(client)
+
+    def __enter__(self):
+        """Start the background probe (only when some offloading plan could be the cheapest); close on exit."""
+        from .transport import CloudClient
+
+        if self.link_matters:
+            client = CloudClient(self.opt.cloud_url, self.opt.token, self.opt.timeout_s, 0, 0.0, 0.0, self.opt.ca)
+            self._prober = threading.Thread(target=self._probe_loop, args=(client,), daemon=True, name="probe")
+            self._prober.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        if self._prober is not None:
+            self._prober.join(5)
+        self.cloud.close()
 
     def _server_time(self, plan: Plan, served_ms: float) -> None:
         """The cloud's reported time for this boundary: the plans sending there are re-priced (moving average)."""
@@ -341,15 +371,12 @@ class AdaptiveEdge:
     def _uj(self, what: str, ms: float, model_uj: float) -> float:
         return self.ad.edge_watts * ms * 1000.0 if self.ad.edge_watts is not None else model_uj
 
-    def run_one(self, image: torch.Tensor, label: int, index: int) -> dict:
+    def run_one(self, image: torch.Tensor, label: int, index: int, waited_ms: float = 0.0) -> dict:
+        """One input; ``waited_ms``: how long it has waited since it arrived (behind earlier inputs)."""
         from .transport import CloudError
 
-        radio = 0.0
-        if self.link_matters and self.estimate.needs_probe():
-            before = self.probe_bytes
-            self.probe()
-            radio += self.link.transmit_uj(self.probe_bytes - before)
-        choice = self.policy.choose(self.estimate)
+        radio, self._probe_uj = self._probe_uj, 0.0
+        choice = self.policy.choose(self.estimate, waited_ms)
         plan = choice.plan
         thr = self.levels[plan.level] if self.levels else ()
         t0 = time.perf_counter()
@@ -361,6 +388,7 @@ class AdaptiveEdge:
                "plan": plan.label, "handoff": plan.handoff, "codec": plan.codec, "level": plan.level,
                "thresholds": list(thr), "predicted_ms": round(choice.predicted_ms, 3)
                if math.isfinite(choice.predicted_ms) else None, "degraded": choice.degraded, "payload_bytes": 0,
+               "waited_ms": round(waited_ms, 3),
                "engine": self.engine_name}
         if not r.remaining.numel():  # an exit answered
             k = int(r.decided_at[0])
@@ -384,7 +412,7 @@ class AdaptiveEdge:
         body = wire.encode(h, self.fingerprint, codec, z, boundary=plan.handoff)
         t_send = time.perf_counter()
         edge_ms = (t_send - t0) * 1000.0
-        timeout = self.policy.request_timeout_ms(plan, edge_ms) / 1000.0
+        timeout = self.policy.request_timeout_ms(plan, waited_ms + edge_ms) / 1000.0
         sent = len(body) + self.profile.http_overhead
         radio += self.link.transmit_uj(sent)
         rec["payload_bytes"] = len(body)
@@ -469,7 +497,7 @@ def run_adaptive_edge(checkpoint, inputs, options, adaptive: AdaptiveOptions, va
         from .resume import read_done
 
         recs = read_done(out, inputs.labels, inputs.paths)
-    with open(out, "a" if resume else "w") if out else contextlib.nullcontext() as f, edge.cloud:
+    with open(out, "a" if resume else "w") if out else contextlib.nullcontext() as f, edge:
         for i in range(len(recs), len(inputs.labels)):
             if i in inputs.errors:
                 rec = unreadable_record(i, int(inputs.labels[i]), inputs.errors[i], classes)

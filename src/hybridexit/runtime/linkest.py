@@ -17,6 +17,7 @@ the last ``window_s`` seconds count (the link changes); with none, the last know
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -62,11 +63,15 @@ class LinkEstimate:
         self.down_since: float | None = None
         self.samples = 0
         self.failures = 0
+        self._lock = threading.RLock()  # the edge's requests and its background probe both feed it
 
     # ------------------------------------------------------------------ feeding
     def observe(self, up_bytes: int, net_ms: float, now: float | None = None) -> None:
         """One exchange that succeeded: ``up_bytes`` sent, ``net_ms`` on the network (wall - the cloud's time)."""
-        now = self.clock() if now is None else now
+        with self._lock:
+            self._observe(up_bytes, net_ms, self.clock() if now is None else now)
+
+    def _observe(self, up_bytes: int, net_ms: float, now: float) -> None:
         net_ms = max(float(net_ms), 0.0)
         self.last_exchange, self.down_since = now, None
         self.samples += 1
@@ -81,6 +86,10 @@ class LinkEstimate:
     def observe_failure(self, now: float | None = None) -> None:
         """A request or probe that got no answer: the link is down until something succeeds."""
         now = self.clock() if now is None else now
+        with self._lock:
+            self._fail(now)
+
+    def _fail(self, now: float) -> None:
         self.failures += 1
         self.last_exchange = now
         if self.down_since is None:
@@ -88,7 +97,8 @@ class LinkEstimate:
 
     # ------------------------------------------------------------------ reading
     def _recent(self, d: deque, now: float) -> list[float]:
-        return [s.value for s in d if now - s.at <= self.window_s]
+        with self._lock:
+            return [s.value for s in d if now - s.at <= self.window_s]
 
     @property
     def down(self) -> bool:
