@@ -16,7 +16,6 @@ SHARED_NAMES = {"main"}
 # there, and then leave this list. (The test only skips them; a new long function elsewhere still fails.)
 PENDING_LONG = {
     "runtime/server.py:create_app",  # issue 39 is reworking runtime/
-    "workflows/train_codec.py:train_bottleneck",  # becomes a phase of train.py's one loop (issue 36, seams)
 }
 
 
