@@ -152,7 +152,9 @@ class ActQuantizer(nn.Module):
         self.ste = check_ste(ste)
 
     def forward(self, x):
-        return quantize_activation(x, self.bits, self.ste)
+        # quantized levels from FP32 (a no-op outside bf16 autocast): a bf16 input gives the same sign, and k-bit
+        # levels stay the exact FP32 ones
+        return quantize_activation(x if self.bits == 32 else x.float(), self.bits, self.ste)
 
     def extra_repr(self):
         return f"bits={self.bits}" + (f", ste={self.ste}" if self.ste != "clip" else "")
@@ -172,6 +174,9 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x):
         w = self.weight if self.float_weights else quantize_weight(self.weight, self.bits)
+        if torch.is_autocast_enabled(x.device.type):  # bf16 training: the quantized products and sums stay FP32
+            with torch.autocast(x.device.type, enabled=False):
+                return self._conv_forward(x.float(), w.float(), None if self.bias is None else self.bias.float())
         return self._conv_forward(x, w, self.bias)
 
     def extra_repr(self):

@@ -381,7 +381,7 @@ def build_report(results_dir="results", links_from=".", sweeps=PAPER_SWEEPS, epo
     rdir, img = results_dir.as_posix(), Path(os.path.relpath(results_dir, links_from)).as_posix()
     section = render_section(stores, refs, refs_src, t3, bench if isinstance(bench, dict) else {}, names, tag, rdir, img)
     if not tag:
-        section += schedules_md(results_dir, stores, rdir)
+        section += schedules_md(results_dir, stores, rdir) + long_schedule_md(results_dir, rdir)
     tf32 = results_dir / "tf32.json"
     if tf32.exists():
         section += "\n\n" + tf32_md(json.loads(tf32.read_text()))
@@ -460,3 +460,76 @@ def render_section(stores: dict, refs: dict, refs_src: dict, t3: list[dict], ben
                  "test images that do not exit in the CIFAR-100 sweep row at the paper threshold.\n\n" + table3_md(t3))
     parts.append("### Table IV: CIFAR-10 20E+10C binary, one exit vs two\n\n" + table4_md(stores.get("cifar10", [])))
     return "\n\n".join(parts)
+
+
+# ---- issue 41: the long-schedule stores beside the paper and the short schedule ------------------------------------
+
+LONG_STORES = (("long", "200 epochs, today's binary training"), ("long-plain", "200 epochs, the paper's recipe"))
+OFF_POINTS = 1.0  # a cell further than this from the paper's value is marked
+
+
+def _paper_cells() -> list[tuple]:
+    """(dataset, cell, point name, row kind, paper accuracy % or None, paper drop vs FP32 in points or None, paper
+    exit % per exit or None): the cells of Tables II and IV and the Fig. 4 / Fig. 5 statements that give a number."""
+    cells = []
+    for d, modes in PAPER_TABLE2.items():
+        for mode, (exit_pct, acc) in modes.items():
+            cells.append((d, f"Table II, 16E binary, {mode}", f"e16-b1-x16-{mode}-k3", "paper threshold", acc, None,
+                          [exit_pct]))
+    for (label, (exits, acc, _)), name in zip(PAPER_TABLE4.items(), ("e20-b1-x20-joint-k3", "e20-b1-x10_20-joint-k3")):
+        cells.append(("cifar10", f"Table IV, 20E binary, {label}", name, "paper threshold", acc, None, exits))
+    drops = {("cifar10", "e10-b1-x10-joint-k3", "without exit"): -1.5, ("cifar100", "e10-b1-x10-joint-k3", "without exit"): -2.1,
+             ("cifar100", "e24-b4-x24-joint-k3", "paper threshold"): -1.4,
+             ("cifar100", "e24-b2-x24-joint-k3", "paper threshold"): -3.0}
+    for (d, name, kind), drop in drops.items():
+        text = next(t for dd, n, k, t in PAPER_STATEMENTS if (dd, n, k) == (d, name, kind))
+        cells.append((d, f"Fig. 4: {text}", name, kind, None, drop, None))
+    return cells
+
+
+def _long_cell(row: dict | None, ref: dict | None, paper_acc, paper_drop) -> tuple[str, float | None]:
+    """(the cell's text, its distance from the paper in points or None)."""
+    if row is None:
+        return "missing", None
+    acc = 100 * row["accuracy"]
+    exits = ", ".join(_pct(f) for f in row["exit_fraction"])
+    if paper_acc is not None:
+        off = acc - paper_acc
+    elif ref is not None:
+        off = (acc - 100 * ref["accuracy"]) - paper_drop
+    else:
+        return f"{acc:.2f} (no FP32 row)", None
+    mark = " ✗" if abs(off) > OFF_POINTS else ""
+    return f"{acc:.2f} ({off:+.2f}){mark}" + (f", exit {exits}" if exits else ""), off
+
+
+def long_schedule_md(results_dir: Path, rdir: str = "results") -> str:
+    """Each paper cell beside the paper's value, the short schedule's row (``sweep-<dataset>.json``) and the long
+    stores' (``sweep-<dataset>-long.json``, ``-long-plain.json``), marking (✗) a cell more than OFF_POINTS from the
+    paper; the accuracy's distance from the paper in brackets (for a drop vs FP32: the drop's distance). Empty when
+    no long store exists."""
+    stores = {(d, s): load_rows(results_dir / f"sweep-{d}{'' if s == 'short' else '-' + s}.json")
+              for d in FIGURE_DATASETS for s in ("short", *(k for k, _ in LONG_STORES))}
+    if not any(stores[(d, k)] for d in FIGURE_DATASETS for k, _ in LONG_STORES):
+        return ""
+    body, far = [], []
+    for d, cell, name, kind, p_acc, p_drop, p_exits in _paper_cells():
+        paper = f"{p_acc:.2f}" if p_acc is not None else f"{p_drop:+.1f} pt vs FP32"
+        if p_exits:
+            paper += ", exit " + ", ".join(f"{e:.1f}" for e in p_exits)
+        line = [FIGURE_DATASETS[d]["label"], cell, paper]
+        for s in ("short", *(k for k, _ in LONG_STORES)):
+            idx = _index(stores[(d, s)])
+            text, off = _long_cell(idx.get((name, kind)), idx.get(("fp32", "reference")), p_acc, p_drop)
+            line.append(text)
+            if s != "short" and off is not None and abs(off) > OFF_POINTS:
+                far.append(f"{FIGURE_DATASETS[d]['label']} {cell} ({s}: {off:+.2f} pt)")
+        body.append(line)
+    heads = ["dataset", "cell", "paper (accuracy %, exit %)", "short schedule (sweep-<dataset>.json)",
+             *(f"{label} (sweep-<dataset>-{k}.json)" for k, label in LONG_STORES)]
+    tail = ("Cells more than 1 point from the paper (✗): " + "; ".join(far) + "." if far else
+            "Every long-schedule cell present is within 1 point of the paper.")
+    return (f"\n\n### The paper's cells on the paper's schedule (issue 41; {rdir}/sweep-*-long*.json)\n\n"
+            "Accuracy % at the paper's threshold (or the final classifier's for 'no exit'), its distance from the "
+            "paper in brackets (for a drop vs FP32, the drop's distance), and the exit fractions.\n\n"
+            + _md(body, heads) + "\n\n" + tail + "\n")

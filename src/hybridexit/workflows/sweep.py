@@ -2,7 +2,8 @@
 trained, calibrated on the validation split, evaluated once on the test split and recorded as result rows.
 
 A sweep file (``sweeps/*.toml``) names the dataset, the recipe (``recipes/*.toml``, one for every point so the
-points are comparable), the initial and teacher checkpoints, the FP32 reference checkpoint, the calibration target
+points are comparable; its network options, such as ReActNet's ``act_shift`` and ``rprelu``, apply to every point,
+``exit_pool`` being a grid axis), the initial and teacher checkpoints, the FP32 reference checkpoint, the calibration target
 and the grid: one or more ``[[grid]]`` tables, each a product of ``edge_layers`` x ``edge_bits`` x ``exits`` x
 ``mode`` x ``exit_pool`` (an exits entry is a list of positions, ``"edge"`` for one exit at the end of the edge, or
 ``"none"``). Relative paths are relative to the working directory (the project root), as for every command.
@@ -106,6 +107,7 @@ class SweepSpec:
     runs: str | None
     description: str = ""
     keep: str | None = None
+    network: tuple = ()  # the recipe's network options (HybridConfig fields, as (key, value) pairs), every point's
 
     def net_config(self, point: DesignPoint):
         from ..data.datasets import DATASETS
@@ -115,7 +117,12 @@ class SweepSpec:
         net = {"backbone": point.backbone} if point.backbone else {"depth": self.depth}
         return HybridConfig(**net, num_classes=d["num_classes"], edge_layers=point.edge_layers,
                             edge_bits=point.edge_bits, exits=point.exits, exit_pool=point.exit_pool,
-                            mean=d["mean"], std=d["std"])
+                            mean=d["mean"], std=d["std"], **self._options(point.edge_bits))
+
+    def _options(self, edge_bits: int) -> dict:
+        """The recipe's network options for a point: ``ste`` (ApproxSign, a sign's gradient) on binary points only,
+        k-bit points keeping the clipped estimator, the one they have."""
+        return {k: v for k, v in self.network if k != "ste" or edge_bits == 1}
 
     def train_config(self, point: DesignPoint, epochs: int | None = None):
         """The recipe with the point's mode (and, in separate mode, the sweep's exit epochs); ``epochs`` overrides."""
@@ -175,7 +182,7 @@ def _calibration(table: dict, path, has_reference: bool) -> Calibration:
 def load_sweep(path) -> SweepSpec:
     """Read and validate a sweep file: every grid point's network and training config is built once here."""
     from ..data.datasets import DATASETS
-    from .recipes import load_recipe, read_toml
+    from .recipes import read_recipe, read_toml
 
     path = Path(path)
     d = read_toml(path, "sweep file", "sweeps/paper-cifar10.toml")
@@ -186,14 +193,18 @@ def load_sweep(path) -> SweepSpec:
                           f"known: {sorted(SPEC_KEYS)}")
     if d["dataset"] not in DATASETS:
         raise ConfigError(f"sweep {path}: dataset {d['dataset']!r}: use one of {', '.join(DATASETS)}")
-    train = load_recipe(d["recipe"])
+    train, network = read_recipe(d["recipe"])
+    if "exit_pool" in network:
+        raise ConfigError(f"sweep {path}: recipe {d['recipe']} sets exit_pool, which is an axis of the sweep's grid: "
+                          f"drop it from the recipe and give exit_pool = [...] in the [[grid]] tables")
     train.update({k: d[k] for k in ("init", "teacher") if k in d})
     grid = d["grid"] if isinstance(d["grid"], list) else [d["grid"]]
     points = list(dict.fromkeys(p for i, g in enumerate(grid) for p in _grid_points(g, f"sweep {path}: grid {i + 1}")))
     spec = SweepSpec(str(path), d.get("name", path.stem), d["dataset"], d["recipe"], train, int(d.get("depth", 32)),
                      float(d["paper_threshold"]), _calibration(d["calibrate"], path, "reference" in d),
                      tuple(points), d.get("reference"), dict(d.get("adopt", {})), d.get("separate_exit_epochs"),
-                     d.get("results"), d.get("runs"), d.get("description", ""), d.get("keep"))
+                     d.get("results"), d.get("runs"), d.get("description", ""), d.get("keep"),
+                     tuple(sorted(network.items())))
     if spec.keep is not None and "{name}" not in spec.keep:
         raise ConfigError(f"sweep {path}: keep = {spec.keep!r} must contain {{name}} (each point its own folder)")
     names = {p.name for p in points}
@@ -475,7 +486,8 @@ def _train_or_resume(spec, point, tcfg, ck_dir: Path, ds, task) -> str | None:
         print(f"{point.name}: training epochs {done + 1}..{tcfg.total_epochs} on {task['device'] or 'default device'}",
               flush=True)
         train(ck_dir, spec.net_config(point), tcfg, ds, resume=(ck_dir / "config.json").exists(),
-              device=task["device"], progress=True, stop_after_epochs=task["stop_after_epochs"])
+              device=task["device"], progress=True, stop_after_epochs=task["stop_after_epochs"],
+              deadline=task.get("deadline"))
     return None
 
 
@@ -502,6 +514,8 @@ def _run_point(task: dict) -> dict:
     done = (_read_json(ck_dir / "config.json") or {}).get("epochs_done", 0)
     if done < tcfg.total_epochs:
         return {"name": point.name, "status": "partial", "detail": f"{done}/{tcfg.total_epochs} epochs"}
+    if task.get("train_only"):  # calibration and the test evaluation happen where the test split is
+        return {"name": point.name, "status": "trained", "detail": f"{done} epochs, not evaluated (train only)"}
     adopted = adopted or (_read_json(Path(task["point_dir"]) / "adopted.json") or {}).get("source")
     if adopted:
         (Path(task["point_dir"]) / "adopted.json").write_text(json.dumps({"source": adopted}) + "\n")
@@ -517,6 +531,8 @@ def run_point(task: dict) -> dict:
 
     os.chdir(task["root"])
     torch.set_num_threads(task["threads"])
+    if task.get("gpu_share") and str(task["device"] or "").startswith("cuda"):  # workers sharing one GPU
+        torch.cuda.set_per_process_memory_fraction(task["gpu_share"], torch.device(task["device"]))
     from filelock import Timeout
 
     pdir = Path(task["point_dir"])
@@ -702,7 +718,7 @@ def _tasks(spec, states, run_dir, opts: dict, rows: dict | None = None) -> list[
             out.append(dict(opts, name=p.name, point=p.to_dict(), point_dir=str((run_dir / p.name).resolve()),
                             adopt=None, reevaluate=ck, adopted=adopted, total_epochs=0, start_epoch=0))
             continue
-        if state not in ("new", "partial", "trained", "adopt"):
+        if state not in ("new", "partial", "trained", "adopt") or (state == "trained" and opts.get("train_only")):
             continue
         tcfg = spec.train_config(p, opts["epochs"])
         meta = _read_json(run_dir / p.name / "checkpoint" / "config.json") or {}
@@ -716,10 +732,15 @@ def _tasks(spec, states, run_dir, opts: dict, rows: dict | None = None) -> list[
 
 def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epochs: int | None = None, device=None,
               data_dir=None, only=None, dry_run: bool = False, runs=None, results=None, threads: int | None = None,
-              stop_after_epochs: int | None = None, progress: bool = True, reevaluate: bool = False) -> dict:
+              stop_after_epochs: int | None = None, progress: bool = True, reevaluate: bool = False,
+              deadline: float | None = None, train_only: bool = False) -> dict:
     """Run (or resume) a sweep; returns {"sweep", "results", "runs", "points": [{name, state, detail}], "failed"}.
 
     ``stop_after_epochs`` stops every point after that many more epochs (a time-boxed run; rerun to go on).
+    ``deadline`` (a ``time.time()``) stops every point at its last epoch boundary before it (``train.train``).
+    ``train_only`` trains the points and leaves them ``trained``, without the reference, calibration or test rows
+    (a GPU window without the test split: a later run of the same sweep, anywhere, evaluates them).
+    Several workers may share one CUDA device (``device="cuda"``): each gets an equal share of its memory.
     ``reevaluate`` calibrates and evaluates the finished points again from the checkpoint their rows cite, on this
     device (e.g. rows measured before evaluation was IEEE FP32 on CUDA, or after the energy model changed), and
     the FP32 reference with them; the others train as usual."""
@@ -736,14 +757,16 @@ def run_sweep(spec_path, workers: int = 1, ray_address: str | None = None, epoch
     kept = _keep_finished(spec, states, rows, run_dir, epochs) if spec.keep and not dry_run else []
     if kept:
         upsert_rows(store, kept)
-    pending = [s for _, s, _ in states if s in ("new", "partial", "trained", "adopt") or (reevaluate and s == "done")]
-    if dry_run or not (pending or (spec.reference and "fp32|reference" not in rows)):
+    pending = [s for _, s, _ in states if s in ("new", "partial", "adopt") or (s == "trained" and not train_only)
+               or (reevaluate and s == "done")]
+    if dry_run or not (pending or (spec.reference and not train_only and "fp32|reference" not in rows)):
         return summary
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     opts = {"root": os.getcwd(), "spec": str(Path(spec_path).resolve()), "epochs": epochs, "device": device,
             "data_dir": str(Path(data_dir).resolve()) if data_dir else None, "stop_after_epochs": stop_after_epochs,
-            "threads": threads or (1 if ray_address else max(1, cpus // workers)), "reference_val": None}
-    if spec.reference:
+            "threads": threads or (1 if ray_address else max(1, cpus // workers)), "reference_val": None,
+            "deadline": deadline, "train_only": train_only, "gpu_share": round(0.95 / workers, 3) if workers > 1 else None}
+    if spec.reference and not train_only:
         from ..data.datasets import load_cifar
 
         ref = reference_row(spec, load_cifar(spec.dataset, data_dir), _device(device),

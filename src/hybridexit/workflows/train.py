@@ -26,6 +26,13 @@ Samples for Dynamic Early-exiting Networks", ECCV 2022, here with the weights fi
 The loop is plain PyTorch: uint8 tensors in memory, augmentation on whole batches, channels-last, SGD with
 momentum (or AdamW) and a per-step cosine schedule (with linear warm-up) per phase. A checkpoint is written after
 every epoch, with the optimizer and RNG state needed to resume it exactly.
+
+The fast path (issue 40; each switch off by default): ``device_data`` keeps the training split on the training
+device and draws each epoch's shuffle and crops at once (``data.device_feed``: the host path's draws, so on the CPU
+the run is bit-identical to the host path), with fused optimizer steps on CUDA; ``bf16`` runs the float layers
+under bf16 autocast while quantized convs keep computing in FP32 (``model.quant``: sign and the +-1 products stay
+exact); ``compile`` compiles the forward. ``train(deadline=...)`` stops at an epoch boundary before a wall-clock
+deadline (bounded GPU calls that resume).
 """
 
 from __future__ import annotations
@@ -43,8 +50,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ..data.augment import augmentation_for, augmenter
+from ..data.augment import augmentation_for, augmenter, crop_pad, random_resized_crop
 from ..data.datasets import Dataset, Split, batches, get_split, image_ids
+from ..data.device_feed import DeviceFeed
 from ..device import pick_device
 from ..errors import CheckpointError, ConfigError
 from ..model import checkpoint as ck
@@ -87,6 +95,8 @@ class TrainConfig:
     channels_last: bool = True
     limit_train: int | None = None  # for smoke tests: use only the first N training images
     compile: bool = False  # torch.compile the training step (faster quantized steps on CPU; drops the last partial batch)
+    device_data: bool = False  # training split resident on the device, batches and crops made there (fast path)
+    bf16: bool = False  # bf16 autocast for the float layers; quantized convs stay FP32 (fast path; changes numerics)
 
     def __post_init__(self):
         object.__setattr__(self, "exit_weights", tuple(float(w) for w in self.exit_weights))
@@ -278,14 +288,17 @@ def _phase_at(phases: list[Phase], epoch: int) -> tuple[int, int]:
     raise ConfigError(f"epoch {epoch} is past the schedule")
 
 
-def _make_optimizer(params: list[nn.Parameter], lr: float, tcfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weights (dim > 1) only, not on biases and BatchNorm parameters."""
+def _make_optimizer(params: list[nn.Parameter], lr: float, tcfg: TrainConfig, fused: bool = False
+                    ) -> torch.optim.Optimizer:
+    """Weight decay on weights (dim > 1) only, not on biases and BatchNorm parameters. ``fused``: one fused
+    kernel per step (the fast path on CUDA)."""
     decay = [p for p in params if p.dim() > 1]
     no_decay = [p for p in params if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": tcfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    kw = {"fused": True} if fused else {}
     if tcfg.optimizer == "adam":
-        return torch.optim.AdamW(groups, lr=lr)
-    return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=True)
+        return torch.optim.AdamW(groups, lr=lr, **kw)
+    return torch.optim.SGD(groups, lr=lr, momentum=tcfg.momentum, nesterov=True, **kw)
 
 
 def _per_sample_loss(logits, y, t_logp, tcfg: TrainConfig):
@@ -327,23 +340,35 @@ class _Loop:
     teacher: nn.Module | None
     tuner: ThreadTuner | None
     progress: bool
+    feed: DeviceFeed | None = None  # the fast path's device-resident training split (None: batches from the host)
+
+    def epoch_batches(self):
+        """The epoch's (augmented uint8 images, labels) batches on the device, from the host or the device feed."""
+        if self.feed is not None:
+            yield from self.feed.epoch(self.tcfg.batch_size, self.gen, self.drop_last)
+            return
+        for images, labels in batches(self.split, self.tcfg.batch_size, shuffle=True, generator=self.gen):
+            if self.drop_last and len(labels) < self.tcfg.batch_size:
+                return
+            yield _prep(images, self.ds, self.device, self.tcfg.channels_last, True, self.gen), labels.to(self.device)
 
 
 def _step(loop: _Loop, phase: Phase, opt, x, y):
     """One optimizer step of ``phase`` on a batch: (the trained outputs' logits, cloud mask or None, loss)."""
     tcfg = loop.tcfg
-    outs, reach = phase.outputs(x)
-    sample_w = None if reach is None else torch.where(reach, 1.0, tcfg.easy_weight)
-    t_logp = None
-    if loop.teacher is not None:  # every phase distills: the backbone, the cloud, and separate mode's exits
-        with torch.no_grad():
-            t_logp = F.log_softmax(loop.teacher(x)[-1] / tcfg.kd_temperature, 1)
-    per_sample = [_per_sample_loss(o, y, t_logp, tcfg) for o in outs]
-    if sample_w is None:
-        losses = [ls.mean() for ls in per_sample]
-    else:  # weighted mean: the loss scale (and so the learning rate) does not depend on easy_weight
-        losses = [(ls * sample_w).sum() / sample_w.sum().clamp_min(1e-12) for ls in per_sample]
-    loss = sum(wi * li for wi, li in zip(phase.loss_weights, losses))
+    with torch.autocast(loop.device.type, torch.bfloat16, enabled=tcfg.bf16):  # forward only; quantized convs FP32
+        outs, reach = phase.outputs(x)
+        sample_w = None if reach is None else torch.where(reach, 1.0, tcfg.easy_weight)
+        t_logp = None
+        if loop.teacher is not None:  # every phase distills: the backbone, the cloud, and separate mode's exits
+            with torch.no_grad():
+                t_logp = F.log_softmax(loop.teacher(x)[-1].float() / tcfg.kd_temperature, 1)
+        per_sample = [_per_sample_loss(o.float(), y, t_logp, tcfg) for o in outs]
+        if sample_w is None:
+            losses = [ls.mean() for ls in per_sample]
+        else:  # weighted mean: the loss scale (and so the learning rate) does not depend on easy_weight
+            losses = [(ls * sample_w).sum() / sample_w.sum().clamp_min(1e-12) for ls in per_sample]
+        loss = sum(wi * li for wi, li in zip(phase.loss_weights, losses))
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -355,31 +380,28 @@ def _train_epoch(loop: _Loop, phase: Phase, opt, phase_epoch: int, desc: str, nu
     outputs this phase does not train) and, when the cloud's samples are known, the share that reaches it."""
     tcfg = loop.tcfg
     phase.set_modes(loop.model)
-    sums, n_seen, n_reach = torch.zeros(num_outputs), 0, 0
-    bar = tqdm(batches(loop.split, tcfg.batch_size, shuffle=True, generator=loop.gen), total=loop.steps_per_epoch,
-               desc=desc, disable=not loop.progress, leave=False)
-    for step, (images, labels) in enumerate(bar):
-        if loop.drop_last and len(labels) < tcfg.batch_size:
-            break
+    # counts stay on the device (read once, after the epoch: no host sync per step)
+    sums, n_seen, n_reach = torch.zeros(num_outputs, device=loop.device), 0, torch.zeros((), device=loop.device)
+    bar = tqdm(loop.epoch_batches(), total=loop.steps_per_epoch, desc=desc, disable=not loop.progress, leave=False)
+    for step, (x, y) in enumerate(bar):
         t_step = time.perf_counter()
         lr = _lr_at(phase_epoch * loop.steps_per_epoch + step, phase.epochs * loop.steps_per_epoch,
                     int(tcfg.warmup_epochs * loop.steps_per_epoch), phase.lr)
         for g in opt.param_groups:
             g["lr"] = lr
-        x = _prep(images, loop.ds, loop.device, tcfg.channels_last, True, loop.gen)
-        y = labels.to(loop.device)
         outs, reach, loss = _step(loop, phase, opt, x, y)
         with torch.no_grad():
             for o, j in zip(outs, phase.trained):
-                sums[j] += float((o.argmax(1) == y).sum())
+                sums[j] += (o.argmax(1) == y).sum()
         if reach is not None:
-            n_reach += int(reach.sum())
-        n_seen += len(labels)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", threads=torch.get_num_threads())
+            n_reach += reach.sum()
+        n_seen += len(y)
+        if loop.progress and (step % 20 == 0 or loop.tuner is not None):  # loss.item() waits for the step
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.3g}", threads=torch.get_num_threads())
         if loop.tuner is not None:
             loop.tuner.record(time.perf_counter() - t_step)
-    rec = {"train_acc": [float(s) / max(n_seen, 1) if j in phase.trained else None for j, s in enumerate(sums)]}
-    return {**rec, "cloud_share": n_reach / max(n_seen, 1)} if phase.counts_cloud else rec
+    rec = {"train_acc": [float(s) / max(n_seen, 1) if j in phase.trained else None for j, s in enumerate(sums.cpu())]}
+    return {**rec, "cloud_share": float(n_reach) / max(n_seen, 1)} if phase.counts_cloud else rec
 
 
 # ---- checkpoint, optimizer state and resume -----------------------------------------------------------------------
@@ -497,12 +519,23 @@ def _load_teacher(tcfg: TrainConfig, device) -> HybridNet | None:
     return teacher.to(memory_format=torch.channels_last) if tcfg.channels_last else teacher
 
 
+def _epoch_estimate(history: list[dict], ran_here: int) -> float:
+    """Seconds the next epoch may take: the longest epoch of this call (the first includes start-up and any
+    compilation), else the run's last epoch (perhaps on another device)."""
+    if ran_here:
+        return max(r["epoch_s"] for r in history[-ran_here:])
+    return history[-1]["epoch_s"]
+
+
 def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume: bool = False,
-          device=None, progress: bool = True, stop_after_epochs: int | None = None) -> dict:
+          device=None, progress: bool = True, stop_after_epochs: int | None = None,
+          deadline: float | None = None) -> dict:
     """Train and checkpoint into ``out_dir`` after every epoch. Returns the final checkpoint's config dict.
 
     ``resume=True`` continues from the last complete checkpoint in ``out_dir`` (configs must match).
     ``stop_after_epochs`` stops early (for tests and time-boxed runs); resuming later finishes the schedule.
+    ``deadline`` (a ``time.time()``) stops before an epoch that would end after it, judged by the longest epoch
+    so far (the first epoch of a fresh run always runs).
     """
     out_dir = Path(out_dir)
     device = pick_device(device or None)
@@ -528,14 +561,16 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
     loop = _Loop(model, tcfg, ds, device, train_split,
                  len(train_split) // tcfg.batch_size if drop_last else math.ceil(len(train_split) / tcfg.batch_size),
                  drop_last, torch.Generator().manual_seed(tcfg.seed), _load_teacher(tcfg, device),
-                 ThreadTuner(torch.get_num_threads()) if device.type == "cpu" else None, progress)
+                 ThreadTuner(torch.get_num_threads()) if device.type == "cpu" else None, progress,
+                 DeviceFeed(train_split.images, train_split.labels, device, crop_pad(ds.image_size) or 4,
+                            None if crop_pad(ds.image_size) else random_resized_crop) if tcfg.device_data else None)
 
     saved = _saved_run(out_dir, resume, net_cfg, tcfg, ds)
     # easy_weight's exit thresholds: on resume, those the run began with
     thresholds = tuple(saved.get("easy_thresholds", ())) if saved else ()
     thresholds = thresholds or _cloud_thresholds(tcfg, net_cfg)
     phases = _phases(model, torch.compile(model) if tcfg.compile else model, tcfg, thresholds)
-    opts = [_make_optimizer(p.params, p.lr, tcfg) for p in phases]
+    opts = [_make_optimizer(p.params, p.lr, tcfg, fused=tcfg.device_data and device.type == "cuda") for p in phases]
     start_epoch, history, wall = _restore_run(out_dir, model, opts, loop.gen) if saved else (0, [], 0.0)
 
     end_epoch = tcfg.total_epochs if stop_after_epochs is None else min(tcfg.total_epochs, start_epoch + stop_after_epochs)
@@ -557,7 +592,7 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
         _write_checkpoint(out_dir, model, opts, loop.gen, meta, history, wall, val_ids)
         written[:] = [meta]
 
-    run_schedule(phases, start_epoch, end_epoch, history, wall, run_epoch, save, progress)
+    run_schedule(phases, start_epoch, end_epoch, history, wall, run_epoch, save, deadline, progress)
     return written[0] if written else ck.read_config(out_dir)
 
 
@@ -565,14 +600,17 @@ def train(out_dir, net_cfg: HybridConfig, tcfg: TrainConfig, ds: Dataset, resume
 
 def run_schedule(phases: list, start_epoch: int, end_epoch: int, history: list[dict], wall: float,
                  run_epoch: Callable[[int, int, int], dict], save: Callable[[int, list[dict], float], None],
-                 progress: bool = False) -> float:
+                 deadline: float | None = None, progress: bool = False) -> float:
     """The one training loop. Each global epoch from ``start_epoch`` to ``end_epoch`` belongs to a phase
     (``_phase_at``: a phase has a ``name`` and its ``epochs``); ``run_epoch(phase index, epoch within the phase,
     global epoch)`` trains one epoch of it and validates, returning the log fields; the record (epoch, phase, the
     fields, epoch and wall seconds) joins ``history`` and ``save(epochs done, history, wall)`` writes the checkpoint a
-    resumed run starts from. A phase may count its own epochs (a codec stage does: its field ``epoch``). Returns the
-    wall seconds."""
+    resumed run starts from. A phase may count its own epochs (a codec stage does: its field ``epoch``).
+    ``deadline`` (a ``time.time()``) stops before an epoch that would end after it, judged by the longest epoch so
+    far (the first epoch of a fresh run always runs). Returns the wall seconds."""
     for epoch in range(start_epoch, end_epoch):
+        if deadline is not None and history and time.time() + _epoch_estimate(history, epoch - start_epoch) > deadline:
+            break
         t0 = time.time()
         i, phase_epoch = _phase_at(phases, epoch)
         fields = run_epoch(i, phase_epoch, epoch)
