@@ -84,12 +84,14 @@ def main(argv=None) -> int:
     RESULTS.write_text(json.dumps(d, indent=1) + "\n")
     print(render(d))
     if a.render:
-        text = DOC.read_text()
-        if BEGIN not in text or END not in text:
-            print(f"{DOC} lacks the markers {BEGIN} ... {END}", file=sys.stderr)
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from splice import SpliceError, splice_file
+
+        try:
+            splice_file(DOC, BEGIN, END, render(d) + "\n")
+        except SpliceError as e:
+            print(e, file=sys.stderr)
             return 1
-        head, rest = text.split(BEGIN, 1)
-        DOC.write_text(head + BEGIN + "\n" + render(d) + "\n" + END + rest.split(END, 1)[1])
     return 0
 
 
