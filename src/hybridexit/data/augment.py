@@ -16,13 +16,6 @@ PAD_CROP_MAX_SIZE = 64  # images up to this side get pad-crop-flip; larger ones 
 AUGMENTATIONS = ("pad-crop-flip", "random-resized-crop-flip")
 
 
-def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
-    """uint8 (N, C, H, W) -> float, standardized per channel."""
-    m = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
-    return (images.float().div_(255.0) - m) / s
-
-
 def augment(images: torch.Tensor, generator: torch.Generator | None = None, pad: int = 4) -> torch.Tensor:
     """Random crop with zero padding and horizontal flip, on a whole uint8 batch (no per-sample Python)."""
     n, c, h, w = images.shape

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import DatasetError
-from .augment import augment, normalize
+from .augment import augment
 from .cifar import (
     DATASETS,
     RestrictedUnpickler,
@@ -44,7 +44,7 @@ NAMES = (*DATASETS, FOLDER)
 __all__ = ["DATASETS", "FOLDER", "NAMES", "DataWarning", "Dataset", "RestrictedUnpickler", "Split", "augment",
            "batches", "checksum", "content_checksum", "default_cache_dir", "download", "find_images", "get_split",
            "image_extensions", "image_ids", "is_image_file", "load_cifar", "load_dataset", "load_image_files",
-           "load_image_folder", "load_recorded", "normalize", "resolve_data_dir", "safe_load_pickle",
+           "load_image_folder", "load_recorded", "resolve_data_dir", "safe_load_pickle",
            "train_val_split"]
 
 
