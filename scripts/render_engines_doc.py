@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import sys
 from collections import Counter
 from pathlib import Path
 
-from splice import splice
+from splice import render_main, splice
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "engines.md"
@@ -142,16 +141,5 @@ def render() -> str:
     return splice(text, BEGIN, END, "\n".join(body), str(DOC))
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--check", action="store_true", help="exit 1 if docs/engines.md is not the rendering")
-    a = p.parse_args()
-    new = render()
-    if a.check:
-        return 0 if DOC.read_text() == new else 1
-    DOC.write_text(new)
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(render_main(DOC, render, __doc__))

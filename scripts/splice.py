@@ -48,3 +48,18 @@ def splice_file(path, begin: str, end: str, body: str) -> bool:
     if new != old:
         path.write_text(new)
     return new != old
+
+
+def render_main(doc, render, description: str = "") -> int:
+    """``main`` of a renderer whose ``render()`` returns the doc's whole new text: writes it, or with ``--check``
+    returns 1 when the doc is not the rendering (0 when it is)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--check", action="store_true", help=f"exit 1 if {doc} is not the rendering")
+    a = p.parse_args()
+    new = render()
+    if a.check:
+        return 0 if Path(doc).read_text() == new else 1
+    Path(doc).write_text(new)
+    return 0
