@@ -393,7 +393,7 @@ class AdaptiveEdge:
         if not r.remaining.numel():  # an exit answered
             k = int(r.decided_at[0])
             ms = (time.perf_counter() - t0) * 1000.0
-            rec.update(decided_at=f"exit:{k}", latency_ms=round(ms, 3),
+            rec.update(decided_at=f"exit:{k}", latency_ms=round(ms, 3), degraded=False,  # answered as designed
                        compute_uj=self._uj("exit", ms, self.parts.exit_path[k]), radio_uj=radio)
             return rec
         h, at = r.features, min(plan.handoff, self.m)  # the engine stops at the checkpoint's boundary
@@ -461,7 +461,8 @@ def adaptive_summary(records: list[dict], slo_ms: float) -> dict:
         "latency_ms_p50": _pct(lat, 50), "latency_ms_p95": _pct(lat, 95), "latency_ms_p99": _pct(lat, 99),
         "accuracy": sum(r["prediction"] == r["label"] for r in labelled) / len(labelled) if labelled else None,
         "routes": {k: v / n for k, v in sorted(routes.items())},
-        "degraded": sum(bool(r.get("degraded")) for r in records) / n if n else None,
+        # answered locally because the cloud could not be reached (an exit's answer is never degraded)
+        "degraded": sum(bool(r.get("degraded")) and r["decided_at"] == "local" for r in records) / n if n else None,
         "plans": {k: v / n for k, v in sorted(Counter(r.get("plan", "static") for r in records).items())},
         "payload_bytes_per_input": sum(r["payload_bytes"] for r in records) / n if n else None,
         "compute_uj": sum(r["compute_uj"] for r in records) / n if n else None,
