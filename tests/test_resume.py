@@ -86,3 +86,15 @@ def test_read_done_drops_a_cut_line_and_refuses_other_files(tmp_path):
         out.write_text(text)
         with pytest.raises(ResumeError, match=why):
             read_done(out, labels[:2] if why == "more inputs" else labels)
+
+
+def test_cli_refuses_resume_without_out_and_a_bad_target_in_one_line(tmp_path, tiny_cifar, capsys):
+    from hybridexit.cli import main
+
+    ckpt = write_tiny_checkpoint(tmp_path / "ck")
+    base = ["edge", str(ckpt), "--cloud", "http://127.0.0.1:9", "--data-dir", str(tiny_cifar), "--limit", "2"]
+    assert main([*base, "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "--resume" in err[-1] and "--out" in err[-1] and "Traceback" not in "".join(err)
+    assert main([*base, "--slo-ms", "-5"]) == 2
+    assert "--slo-ms" in capsys.readouterr().err
