@@ -231,6 +231,8 @@ def main():
               "profile_binary": profile_top(steps["20E+10C binary, exit at 20"]),
               "profile_fp32": profile_top(steps["fp32 ResNet-32"])}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    if Path(a.out).exists():  # the --epochs rows stay
+        result["epochs"] = json.loads(Path(a.out).read_text()).get("epochs", [])
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     for r in runs:
         print(f"{r['name']:<30}{r['images_per_s']:8.0f} img/s {r['step_ms']:8.0f} ms/step {r['relative_step']:6.2f}x")
