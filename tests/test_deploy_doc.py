@@ -69,8 +69,11 @@ def run_script(script: str, cwd: Path, timeout: float) -> tuple[int, str, str]:
 
 
 def test_the_doc_has_only_blocks_the_tests_cover():
+    """sh, ini and nginx blocks run here; console blocks are the device section's commands (scp, pip on the
+    device), whose flow tests/test_edge_package.py runs: export, the wheel in a fresh venv, info, run."""
     langs = [lang for lang, _ in BLOCK.findall(DOC.read_text())]
-    assert set(langs) <= {"sh", "ini", "nginx"} and langs.count("sh") >= 6 and langs.count("ini") == 3
+    assert set(langs) <= {"sh", "ini", "nginx", "console"} and langs.count("sh") >= 6 and langs.count("ini") == 3
+    assert langs.count("console") == 3 and "hybridexit-edge run" in DOC.read_text().split("```console")[-1]
 
 
 @pytest.fixture(scope="module")
