@@ -473,6 +473,10 @@ def _add_train(sub) -> None:
     opt("--limit-train", "train on the first N training images only", type=positive_int)
     opt("--channels-last", "channels-last memory format", action=argparse.BooleanOptionalAction)
     opt("--compile", "torch.compile the training step (faster binary steps)", action=argparse.BooleanOptionalAction)
+    opt("--device-data", "fast path: the training split stays on the training device, batches, shuffles and crops are "
+        "made there (bit-identical to the host path on the CPU)", action=argparse.BooleanOptionalAction)
+    opt("--bf16", "fast path: bf16 autocast for the float layers; quantized convs stay FP32 (changes numerics)",
+        action=argparse.BooleanOptionalAction)
     t.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
     t.add_argument("--stop-after-epochs", type=positive_int, default=None,
                    help="stop after N epochs (finish later with --resume)")
