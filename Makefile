@@ -29,7 +29,7 @@ demo: setup data
 		$(PY) -m hybridexit.cli.demo --checkpoint $(CKPT)
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # the suite on both cores (pytest-xdist, the dev extra)
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
