@@ -279,6 +279,7 @@ class Batcher:
                 start += it.n
 
 
+# long: the FastAPI routes are closures over one batcher, one model and the settings; each route is short
 def create_app(model: CloudModel, settings: ServerSettings, on_ready=None):
     """The FastAPI application serving ``model``. ``on_ready()`` is called once the batcher runs."""
     # Long by nature: the routes and error handlers are closures over one app's model, settings, stats and batcher.
