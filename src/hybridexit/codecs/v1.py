@@ -8,6 +8,8 @@ sample and channel, then the int8 elements in C order; value = scale * q, q in [
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -34,7 +36,7 @@ def quantize_int8(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
 
 def decoded_bytes(codec: str, shape: tuple[int, ...]) -> int:
     """Size of the uncompressed element bytes of a ``codec`` tensor of ``shape``."""
-    n = int(np.prod(shape)) * NP[CODEC_DTYPE[codec]].itemsize
+    n = math.prod(shape) * NP[CODEC_DTYPE[codec]].itemsize  # exact: a frame's shape may claim anything
     return n + (shape[0] * shape[1] * 4 if codec == "int8" else 0)
 
 

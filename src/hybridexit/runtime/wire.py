@@ -42,7 +42,7 @@ import torch
 
 from .. import codecs as codec_registry
 from ..codecs.v1 import CODEC_DTYPE, ZSTD_LEVEL, V1Codec, decode_raw, encode_raw, quantize_int8  # noqa: F401 (quantize_int8: re-exported)
-from ..codecs.v1 import NP as _NP
+from ..codecs.v1 import decoded_bytes as v1_decoded_bytes
 from ..errors import (  # noqa: F401 (the wire's errors, re-exported for its users)
     BadMagic,
     CodecMismatch,
@@ -98,12 +98,7 @@ class Header:
     @property
     def decoded_bytes(self) -> int:
         """Size of the decompressed payload this header implies (named codecs: the float32 tensor they give)."""
-        if self.named:
-            return self.numel * 4
-        n = self.numel * _NP[self.dtype].itemsize
-        if self.codec == "int8":
-            n += self.shape[0] * self.shape[1] * 4
-        return n
+        return self.numel * 4 if self.named else v1_decoded_bytes(self.codec, self.shape)
 
 
 def check_codec(codec: str) -> str:
