@@ -13,7 +13,7 @@ float32 steps apart (more after many layers) on either side of a boundary. For c
 first ``--trace-images`` images: how many levels differ per image (on images that agree too) and, for binary convs,
 how many QLinearConv sums saturate. One row per checkpoint and engine; a run replaces its own row.
 ``--torch-batch-check B`` runs the torch engine at batch size B too (the reference's own reproducibility),
-``--fp64-check`` runs it in float64; ``--kbit exact`` measures the onnx graph with exact k-bit sums.
+``--fp64-check`` runs it in float64.
 """
 
 from __future__ import annotations
@@ -70,15 +70,21 @@ def binary_saturation(z: torch.Tensor, q) -> int:
     return int(((s > 254) | (s < -256)).sum())
 
 
+def quantizer_input(q, x: torch.Tensor) -> torch.Tensor:
+    """The input of quantized conv q's activation quantizer, from the conv's input x: BatchNorm, then RSign."""
+    z = q.bn(x)
+    return z if q.shift is None else q.shift(z)
+
+
 class Tracer:
     """The torch edge and the traced ONNX graph side by side on a batch of raw images."""
 
-    def __init__(self, edge, kbit: str):
+    def __init__(self, edge):
         from hybridexit.engines.onnx_engine import OnnxEdge
         from hybridexit.engines.onnx_export import edge_model
 
         self.edge, self.qs = edge, quantizers(edge)
-        self.graph = OnnxEdge(edge.cfg, edge_model(edge, trace=True, kbit=kbit).SerializeToString())
+        self.graph = OnnxEdge(edge.cfg, edge_model(edge, trace=True).SerializeToString())
 
     @torch.no_grad()
     def run(self, x: torch.Tensor, rows=None):
@@ -86,7 +92,8 @@ class Tracer:
         each computed on the whole batch as the engines compute it; torch's quantizer inputs kept for ``rows``."""
         zs, logits = [], []
         keep = slice(None) if rows is None else list(rows)
-        hooks = [q.act.register_forward_pre_hook(lambda m, inp: zs.append(inp[0][keep].clone())) for q in self.qs]
+        hooks = [q.register_forward_pre_hook(lambda m, inp: zs.append(quantizer_input(m, inp[0])[keep].clone()))
+                 for q in self.qs]
         try:
             h = self.edge.walk(x, lambda j, head, f: logits.append(head(f)))
         finally:
@@ -182,21 +189,6 @@ def context(tr: Tracer, images: torch.Tensor, batch: int) -> dict:
             "images_with_saturated_sums": sat_images, "saturated_sums": sat}
 
 
-def exact_onnx_decisions(model, split, thresholds, temperatures, batch_size: int) -> list:
-    """``evaluate_conditional``'s loop with the onnx edge built with kbit="exact" (not an engine name)."""
-    from hybridexit.data import batches
-    from hybridexit.engines.onnx_engine import OnnxEdge
-    from hybridexit.model.hybrid import conditional_inference
-    from hybridexit.model.records import decisions_from
-
-    edge, cloud = model.split()
-    edge = OnnxEdge.from_edge(edge.eval(), kbit="exact")
-    out = []
-    for images, labels in batches(split, batch_size):
-        out.extend(decisions_from(conditional_inference(edge, cloud.eval(), images, thresholds, temperatures), labels, len(out)))
-    return out
-
-
 def float64_decisions(model, split, thresholds, temperatures, batch_size: int) -> list:
     """Decisions of the torch engine with the whole network in float64 (after ``Normalize``'s float32 x / 255)."""
     import copy
@@ -215,8 +207,8 @@ def float64_decisions(model, split, thresholds, temperatures, batch_size: int) -
 
 def untraced_cause(t, e, t64, thresholds) -> str:
     """An engine without a trace (packed): which of float32 torch and the engine float64 torch agrees with, and
-    the exit entropies of both against the threshold. The engine computes exact integer sums; torch float32 sums
-    float products: where float64 torch decides as the engine, torch's own rounding made the difference."""
+    the exit entropies of both against the threshold: where float64 torch decides as the engine, torch's own float32
+    rounding made the difference."""
     side = ("float64 torch decides as the engine" if (t64.decided_at, t64.prediction) == (e.decided_at, e.prediction)
             else "float64 torch decides as float32 torch" if (t64.decided_at, t64.prediction) == (t.decided_at,
                                                                                              t.prediction)
@@ -227,7 +219,7 @@ def untraced_cause(t, e, t64, thresholds) -> str:
 
 
 def update_rows(path: Path, row: dict) -> None:
-    key = ("checkpoint", "engine", "kbit", "split")
+    key = ("checkpoint", "engine", "split")
     rows = json.loads(path.read_text())["rows"] if path.exists() else []
     rows = [r for r in rows if tuple(r.get(k) for k in key) != tuple(row.get(k) for k in key)]
     rows = sorted(rows + [row], key=lambda r: tuple(str(r.get(k)) for k in key))
@@ -238,8 +230,6 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--engine", default="onnx", choices=("onnx", "packed"))
-    p.add_argument("--kbit", default="torch", choices=("torch", "exact"),
-                   help="onnx: how k-bit convs compute (onnx_export.KBIT_MODES); the engine's default is torch")
     p.add_argument("--data-dir", default="data")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=500)
@@ -259,16 +249,14 @@ def main(argv=None) -> dict:
     thresholds, temperatures = list(policy.thresholds), (list(policy.temperatures) if policy.temperatures else None)
     split = split_of(a.checkpoint, load_cifar(meta["data"]["name"], a.data_dir), a.split).limit(a.limit)
     runs = {"torch": evaluate_conditional(model, split, thresholds, temperatures, a.batch_size, progress=True)}
-    runs[a.engine] = (exact_onnx_decisions(model, split, thresholds, temperatures, a.batch_size)
-                      if a.engine == "onnx" and a.kbit == "exact" else
-                      evaluate_conditional(model, split, thresholds, temperatures, a.batch_size, engine=a.engine))
+    runs[a.engine] = evaluate_conditional(model, split, thresholds, temperatures, a.batch_size, engine=a.engine)
     ref, got = runs["torch"], runs[a.engine]
     bad = [i for i, (r, t) in enumerate(zip(got, ref)) if (r.decided_at, r.prediction) != (t.decided_at, t.prediction)]
     edge, cloud = (m.eval() for m in model.split())
-    tracer = Tracer(edge, a.kbit) if a.engine == "onnx" else None
+    tracer = Tracer(edge) if a.engine == "onnx" else None
     why = traced_causes(tracer, cloud, split.images, bad, a.batch_size, thresholds, temperatures) if tracer else {}
     row = {
-        "checkpoint": a.checkpoint, "engine": a.engine, "kbit": a.kbit if a.engine == "onnx" else None,
+        "checkpoint": a.checkpoint, "engine": a.engine,
         "split": a.split, "n": len(ref),
         "command": "python benchmarks/engine_agreement.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "weights_sha256": hashlib.sha256((Path(a.checkpoint) / "model.safetensors").read_bytes()).hexdigest(),

@@ -138,15 +138,16 @@ def test_kbit_integer_sums_are_exact(bits, cin, cout, size, stride):
 @pytest.mark.parametrize("bits,opts", [(2, {}), (4, {"act_shift": True, "rprelu": True}), (8, {"rprelu": True}),
                                        (4, {"act_shift": True})])
 @pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (7, 11, 2), (33, 40, 2)])
-def test_kbit_quan_conv_exact_mode_equals_the_exact_value(bits, opts, cin, cout, stride):
-    """kbit="exact": BatchNorm, RSign, quantizer, exact integer conv, scale, RPReLU: to float rounding of the exact
-    value (the float64 conv of torch's own levels), and to torch's float32 conv (whose sum rounds, far more)."""
+def test_kbit_quan_conv_is_the_torch_engines_bit_for_bit(bits, opts, cin, cout, stride):
+    """BatchNorm (float64 Mul + Add: the fused multiply-add's rounding), RSign, quantizer, exact integer conv,
+    scale, RPReLU: the torch engine's eval-mode values (``quant.quantized_conv_exact``) bit for bit, and the exact value
+    (the float64 conv of torch's own levels) to float rounding."""
     g = torch.Generator().manual_seed(bits + cin * cout)
     q = BNQuantConv(cin, cout, stride, bits, **opts).eval()
     _randomize(q, g)
     q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
     x = torch.randn(2, cin, 9, 9, generator=g)
-    gb = GraphBuilder("exact")
+    gb = GraphBuilder()
     got = _run(gb, gb.quan_conv("x", q, 9), x)
     zz = 2**bits - 1
     with torch.no_grad():
@@ -158,31 +159,47 @@ def test_kbit_quan_conv_exact_mode_equals_the_exact_value(bits, opts, cin, cout,
         if q.rprelu is not None:
             gamma, zeta = (t.double().view(1, -1, 1, 1) for t in (q.rprelu.shift_in, q.rprelu.shift_out))
             exact = F.prelu(exact - gamma, q.rprelu.slope.double()) + zeta
+    assert torch.equal(got, ref)
     torch.testing.assert_close(got.double(), exact, rtol=3e-7, atol=3e-7 * exact.abs().max().item())  # ~2 ulps
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("bits,opts", [(2, {"rprelu": True}), (4, {"act_shift": True}), (8, {})])
-@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (7, 11, 2), (33, 40, 2)])
-def test_kbit_quan_conv_torch_mode_computes_torchs_float_values(bits, opts, cin, cout, stride):
-    """kbit="torch" (the default): torch's own float activations and weights, so a one-term conv (one input
-    channel, one pixel: only the centre tap) is torch's bit for bit, and a layer differs from torch's by the
-    order of its float sums (and, rarely, a level where the BatchNorm's Mul + Add and torch's fused multiply-add
-    round to different sides of a quantizer boundary: none in these draws)."""
-    g = torch.Generator().manual_seed(bits * cin + cout)
-    for c, size, n in ((1, 1, 64), (cin, 9, 2)):
-        q = BNQuantConv(c, cout, stride, bits, **opts).eval()
-        _randomize(q, g)
-        q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
-        x = torch.randn(n, c, size, size, generator=g)
+def test_fused_batchnorm_rounds_as_torchs_and_float32_mul_add_does_not():
+    """Before a quantizer the graph's BatchNorm is torch's (one rounding), on values where a float32 Mul + Add
+    rounds twice: the case that moved quantizer levels of the 4-bit headline."""
+    g = torch.Generator().manual_seed(5)
+    bn = torch.nn.BatchNorm2d(64).eval()
+    bn.running_mean.uniform_(-1, 1, generator=g)
+    bn.running_var.uniform_(0.5, 2, generator=g)
+    bn.weight.data.uniform_(0.5, 2, generator=g)
+    bn.bias.data.uniform_(-1, 1, generator=g)
+    x = torch.randn(4, 64, 16, 16, generator=g)
+    with torch.no_grad():
+        ref = bn(x)
+    outs = {}
+    for fused in (True, False):
         gb = GraphBuilder()
-        got = _run(gb, gb.quan_conv("x", q, size), x)
-        with torch.no_grad():
-            ref = q(x)
-        if size == 1:
-            assert torch.equal(got, ref)
-        else:
-            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-4)
+        outs[fused] = _run(gb, gb.bn("x", bn, fused=fused), x)
+    assert torch.equal(outs[True], ref)
+    assert not torch.equal(outs[False], ref)  # some of the 65,536 values round the other way
+
+
+def test_rounded_once_stem_is_the_torch_engines_bit_for_bit():
+    """A quantized edge's stem (``quant.RoundedOnceConv2d``): shifted copies and a float64 MatMul, then one
+    rounding: torch's eval-mode value bit for bit, where a float32 ``Conv`` differs in the last bits."""
+    from hybridexit.model.quant import RoundedOnceConv2d
+
+    g = torch.Generator().manual_seed(6)
+    stem = RoundedOnceConv2d(3, 16, 3, 1, 1, bias=False).eval()
+    stem.weight.data = torch.randn(stem.weight.shape, generator=g)
+    x = torch.randn(3, 3, 12, 12, generator=g)
+    with torch.no_grad():
+        ref = stem(x)
+    gb = GraphBuilder()
+    assert torch.equal(_run(gb, gb.rounded_once_conv("x", stem), x), ref)
+    gb = GraphBuilder()
+    plain = _run(gb, gb.float_conv("x", stem), x)
+    torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(plain, ref)
 
 
 RECIPES = {  # (edge bits, config options): every recipe option, odd widths, every exit pool
@@ -222,38 +239,38 @@ def _split_thresholds(model, x):
     return out
 
 
-@pytest.mark.parametrize("recipe,kbit", [(r, "torch") for r in RECIPES] +
-                         [(r, "exact") for r, (bits, _) in RECIPES.items() if bits > 1])
-def test_whole_onnx_edge_of_every_recipe_decides_as_torch(recipe, kbit):
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_whole_onnx_edge_of_every_recipe_decides_as_torch(recipe):
     bits, opts = RECIPES[recipe]
     model = _net(bits, opts, seed=len(recipe))
     edge, cloud = model.split()
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
     thr = _split_thresholds(model, x)
     ref = edge.decide(x, thr)
-    eng = OnnxEdge.from_edge(edge, kbit=kbit)
+    eng = OnnxEdge.from_edge(edge)
     got = eng.decide(x, thr)
     assert {0, 1, CLOUD} == set(ref.decided_at.tolist())  # both exits and the cloud
     for field in ("decided_at", "predictions", "remaining"):
         assert torch.equal(getattr(got, field), getattr(ref, field)), field
     torch.testing.assert_close(got.entropies, ref.entropies, rtol=1e-3, atol=1e-3, equal_nan=True)
+    # rounded-once stem, fused BatchNorm, exact sums (binary: none saturates here): torch's features bit for bit
+    assert torch.equal(got.features, ref.features)
     out = eng.run(x)  # the graph's own entropy outputs: the exit rule's entropy of its logits
     for j in range(len(edge.cfg.exits)):
         torch.testing.assert_close(out[f"entropy_{j}"], entropy(out[f"logits_{j}"]), rtol=1e-5, atol=1e-6)
     ops = {n.op_type for n in onnx.load_from_string(eng.model_bytes).graph.node}
     assert ("QLinearConv" in ops) == (bits == 1)
-    assert ("ConvInteger" in ops) == (bits == 8 and kbit == "exact")  # exact 8-bit sums, 32+ channels: int32
-    if kbit == "torch":  # the cloud half as float ONNX on the torch engine's features
-        with torch.no_grad():
-            torch.testing.assert_close(OnnxCloud(cloud)(ref.features), cloud(ref.features), rtol=1e-4, atol=1e-4)
+    assert ("ConvInteger" in ops) == (bits == 8)  # exact 8-bit sums, 32+ channels: int32
+    with torch.no_grad():  # the cloud half as float ONNX on the torch engine's features
+        torch.testing.assert_close(OnnxCloud(cloud)(ref.features), cloud(ref.features), rtol=1e-4, atol=1e-4)
 
 
-def test_binary_edge_features_equal_torch_to_float_rounding():
-    """Binary edges (one rounding boundary per value, at 0) give torch's features to float rounding."""
+def test_binary_edge_features_equal_torch_bit_for_bit():
+    """Binary edges: exact sums of signs (QLinearConv, no saturation at these widths) times alpha, as torch's."""
     edge, _ = _net(1, {"act_shift": True, "rprelu": True}, seed=3).split()
     x = torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        torch.testing.assert_close(OnnxEdge.from_edge(edge).forward(x), edge(x), rtol=1e-4, atol=1e-4)
+        assert torch.equal(OnnxEdge.from_edge(edge).forward(x), edge(x))
 
 
 def test_onnx_engine_runs_every_network_and_refuses_float_images():

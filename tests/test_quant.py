@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 
@@ -72,3 +74,53 @@ def test_quanconv_order_and_bits():
 def test_unsupported_bits_rejected():
     with pytest.raises(ConfigError, match="use one of 1, 2, 4, 8, 32"):
         BNQuantConv(4, 4, bits=3)
+
+
+@pytest.mark.parametrize("bits,cin,stride", [(2, 16, 1), (4, 7, 2), (4, 64, 1), (8, 33, 2)])
+def test_eval_kbit_conv_is_the_exact_sum_rounded_once_whatever_the_batch(bits, cin, stride):
+    """Eval mode: the exact integer sum of the levels times s_c / Z^2, one float32 rounding (``quantized_conv_exact``):
+    the float64 value rounded, the same bits for an image alone as inside a batch; train mode is the STE conv of
+    the quantized values (to float rounding the same number), with gradients to the latent weights."""
+    import torch.nn.functional as F
+
+    from hybridexit.model.quant import quantized_conv_exact, weight_levels
+
+    g = torch.Generator().manual_seed(bits * cin)
+    q = BNQuantConv(cin, 12, stride, bits)
+    q.conv.weight.data = torch.randn(q.conv.weight.shape, generator=g)
+    x = torch.randn(6, cin, 9, 9, generator=g)
+    q.train()
+    q(x).sum().backward()
+    assert q.conv.weight.grad is not None and q.conv.weight.grad.abs().sum() > 0
+    q.eval()
+    with torch.no_grad():
+        y = q(x)
+        z = q.bn(x)
+        zz = 2**bits - 1
+        a = 2 * torch.round((z.clamp(-1.0, 1.0) + 1.0) * (zz / 2.0)).double() - zz
+        r, s = weight_levels(q.conv.weight, bits)
+        acc = F.conv2d(a, 2 * r.double() - zz, stride=stride, padding=1)
+        assert torch.equal(y, acc.float() * (s.double() / zz**2).float().view(1, -1, 1, 1))
+        assert all(torch.equal(q(x[i : i + 1]), y[i : i + 1]) for i in range(len(x)))
+        assert torch.equal(quantized_conv_exact(q.act(z), q.conv), y)
+        torch.testing.assert_close(y, q.conv(q.act(z)), rtol=1e-4, atol=1e-4)  # the STE path's float32 conv
+        assert copy.deepcopy(q).double()(x.double()).dtype == torch.float64  # a float64 network stays float64
+
+
+def test_rounded_once_stem_is_float64_rounded_and_batch_invariant():
+    from hybridexit import HybridConfig, HybridNet
+    from hybridexit.model.quant import RoundedOnceConv2d
+
+    assert type(HybridNet(HybridConfig(depth=8, edge_layers=2, edge_bits=32, exits=(2,))).stem) is torch.nn.Conv2d
+    stem = HybridNet(HybridConfig(depth=8, edge_layers=2, edge_bits=4, exits=(2,))).stem
+    assert isinstance(stem, RoundedOnceConv2d)  # every quantized edge's stem; the state dict is a Conv2d's
+    assert list(stem.state_dict()) == ["weight"]
+    x = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    stem.eval()
+    with torch.no_grad():
+        y = stem(x)
+        ref = torch.nn.functional.conv2d(x.double(), stem.weight.double(), padding=1).float()
+        assert torch.equal(y, ref)
+        assert all(torch.equal(stem(x[i : i + 1]), y[i : i + 1]) for i in range(len(x)))
+        stem.train()
+        torch.testing.assert_close(stem(x), y, rtol=1e-5, atol=1e-5)  # training: the float32 conv

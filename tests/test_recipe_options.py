@@ -142,11 +142,19 @@ def test_defaults_are_the_plain_layers_and_config(tmp_path):
     model = HybridNet(cfg)
     assert not any(isinstance(m, (ChannelShift, RPReLU)) for m in model.modules())
     assert all(head.hidden is None for head in model.exits.values())
-    # a plain quantized conv is BatchNorm -> sign -> alpha * sign(W) conv, bit for bit
+    # a plain quantized conv is BatchNorm -> sign -> alpha * sign(W) conv, bit for bit; in eval mode the sum of
+    # signs is taken first and scaled once (quant.quantized_conv_exact), in training the conv of alpha * sign(W)
     q = model.blocks[0].c1.eval()
     x = torch.randn(2, 16, 32, 32)
-    w = torch.where(q.conv.weight >= 0, 1.0, -1.0) * q.conv.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
-    assert torch.equal(q(x), F.conv2d(torch.where(q.bn(x) >= 0, 1.0, -1.0), w, padding=1))
+    alpha = q.conv.weight.abs().mean(dim=(1, 2, 3), keepdim=True)
+    signs = torch.where(q.conv.weight >= 0, 1.0, -1.0)
+    with torch.no_grad():
+        a = torch.where(q.bn(x) >= 0, 1.0, -1.0)
+        assert torch.equal(q(x), F.conv2d(a, signs, padding=1) * alpha.view(1, -1, 1, 1))
+        q.train()
+        q.bn.eval()  # running statistics, as above
+        assert torch.equal(q(x), F.conv2d(a, signs * alpha, padding=1))
+    q.eval()
     # a set option is written, read back, and changes the fingerprint; the default one does not
     save_model(tmp_path / "plain", model.eval(), {})
     fp = fingerprint(tmp_path / "plain")

@@ -42,11 +42,11 @@ class OnnxEdge:
         self.isa_name = "onnxruntime " + _ort().__version__
 
     @classmethod
-    def from_edge(cls, edge, threads: int = 1, kbit: str = "torch") -> "OnnxEdge":
-        """The engine on ``onnx_export.edge_model(edge, kbit=kbit)``."""
+    def from_edge(cls, edge, threads: int = 1) -> "OnnxEdge":
+        """The engine on ``onnx_export.edge_model(edge)``."""
         from .onnx_export import edge_model
 
-        return cls(edge.cfg, edge_model(edge, kbit=kbit).SerializeToString(), threads)
+        return cls(edge.cfg, edge_model(edge).SerializeToString(), threads)
 
     @property
     def feature_shape(self) -> tuple[int, int, int]:

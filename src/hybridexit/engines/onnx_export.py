@@ -1,17 +1,24 @@
 """Export the two halves as ONNX graphs, built node by node (``onnx.helper``) so every node is the one we chose.
 
 Edge (``edge.onnx``): input ``images`` uint8 (N, C, H, W), raw; the network's normalization (``x / 255``, then
-``(x - mean) / std``), the float stem ``Conv``, the residual blocks, every exit head, and outputs ``logits_j`` and
-``entropy_j`` (softmax entropy, natural log, temperature 1) per exit and ``features`` (the residual stream after
-the last edge block, every sample: the graph takes no exits itself; the engine applies the exit rule).
+``(x - mean) / std``), the float stem (a quantized edge's summed in float64 and rounded once, as
+``quant.RoundedOnceConv2d``: shifted copies, ``MatMul`` in float64), the residual blocks, every exit head, and
+outputs ``logits_j`` and ``entropy_j`` (softmax entropy, natural log, temperature 1) per exit and ``features``
+(the residual stream after the last edge block, every sample: the graph takes no exits itself; the engine applies
+the exit rule).
 Cloud (``cloud.onnx``): input ``features``, the float blocks and the final head, output ``logits``.
 
 Every network the trainer makes is exported (edge bits 1, 2, 4, 8 or 32, every recipe option):
 
-- A quantized conv is ``BNQuantConv``'s chain: BatchNorm as ``Mul`` + ``Add`` with the folded terms (PyTorch fuses
-  them into one multiply-add: the results differ in the last bit at most), RSign's threshold as a per-channel
+- A quantized conv is ``BNQuantConv``'s chain: BatchNorm with the folded terms, RSign's threshold as a per-channel
   ``Sub`` (as torch computes it, after the BatchNorm), the activation quantizer, the conv, then RPReLU as ``Sub``,
-  ``PRelu``, ``Add`` (before the residual ``Add``, as in torch).
+  ``PRelu``, ``Add`` (before the residual ``Add``, as in torch). PyTorch's CPU BatchNorm is one fused multiply-add
+  per element (``folding.fold_bn``) and ONNX has no such operator; before a quantizer the graph computes it as
+  ``Cast`` to float64, ``Mul``, ``Add``, ``Cast`` back: the product of two float32 numbers is exact in float64, so
+  the result is the fused multiply-add's except when the float64 sum lands exactly on a float32 rounding midpoint
+  (about one value in 2^29). A float32 ``Mul`` then ``Add`` rounds twice and moves a value by one float32 step now
+  and then, which is enough to move a quantizer level when the value sits on a boundary (measured: 4 of 5,000
+  validation decisions of the 4-bit headline). Float convs' BatchNorms (exit heads, the cloud) keep float32.
 - **Binary conv**: ``QLinearConv`` on uint8 activations with zero point 1 (sign(x) = -1 -> 0, +1 -> 2; the padding
   value, the zero point, is exactly the 0 of training's zero padding) and int8 weights +-1, then the per-channel
   scale alpha in float. Its int32 sum is requantized to uint8 with scale ``s`` and zero point 128: ``s = 1`` when
@@ -21,29 +28,24 @@ Every network the trainer makes is exported (edge bits 1, 2, 4, 8 or 32, every r
 - **k-bit conv** (Z = 2^k - 1). The quantizer's level index q = round((clip(z, -1, 1) + 1) * Z / 2) in 0..Z comes
   from torch's own float32 operations (``Clip``, ``Add``, ``Mul``, ``Round``: half to even, as ``torch.round``), so
   q is torch's whenever z is; the weight level index r (0..Z, from W / max|W[c]| as ``quant.quantize_weight``
-  computes it) is stored as uint8 with the scale s_c. Then one of two ``KBIT_MODES``:
-
-  ``torch`` (the default, what the onnx engine runs): float ``Conv`` on torch's own float values, activations
-  q (2 / Z) - 1 and weights (r (2 / Z) - 1) s_c, rebuilt with torch's float32 operations. It decides as the torch
-  engine does (``benchmarks/engine_agreement.py``): a k-bit network's decisions follow float rounding (a 4-bit
-  quantizer has 2^k - 1 rounding points in [-1, 1], and one level flipped by a rounding difference changes the
-  next layer's inputs enough to flip more), so an engine agrees with torch only if it computes torch's float
-  values, to the order of the sums.
-
-  ``exact``: the exact integer sum S of the levels a = 2q - Z and w = 2r - Z over the valid taps (padding
-  contributes 0, which is not a level), then ``S * s_c / Z^2`` in float: closer to the real-valued network than
-  torch's float32 sums, but a slightly different function of the weights, so it decides differently from the torch
-  engine on some images (measured on the 4-bit headline). ``QLinearConv`` cannot hold S: it requantizes its output
-  to 8 bits, and S spans up to 2 * 9 C Z^2 + 1 values (2-bit: 2,593 at C = 16). S is computed exactly instead, in
-  one of two ways that ran at about the speed of float ``Conv`` here (``benchmarks/onnx_conv_speed.py``;
-  ``QLinearConv`` ran several times faster): float ``Conv`` on the integer levels (fewer nodes), exact when 9 C Z^2
-  <= 2^24 (every product and partial sum is then an integer that float32 holds exactly, whatever the summation
-  order: every 2- and 4-bit layer up to 8,285 input channels, 8-bit layers up to 28), else ``ConvInteger`` on uint8
-  x uint8 (int32, exact), used by 8-bit layers wider than that: activations q with zero point 2^(k-1) and weights r
-  with zero point 2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1), a = 2t + 1, w = 2v + 1, so S = 4 sum(t v) + 2
-  sum(t) + sum_valid(w): one extra output channel of ones gives sum(t), and sum_valid(w) (per output channel and
-  position: the borders have fewer taps) is a constant of the graph. ONNX Runtime's ``ConvMulFusion`` would fold the
-  scale into the weights and round every partial sum: the engine's sessions disable it (``onnx_engine.KEEP_EXACT``).
+  computes it) is stored as uint8 with the scale s_c. The conv is the exact integer sum S of the levels a = 2q - Z
+  and w = 2r - Z over the valid taps (padding contributes 0, which is not a level), then ``S * m_c`` with
+  m_c = s_c / Z^2 in float32: what the torch engine computes in eval mode (``quant.quantized_conv_exact``) and the
+  packed engine's kernels compute, so the engines decide alike (``benchmarks/engine_agreement.py``; a k-bit
+  network's decisions follow its arithmetic closely: a 4-bit quantizer has 2^k - 1 rounding points in [-1, 1], and
+  one level flipped by a rounding difference changes the next layer's inputs enough to flip more, so float sums in
+  another order, as oneDNN's, disagreed on 2.8 % of the 4-bit headline's test images before the torch engine
+  computed S too). ``QLinearConv`` cannot hold S: it requantizes its output to 8 bits, and S spans up to
+  2 * 9 C Z^2 + 1 values (2-bit: 2,593 at C = 16). S is computed exactly instead, in one of two ways that ran at
+  about the speed of float ``Conv`` here (``benchmarks/onnx_conv_speed.py``; ``QLinearConv`` ran several times
+  faster): float ``Conv`` on the integer levels (fewer nodes), exact when 9 C Z^2 <= 2^24 (every product and
+  partial sum is then an integer that float32 holds exactly, whatever the summation order: every 2- and 4-bit
+  layer up to 8,285 input channels, 8-bit layers up to 28), else ``ConvInteger`` on uint8 x uint8 (int32, exact),
+  used by 8-bit layers wider than that: activations q with zero point 2^(k-1) and weights r with zero point
+  2^(k-1) give t = q - 2^(k-1), v = r - 2^(k-1), a = 2t + 1, w = 2v + 1, so S = 4 sum(t v) + 2 sum(t) +
+  sum_valid(w): one extra output channel of ones gives sum(t), and sum_valid(w) (per output channel and position:
+  the borders have fewer taps) is a constant of the graph. ONNX Runtime's ``ConvMulFusion`` would fold the scale
+  into the weights and round every partial sum: the engine's sessions disable it (``onnx_engine.KEEP_EXACT``).
 - Exit heads: BatchNorm, ``Relu``, ``AveragePool`` (kernel = stride = N for ``kN``) or ``GlobalAveragePool``,
   ``Flatten`` (channel-major, as ``torch.flatten``), then ``Gemm``, or with a hidden layer ``Gemm`` (no bias),
   the folded BatchNorm1d as ``Mul`` + ``Add``, ``Relu``, ``Gemm``.
@@ -56,16 +58,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import EngineError, need
-from ..model.quant import weight_levels
+from ..errors import need
+from ..model.quant import RoundedOnceConv2d, weight_levels
 from ..model.resnet import block_specs, edge_feature_shape
 from . import check_backbone, check_options
 from .folding import fold_bn
 
 OPSET = 17
-# k-bit convs: "torch" computes the torch engine's float arithmetic and decides as it does; "exact" computes the
-# exact integer sums (module docstring), a slightly different function of the same weights
-KBIT_MODES = ("torch", "exact")
 FLOAT_EXACT = 2**24  # float32 holds every integer of magnitude up to this exactly
 
 
@@ -81,10 +80,8 @@ def float_conv_exact(cin: int, bits: int) -> bool:
 class GraphBuilder:
     """Names, initializers and nodes of one graph; each method adds a step and returns its output name."""
 
-    def __init__(self, kbit: str = "torch"):
-        if kbit not in KBIT_MODES:
-            raise EngineError(f"kbit={kbit!r}: use one of {', '.join(KBIT_MODES)}")
-        self.onnx, self.kbit = _onnx(), kbit
+    def __init__(self):
+        self.onnx = _onnx()
         self.nodes, self.inits, self._n = [], [], 0
         self.quantizer_inputs: list[str] = []  # every quantized conv's quantizer input, in order (for tracing)
 
@@ -105,15 +102,39 @@ class GraphBuilder:
     def channel(self, t: torch.Tensor) -> str:
         return self.const(t.detach().float().reshape(1, -1, 1, 1).numpy())
 
-    def bn(self, x: str, bn: nn.BatchNorm2d | nn.BatchNorm1d) -> str:
+    def bn(self, x: str, bn: nn.BatchNorm2d | nn.BatchNorm1d, fused: bool = False) -> str:
+        """Eval BatchNorm with the folded terms: float32 ``Mul`` + ``Add``, or with ``fused`` the fused multiply-add
+        that torch computes, in float64 (module docstring; the folded terms are float32 values either way)."""
         a, b = fold_bn(bn)
-        if isinstance(bn, nn.BatchNorm1d):
-            return self.op("Add", [self.op("Mul", [x, self.const(a.detach().numpy())]), self.const(b.detach().numpy())])
-        return self.op("Add", [self.op("Mul", [x, self.channel(a)]), self.channel(b)])
+        shape = (1, -1) if isinstance(bn, nn.BatchNorm1d) else (1, -1, 1, 1)
+        dtype = np.float64 if fused else np.float32
+        a, b = (self.const(t.detach().float().reshape(shape).numpy(), dtype) for t in (a, b))
+        if not fused:
+            return self.op("Add", [self.op("Mul", [x, a]), b])
+        tp = self.onnx.TensorProto
+        y = self.op("Add", [self.op("Mul", [self.op("Cast", [x], to=tp.DOUBLE), a]), b])
+        return self.op("Cast", [y], to=tp.FLOAT)
 
     def float_conv(self, x: str, conv: nn.Conv2d) -> str:
         s = conv.stride[0]
         return self.op("Conv", [x, self.const(conv.weight.detach().float().numpy())], pads=[1, 1, 1, 1], strides=[s, s])
+
+    def rounded_once_conv(self, x: str, conv: nn.Conv2d) -> str:
+        """A 3x3, stride-1 float conv summed in float64 and rounded once to float32 (``quant.RoundedOnceConv2d``;
+        ONNX Runtime has no float64 ``Conv``): the 9 C shifted copies of the zero-padded input (``Pad``, ``Slice``,
+        ``Concat``: exact), ``Cast`` to float64, one ``MatMul`` with the (9 C, O) weights, ``Cast`` back."""
+        tp, (o, c) = self.onnx.TensorProto, conv.weight.shape[:2]
+        padded = self.op("Pad", [x, self.const([0, 0, 1, 1, 0, 0, 1, 1], np.int64)])
+        taps = []
+        for ky in range(3):
+            for kx in range(3):  # rows ky .. ky + H, columns kx .. kx + W of the padded input (negative ends: -2 + k)
+                ends = [-2 + ky if ky < 2 else 2**31 - 1, -2 + kx if kx < 2 else 2**31 - 1]
+                taps.append(self.op("Slice", [padded, self.const([ky, kx], np.int64), self.const(ends, np.int64),
+                                              self.const([2, 3], np.int64)]))
+        cols = self.op("Transpose", [self.op("Cast", [self.op("Concat", taps, axis=1)], to=tp.DOUBLE)], perm=[0, 2, 3, 1])
+        w = conv.weight.detach().double().permute(2, 3, 1, 0).reshape(9 * c, o)  # row (3 ky + kx) C + c
+        y = self.op("Transpose", [self.op("MatMul", [cols, self.const(w.numpy(), np.float64)])], perm=[0, 3, 1, 2])
+        return self.op("Cast", [y], to=tp.FLOAT)
 
     def binary_conv(self, z: str, conv: nn.Conv2d) -> str:
         """sign(z) (sign(0) = +1) -> QLinearConv with +-1 weights -> dequantized exact sum -> times alpha."""
@@ -158,22 +179,10 @@ class GraphBuilder:
         s = self.op("Add", [self.op("Mul", [tv, self.const(4, np.int32)]), self.op("Mul", [t, self.const(2, np.int32)])])
         return self.op("Add", [s, self.const(valid.numpy(), np.int32)])
 
-    def kbit_conv_torch(self, z: str, conv: nn.Conv2d, bits: int) -> str:
-        """k-bit activation quantizer -> float Conv on torch's own float values: activations q (2 / Z) - 1 and
-        weights (r (2 / Z) - 1) s_c (stored as r in uint8 and s_c, rebuilt with the same float32 operations)."""
-        zz, tp = 2**bits - 1, self.onnx.TensorProto
-        r, s = weight_levels(conv.weight, bits)
-        a = self.op("Sub", [self.op("Mul", [self.level_index(z, bits), self.const(2.0 / zz)]), self.const(1.0)])
-        w = self.op("Mul", [self.op("Cast", [self.const(r.numpy(), np.uint8)], to=tp.FLOAT), self.const(2.0 / zz)])
-        w = self.op("Mul", [self.op("Sub", [w, self.const(1.0)]), self.const(s.view(-1, 1, 1, 1).numpy())])  # folded at load
-        return self.op("Conv", [a, w], pads=[1, 1, 1, 1], strides=[conv.stride[0]] * 2)
-
     def kbit_conv(self, z: str, conv: nn.Conv2d, bits: int, size: int, integer: bool | None = None) -> str:
-        """k-bit activation quantizer -> conv: ``kbit_conv_torch`` (kbit="torch"), or the exact integer conv of
-        the levels times s_c / Z^2 (kbit="exact"; module docstring); ``integer``: ConvInteger (True) or float
-        Conv (False) for the exact sum instead of the choice by ``float_conv_exact``."""
-        if self.kbit == "torch":
-            return self.kbit_conv_torch(z, conv, bits)
+        """k-bit activation quantizer -> the exact integer conv of the levels times s_c / Z^2 (module docstring);
+        ``integer``: ConvInteger (True) or float Conv (False) for the exact sum instead of the choice by
+        ``float_conv_exact``."""
         r, s = weight_levels(conv.weight, bits)
         q, stride = self.level_index(z, bits), conv.stride[0]
         if integer is None:
@@ -193,7 +202,7 @@ class GraphBuilder:
     def quan_conv(self, x: str, q, size: int) -> str:
         """``BNQuantConv`` (the paper's QuanConv): BatchNorm -> (RSign shift) -> activation quantizer -> conv
         (-> RPReLU); ``size``: the spatial size of its input."""
-        z = self.bn(x, q.bn)
+        z = self.bn(x, q.bn, fused=q.bits != 32)
         if q.shift is not None:
             z = self.op("Sub", [z, self.channel(q.shift.bias)])
         if q.bits != 32:
@@ -250,18 +259,18 @@ class GraphBuilder:
         return m
 
 
-def edge_model(edge, trace: bool = False, kbit: str = "torch"):
-    """The ONNX edge graph of an eval-mode ``EdgeNet`` (see the module docstring); ``kbit``: how k-bit convs
-    compute (``KBIT_MODES``). ``trace``: also output every quantized conv's quantizer input (after BatchNorm and
-    RSign) as ``quantizer_in_<k>``, k in network order."""
+def edge_model(edge, trace: bool = False):
+    """The ONNX edge graph of an eval-mode ``EdgeNet`` (see the module docstring). ``trace``: also output every
+    quantized conv's quantizer input (after BatchNorm and RSign) as ``quantizer_in_<k>``, k in network order."""
     cfg = edge.cfg
     check_backbone(cfg, "onnx")
     check_options(cfg, "onnx")
-    g = GraphBuilder(kbit)
+    g = GraphBuilder()
     tp, h = g.onnx.TensorProto, g.onnx.helper
     x = g.op("Div", [g.op("Cast", ["images"], to=tp.FLOAT), g.const(255.0)])
     x = g.op("Div", [g.op("Sub", [x, g.channel(edge.normalize.mean)]), g.channel(edge.normalize.std)])
-    x = g.float_conv(x, edge.stem)
+    rounded_once = isinstance(edge.stem, RoundedOnceConv2d)
+    x = g.rounded_once_conv(x, edge.stem) if rounded_once else g.float_conv(x, edge.stem)
     outputs = []
     specs = block_specs(cfg)
     for i, block in enumerate(edge.blocks):

@@ -164,15 +164,19 @@ class QuantConv2d(nn.Conv2d):
     """Conv2d whose weights are quantized to ``bits`` on every forward (the float weights are the latent ones).
 
     ``float_weights = True`` (set by ``set_float_weights``, never saved) uses the latent float weights as they are:
-    the first stage of two-stage training."""
+    the first stage of two-stage training. ``levels_in``: its input is always an activation quantizer's output at
+    the same ``bits`` (``BNQuantConv``); then eval mode computes the exact integer sum (``quantized_conv_exact``)."""
 
     float_weights = False
 
-    def __init__(self, *args, bits: int = 1, **kwargs):
+    def __init__(self, *args, bits: int = 1, levels_in: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.bits = check_bits(bits)
+        self.levels_in = levels_in
 
     def forward(self, x):
+        if self.levels_in and not self.training and not self.float_weights:
+            return quantized_conv_exact(x, self)
         w = self.weight if self.float_weights else quantize_weight(self.weight, self.bits)
         if torch.is_autocast_enabled(x.device.type):  # bf16 training: the quantized products and sums stay FP32
             with torch.autocast(x.device.type, enabled=False):
@@ -181,6 +185,24 @@ class QuantConv2d(nn.Conv2d):
 
     def extra_repr(self):
         return super().extra_repr() + f", bits={self.bits}"
+
+
+class RoundedOnceConv2d(nn.Conv2d):
+    """A float conv whose eval-mode output is its exact sum rounded once to float32: computed in float64 (every
+    product of two float32 numbers is exact there, the sum's error is ~2^-29 of a float32 step) and rounded at the
+    end. Float32 sums in another order (oneDNN's, ONNX Runtime's, a kernel's vector lanes, a batch size) move the
+    result by a float32 step now and then, and a quantizer after it (a sign, a 2^k-level rounding) turns that step
+    into another level on values that sit on a boundary, which then spreads through the layers after it. Rounded
+    once, the stem is the same float32 value in every engine that computes it this way (the packed kernels' stem,
+    ``onnx_export``'s float64 stem), whatever the order; training (train mode) keeps the float32 conv. The stem of
+    every quantized edge (the float stem is small: 27 products per output value)."""
+
+    def forward(self, x):
+        if self.training or x.dtype == torch.float64:
+            return super().forward(x)
+        with torch.autocast(x.device.type, enabled=False):
+            bias = None if self.bias is None else self.bias.double()
+            return self._conv_forward(x.double(), self.weight.double(), bias).to(x.dtype)
 
 
 def set_float_weights(model: nn.Module, on: bool) -> None:
@@ -239,7 +261,7 @@ class BNQuantConv(nn.Module):
         if bits == 32:
             self.conv = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
         else:
-            self.conv = QuantConv2d(in_ch, out_ch, 3, stride, 1, bias=False, bits=bits)
+            self.conv = QuantConv2d(in_ch, out_ch, 3, stride, 1, bias=False, bits=bits, levels_in=True)
         self.rprelu = RPReLU(out_ch) if rprelu else None
 
     def forward(self, x):
@@ -248,3 +270,36 @@ class BNQuantConv(nn.Module):
             x = self.shift(x)
         x = self.conv(self.act(x))
         return x if self.rprelu is None else self.rprelu(x)
+
+
+def quantized_conv_exact(x: torch.Tensor, conv: QuantConv2d) -> torch.Tensor:
+    """``conv`` (eval mode) of quantized activations ``x`` (an ``ActQuantizer``'s output at ``conv.bits``) on the
+    integer levels: the exact integer sum S of the activation and weight levels over the valid taps (zero padding
+    contributes 0), then one float32 multiply by the channel's scale. Binary: a = x = sign(z), w = sign(W) in
+    {-1, +1}, scale alpha_c = mean |W[c]|; k-bit: a = Z x = 2q - Z (x = (2q - Z) / Z up to float rounding, so the
+    rounded product is exact), w = 2r - Z, scale m_c = s_c / Z^2 (rounded once from float64). The same real number
+    as the STE path's float conv of the quantized values (training); computed this way its float32 value no longer
+    depends on the order of the sums (oneDNN's, a GPU's, a batch size's), and it is the value the integer engines
+    compute (``engines``: popcounts, int8 dot products), so they all decide as this reference does.
+
+    S is exact: float32 holds every integer up to 2^24, and the largest sum, 9 C (binary) or 9 C Z^2 (per group),
+    stays below that for every binary layer, every 2- and 4-bit layer up to 8,285 input channels (wider, or 8-bit
+    past 28 channels, the sum runs in float64: exact to 2^53); the result is rounded to the nearest integer, which
+    also undoes an inexact conv algorithm's error (< 0.5)."""
+    weight = conv.weight.detach()
+    dtype = torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32  # float64 stays float64
+    fan_in = weight[0].numel()
+    with torch.autocast(x.device.type, enabled=False):
+        x = x.to(dtype)
+        if conv.bits == 1:
+            a, w = torch.where(x >= 0, 1.0, -1.0).to(dtype), torch.where(weight >= 0, 1.0, -1.0).to(dtype)
+            scale, top = weight.float().abs().mean(dim=tuple(range(1, weight.dim()))).to(dtype), fan_in
+        else:
+            zz = float(2**conv.bits - 1)
+            r, s = weight_levels(weight, conv.bits)
+            a, w = torch.round(x * zz), (r * 2.0 - zz).to(dtype)
+            scale, top = (s.double() / (zz * zz)).to(dtype), fan_in * zz * zz
+        if top > 2**24:
+            a, w = a.double(), w.double()
+        acc = F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+        return torch.round(acc).to(dtype) * scale.view(1, -1, 1, 1)

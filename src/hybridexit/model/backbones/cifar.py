@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..quant import BNQuantConv
+from ..quant import BNQuantConv, RoundedOnceConv2d
 from .base import BlockSpec, ConvSpec
 
 
@@ -81,7 +81,8 @@ class CifarResNet:
         return (cfg.width, cfg.image_size, cfg.image_size)
 
     def make_stem(self, cfg) -> nn.Module:
-        return nn.Conv2d(cfg.in_channels, cfg.width, 3, 1, 1, bias=False)
+        conv = nn.Conv2d if cfg.edge_bits == 32 else RoundedOnceConv2d  # quantized edges: rounded once, in eval
+        return conv(cfg.in_channels, cfg.width, 3, 1, 1, bias=False)
 
     def make_block(self, spec: BlockSpec, bits: int, options: dict) -> nn.Module:
         return BasicBlock(spec.in_ch, spec.out_ch, spec.stride, bits, **(options if bits != 32 else {}))
