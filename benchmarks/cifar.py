@@ -19,7 +19,10 @@ issue 19 are a record in results/history-<dataset>.json, not regenerated. Every 
 the first 100 test images ("slice"), which tests/test_results.py re-evaluates; --slice-only recomputes just
 those, at each row's thresholds, without calibrating (seconds per checkpoint).
 
-    python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...] [--slice-only]
+    python benchmarks/cifar.py --data-dir data [--dataset cifar100] [--checkpoints NAME ...] [--slice-only | --recheck]
+
+``--recheck`` re-evaluates existing rows on the whole test split at their own thresholds (no calibration): for
+when an engine's arithmetic changes and the chosen networks and policies do not.
 """
 
 from __future__ import annotations
@@ -97,6 +100,30 @@ def add_slices(points: dict, ds) -> None:
         pt["slice"] = slice_figures(model, ds, pt["thresholds"], row_temperatures(pt, meta["policy"]))
 
 
+FIGURES = ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction", "expected_uj", "edge_uj", "cloud_uj",
+           "fp32_uj", "reduction")
+
+
+def recheck(points: dict, ds, names: list[str] | None) -> list[str]:
+    """Re-evaluate existing rows on the whole test split at each row's own thresholds (no calibration: the same
+    chosen networks and policies), for the rows of ``names`` (default: every row); returns the rows whose figures
+    changed. For when the arithmetic of an engine changes, not the networks."""
+    models, changed = {}, []
+    for pt in points.values():
+        if names and Path(pt["checkpoint"]).name not in names:
+            continue
+        if pt["checkpoint"] not in models:
+            models[pt["checkpoint"]] = load_model(pt["checkpoint"])
+        model, meta = models[pt["checkpoint"]]
+        temps = row_temperatures(pt, meta["policy"])
+        s, _ = evaluate_checkpoint_summary(model, ds.test, pt["thresholds"], temps)
+        new = {k: s[k] for k in FIGURES}
+        if any(pt.get(k) != v for k, v in new.items()):
+            changed.append(pt["name"])
+        pt.update(new, slice=slice_figures(model, ds, pt["thresholds"], temps))
+    return changed
+
+
 def benchmark(path: Path, ds, spec: dict, fp32_val, out: Path) -> list[tuple[str, str, dict, dict | None, dict]]:
     """Calibrate one checkpoint on val (its exit policy) and evaluate it on test: (row name, point, summary, cal, slice)."""
     name = path.name
@@ -147,6 +174,9 @@ def main():
     p.add_argument("--out", default=None, help="default: results/<dataset>.json")
     p.add_argument("--slice-only", action="store_true",
                    help=f"only recompute every row's figures on the first {SLICE} test images, at its thresholds")
+    p.add_argument("--recheck", action="store_true",
+                   help="re-evaluate the rows of --checkpoints (default: all) on the whole test split at their own "
+                        "thresholds, without calibrating")
     a = p.parse_args()
     spec = DATASETS[a.dataset]
     paper, default = spec["paper"], list(spec["paper"])
@@ -156,10 +186,13 @@ def main():
     old = json.loads(out.read_text()) if out.exists() else {"points": []}
     # rows whose checkpoint left checkpoints/ are dropped (their figures live in results/history-<dataset>.json)
     points = {pt["name"]: pt for pt in old["points"] if (Path(pt["checkpoint"]) / "config.json").exists()}
-    if a.slice_only:
+    if a.slice_only or a.recheck:
         if old.get("data_checksum") != ds.checksum:
             raise SystemExit(f"{ds.source} is another copy of {a.dataset} than {out} was measured on")
-        add_slices(points, ds)
+        if a.recheck:
+            print("changed:", recheck(points, ds, a.checkpoints) or "none")
+        else:
+            add_slices(points, ds)
         out.write_text(json.dumps({**old, "points": list(points.values())}, indent=1) + "\n")
         return
     fp32_val = fp32_val_accuracy(a.root, spec, ds)
@@ -179,8 +212,7 @@ def main():
                 "calibration": c, "paper": paper.get(name, "") if rname == name else "",
                 "command": f"hybridexit evaluate {path} --data-dir DATA --split test --json"
                 if rname == name else f"... --thresholds {' '.join(map(str, s['thresholds']))}",
-                **{k: s[k] for k in ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction",
-                                     "expected_uj", "edge_uj", "cloud_uj", "fp32_uj", "reduction")},
+                **{k: s[k] for k in FIGURES},
                 "slice": sl,
             }
         s = rows[0][2]

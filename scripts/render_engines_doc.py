@@ -75,7 +75,7 @@ def engine_agreement_section(d: dict) -> list[str]:
     """results/engine_agreement.json: each engine against the torch engine on a whole split (issue 34's 99.9 %),
     with the float64 network and the torch engine's own batch-size reproducibility where measured."""
     out = ["## Agreement of the headlines with the torch engine (`results/engine_agreement.json`)", "",
-           "`python benchmarks/engine_agreement.py --checkpoint CKPT --engine E [--kbit exact] --fp64-check "
+           "`python benchmarks/engine_agreement.py --checkpoint CKPT --engine E --fp64-check "
            "[--torch-batch-check 1]`: the library call behind `hybridexit evaluate CKPT --split test --engine E`, one "
            "thread, batches of 500. *same* = same decision (exit or cloud) and same prediction as the torch engine; "
            "the float64 columns compare each engine with the torch network computed in float64.", "",
@@ -85,7 +85,7 @@ def engine_agreement_section(d: dict) -> list[str]:
     for r in d["rows"]:
         n = r["n"]
         f64 = r.get("float64_torch") or {}
-        eng = r["engine"] + (f" ({r['kbit']})" if r.get("kbit") else "")
+        eng = r["engine"]
         v64 = (f"{100 * f64[r['engine']]['same_both'] / n:.2f} / {100 * f64['torch']['same_both'] / n:.2f} %"
                if f64 else "")
         selfa = r.get("torch_self_agreement")
@@ -93,7 +93,7 @@ def engine_agreement_section(d: dict) -> list[str]:
                    f"{r['same_prediction']:,} | {r['same_both']:,} ({100 * r['same_both'] / n:.2f} %) | {v64} | "
                    + (f"{100 * selfa['same_both'] / n:.2f} %" if selfa else "") + " | "
                    f"{100 * r['accuracy']['torch']:.2f} / {100 * r['accuracy'][r['engine']]:.2f} % |")
-    causes = Counter((r["checkpoint"].rsplit("/", 1)[-1] + " on " + r["engine"] + (f" ({r['kbit']})" if r.get("kbit") else ""),
+    causes = Counter((r["checkpoint"].rsplit("/", 1)[-1] + " on " + r["engine"],
                       re.sub(r" at conv \d+", "", (x.get("cause") or "").split(";")[0].split(" (")[0]))
                      for r in d["rows"] for x in r["disagreements"])
     if causes:

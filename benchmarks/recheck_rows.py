@@ -1,0 +1,78 @@
+#!/usr/bin/env python3
+"""Re-measure a shipped checkpoint's rows of a results file on the whole test split, without choosing anything.
+
+For when an engine's arithmetic changes and the chosen networks do not: every row of ``--checkpoint`` in
+``--results`` (a list of rows, or ``{"points": [...]}``) is re-evaluated at its own thresholds (the library call
+behind ``hybridexit evaluate CKPT --split test --json --engine torch``), and its figures are replaced. A
+``guaranteed`` row is the checkpoint's exit policy: it takes the policy's current thresholds, its calibration
+(``hybridexit calibrate ... --json`` on validation, the command that wrote it: ``--calibrate-command``) and the
+guarantee's risk on test (``benchmarks/guarantee.py risk``, given as its JSON output with ``--risk-json``).
+
+    python benchmarks/recheck_rows.py --results results/sweep-cifar100-ep30.json \
+        --checkpoint checkpoints/c100-r32-e24-b4-x24 --data-dir data [--calibration-json F --calibrate-command C \
+        --risk-json F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+from hybridexit.data import load_cifar
+from hybridexit.model.checkpoint import load_model
+from hybridexit.workflows.evaluate import evaluate_checkpoint_summary
+
+FIGURES = ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction", "expected_uj", "edge_uj", "cloud_uj",
+           "fp32_uj", "reduction")
+CALIBRATION = ("split", "n", "target", "value", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction",
+               "expected_uj", "reduction", "temperatures", "guarantee", "previous_thresholds", "written")
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--calibration-json", default=None, help="the guaranteed row's `hybridexit calibrate --json` output")
+    p.add_argument("--calibrate-command", default=None)
+    p.add_argument("--risk-json", default=None, help="the guaranteed row's `benchmarks/guarantee.py risk` output")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    path = Path(a.results)
+    data = json.loads(path.read_text())
+    rows = data["points"] if isinstance(data, dict) else data
+    model, meta = load_model(a.checkpoint)
+    policy = meta["policy"]
+    ds = load_cifar(meta["data"]["name"], a.data_dir)
+    sha = hashlib.sha256((Path(a.checkpoint) / "model.safetensors").read_bytes()).hexdigest()
+    for row in rows:
+        if row.get("checkpoint") != a.checkpoint:
+            continue
+        if row["point"] == "guaranteed":
+            row["thresholds"] = list(policy.thresholds)
+            if a.calibration_json:
+                cal = json.loads(Path(a.calibration_json).read_text())
+                row["calibration"] = {k: cal[k] for k in CALIBRATION if k in cal}
+            if a.calibrate_command:
+                row["calibrate_command"] = a.calibrate_command
+            if a.risk_json:
+                risk = json.loads(Path(a.risk_json).read_text())
+                row["risk"] = {k: risk[k] for k in ("exited", "exited_disagreements", "risk_disagreement",
+                                                    "exited_label_errors", "exited_label_error", "command")}
+        temps = list(policy.temperatures) if row["point"] == "guaranteed" and policy.temperatures else None
+        s, _ = evaluate_checkpoint_summary(model, ds.test, row["thresholds"], temps)
+        old = {k: row.get(k) for k in FIGURES}
+        row.update({k: s[k] for k in FIGURES})
+        if "weights_sha256" in row:
+            row["weights_sha256"] = sha
+        print(f"{row.get('name')} @ {row['point']}: accuracy {old['accuracy']} -> {s['accuracy']}, "
+              f"edge {old['edge_fraction']} -> {s['edge_fraction']}")
+    path.write_text(json.dumps(data, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
