@@ -53,10 +53,11 @@ def main(argv=None) -> None:
         if row.get("checkpoint") != a.checkpoint:
             continue
         if row["point"] == "guaranteed":
-            row["thresholds"] = list(policy.thresholds)
-            if a.calibration_json:
+            before, row["thresholds"] = row["thresholds"], list(policy.thresholds)
+            if a.calibration_json:  # a --dry-run of the command that wrote the policy: the same validation figures
                 cal = json.loads(Path(a.calibration_json).read_text())
-                row["calibration"] = {k: cal[k] for k in CALIBRATION if k in cal}
+                row["calibration"] = {k: cal[k] for k in CALIBRATION if k in cal} | {
+                    "previous_thresholds": before, "written": True}
             if a.calibrate_command:
                 row["calibrate_command"] = a.calibrate_command
             if a.risk_json:
@@ -64,9 +65,11 @@ def main(argv=None) -> None:
                 row["risk"] = {k: risk[k] for k in ("exited", "exited_disagreements", "risk_disagreement",
                                                     "exited_label_errors", "exited_label_error", "command")}
         temps = list(policy.temperatures) if row["point"] == "guaranteed" and policy.temperatures else None
-        s, _ = evaluate_checkpoint_summary(model, ds.test, row["thresholds"], temps)
+        off = not row["thresholds"]  # a row without exits: threshold 0 exits nothing (the rule is entropy < t)
+        s, _ = evaluate_checkpoint_summary(model, ds.test, [0.0] * len(model.cfg.exits) if off else row["thresholds"],
+                                           temps)
         old = {k: row.get(k) for k in FIGURES}
-        row.update({k: s[k] for k in FIGURES})
+        row.update({k: s[k] for k in (("n", "accuracy", "cloud_accuracy") if off else FIGURES)})
         if "weights_sha256" in row:
             row["weights_sha256"] = sha
         print(f"{row.get('name')} @ {row['point']}: accuracy {old['accuracy']} -> {s['accuracy']}, "

@@ -75,10 +75,11 @@ def engine_agreement_section(d: dict) -> list[str]:
     """results/engine_agreement.json: each engine against the torch engine on a whole split (issue 34's 99.9 %),
     with the float64 network and the torch engine's own batch-size reproducibility where measured."""
     out = ["## Agreement of the headlines with the torch engine (`results/engine_agreement.json`)", "",
-           "`python benchmarks/engine_agreement.py --checkpoint CKPT --engine E --fp64-check "
-           "[--torch-batch-check 1]`: the library call behind `hybridexit evaluate CKPT --split test --engine E`, one "
-           "thread, batches of 500. *same* = same decision (exit or cloud) and same prediction as the torch engine; "
-           "the float64 columns compare each engine with the torch network computed in float64.", "",
+           "`python benchmarks/engine_agreement.py --checkpoint CKPT --engine E --torch-batch-check 1 [--fp64-check]`: "
+           "the library call behind `hybridexit evaluate CKPT --split test --engine E`, one thread, batches of 500. "
+           "*same* = same decision (exit or cloud) and same prediction as the torch engine; *torch batch 1 vs 500*: "
+           "the torch engine against itself when only the batch size changes; the float64 columns (where measured) "
+           "compare each engine with the torch network computed in float64.", "",
            "| checkpoint | engine | images | same decision | same prediction | same (both) | vs float64: engine / torch | "
            "torch batch 1 vs 500 | accuracy torch / engine |",
            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
