@@ -334,3 +334,19 @@ def test_a_build_killed_midway_does_not_hang_the_next_load(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240)
     assert out.returncode == 0, out.stderr
     assert not (_build_dir() / "lock").exists()
+
+
+@pytest.mark.parametrize("isa", sorted({0, kernels.best_isa()}))
+@pytest.mark.parametrize("width,edge_bits", [(7, 1), (8, 4), (24, 1), (48, 2)])
+def test_stem_of_any_width_is_the_torch_engines_bit_for_bit(width, edge_bits, isa):
+    """The native stem sums in float64 and rounds once (as ``quant.RoundedOnceConv2d``) with 1 to 8 vectors of output
+    channels in registers or the portable loop (7: no whole vector): the edge's features equal torch's bit for bit."""
+    model = _random_binary_net(depth=8, edge_layers=2, exits=(2,), seed=width, edge_bits=edge_bits, width=width)
+    edge, _ = model.split()
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(width))
+    kbit = edge_bits != 1
+    eng = PackedEdge.from_edge(edge, isa=min(isa, kernels.kbit_best_isa()) if kbit else isa)
+    got = eng.decide(x, [0.0])  # the native call (normalization, stem, blocks); threshold 0: every sample stays
+    assert got.remaining.tolist() == [0, 1, 2]
+    with torch.no_grad():
+        assert torch.equal(got.features, edge(x))
