@@ -249,16 +249,15 @@ class PackedEdge:
             raise InputShapeError(f"expected images of shape (N, {want[0]}, {want[1]}, {want[2]}), got {got}")
         return x.contiguous() if x.dtype == torch.uint8 else x.float().contiguous()
 
-    def prologue(self, x: torch.Tensor) -> torch.Tensor:
-        """The float start of the edge in torch (the network's own normalization and stem), channels last: the
-        reference the native decision's prologue is tested against."""
-        h = self.shell.stem(self.shell.normalize(self._images(x)))
-        return h.permute(0, 2, 3, 1).contiguous()
-
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of every sample after all edge blocks (no exits), as ``EdgeNet.forward``."""
-        return self.run_blocks(self.prologue(x), 0, self.cfg.edge_blocks).permute(0, 3, 1, 2)
+        """Features of every sample after all edge blocks (no exits), as ``EdgeNet.forward``: the native call with
+        one run of every block and no exit head."""
+        prologue = self._native[0]
+        params, meta = self._run(0, self.cfg.edge_blocks)
+        feats = self.kernels.decide(self._images(x), prologue, [params], [meta], [self._kind], [], [], [], [],
+                                    self.isa, self.kisa)[3]
+        return feats.permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
