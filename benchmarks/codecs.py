@@ -234,7 +234,8 @@ def part_energy(res: dict) -> dict:
                 out.append({"checkpoint": entry["checkpoint"], "codec": row["codec"], "link": name, **t,
                             "send_image_edge_uj": {f: lk.transmit_uj(b) for f, b in img.items()},
                             "break_even_exit_rate": {f: t_break(report, row, lk, b) for f, b in img.items()},
-                            "fp32_cloud_uj": fp32_uj})
+                            "fp32_cloud_uj": fp32_uj,
+                            **({"weights_sha256": entry["weights_sha256"]} if "weights_sha256" in entry else {})})
     return {"rows": out}
 
 

@@ -6,8 +6,9 @@
 Counts per engine how many images get the torch engine's decision and prediction, and the accuracies. For each
 image where an engine disagrees, it walks the binary edge block by block from the torch engine's own float input
 and finds every binary conv input whose sign differs between the torch engine and the engine's arithmetic:
-packed (sum exact, ``fl(alpha * s)``, BatchNorm as one fused multiply-add), onnx (the same sum, saturated to
-[-256, 254] by QLinearConv's 8-bit output, BatchNorm as a rounded multiply then add). Each flip is reported with
+packed (sum exact, ``fl(alpha * s)``, BatchNorm as one fused multiply-add), onnx (the same, with sums saturated to
+[-256, 254] by QLinearConv's 8-bit output): the torch engine computes the same in eval mode
+(``quant.quantized_conv_exact``), so a flip can come only from a saturated sum. Each flip is reported with
 the pre-sign value in float32 (torch) and in float64 from the same input (``z_exact``): a flip caused by float
 rounding has ``|z_exact|`` within a few float32 rounding steps of zero; a saturation is counted apart.
 """
@@ -42,11 +43,11 @@ def _fl(t: torch.Tensor) -> torch.Tensor:
     return t.float().double()  # round to float32, keep computing in float64
 
 
-def _bn_sign(x: torch.Tensor, bn, engine: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pre-sign value, bits) of BatchNorm + sign in the engine's arithmetic: packed one fused multiply-add (its
-    sign is the sign of the exact value, computed here in float64), onnx a rounded multiply then a rounded add."""
+def _bn_sign(x: torch.Tensor, bn) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pre-sign value, bits) of BatchNorm + sign in the engines' arithmetic: one fused multiply-add (packed: fmaf;
+    onnx: float64 Mul + Add), whose sign is the sign of the exact value, computed here in float64."""
     a, b = (t.double()[None, :, None, None] for t in fold_bn(bn))
-    z = x * a + b if engine == "packed" else _fl(_fl(x * a) + b)
+    z = x * a + b
     return z, z >= 0
 
 
@@ -56,7 +57,7 @@ def _engine_block(block, x: torch.Tensor, engine: str):
     output and per conv the pre-sign values and the number of saturated sums."""
     out, zs, sat, h = None, {}, {}, x
     for name, q, stride in (("c1", block.c1, block.stride), ("c2", block.c2, 1)):
-        z, bits = _bn_sign(h, q.bn, engine)
+        z, bits = _bn_sign(h, q.bn)
         w = q.conv.weight.detach()
         s = _bits_sum(bits, w, stride)
         sat[name] = int(((s > 254) | (s < -256)).sum()) if engine == "onnx" and 9 * w.shape[1] > 127 else 0
@@ -67,28 +68,15 @@ def _engine_block(block, x: torch.Tensor, engine: str):
     return out, zs, sat
 
 
-def onnx_stem_output(edge, image: torch.Tensor) -> torch.Tensor:
-    """The ONNX graph's own normalization + stem output for one image (its float rounding differs from torch's)."""
-    import onnx
-
-    from hybridexit.engines.onnx_engine import session
-    from hybridexit.engines.onnx_export import edge_model
-
-    m = edge_model(edge.eval())
-    stem = next(n for n in m.graph.node if n.op_type == "Conv")
-    m.graph.output.append(onnx.helper.make_tensor_value_info(stem.output[0], onnx.TensorProto.FLOAT, None))
-    return torch.from_numpy(session(m.SerializeToString()).run([stem.output[0]], {"images": image[None].numpy()})[0])
-
-
 def trace(model, image: torch.Tensor, engine: str) -> dict:
     """Run torch (float32) and an emulation of ``engine`` side by side on one raw image, each on its own
-    activations (onnx from its own stem output, packed from torch's: it runs torch's stem); list the sign flips
-    (bits that differ) at every binary conv input, with both pre-sign values."""
+    activations from the stem's output (every engine's stem is torch's, rounded once); list the sign flips (bits
+    that differ) at every binary conv input, with both pre-sign values."""
     edge, _ = model.split()
     flips, saturated = [], 0
     with torch.no_grad():
         h_t = edge.stem(edge.normalize(image[None]))
-        h_e = (onnx_stem_output(edge, image) if engine == "onnx" else h_t).double()
+        h_e = h_t.double()
         for i, block in enumerate(edge.blocks):
             zs_t = {}
             hooks = [q.act.register_forward_pre_hook(lambda m, inp, k=k, d=zs_t: d.__setitem__(k, inp[0].double()))
