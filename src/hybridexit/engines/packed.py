@@ -12,8 +12,10 @@ The artifact (``state``) holds every binary conv's sign(W) at one bit per weight
 little bit order, (O, C, 3, 3) order), its per-channel scale ``alpha = mean |W|``, the folded BatchNorm that
 precedes it (``bn_a * x + bn_b``, computed as PyTorch's CPU BatchNorm does in eval mode) and its options
 (``.shift``, ``.rp_g/.rp_b/.rp_z``); the float stem, exits and normalization as in the torch state dict.
-Integer parts are exact; float parts (stem, heads, entropy) equal the torch engine's to float rounding (their
-summation order differs), so a decision can differ only where an entropy lies within rounding of its threshold.
+Integer parts are exact and the stem is summed in float64 and rounded once, as the torch engine computes them in
+eval mode (``quant.quantized_conv_exact``, ``quant.RoundedOnceConv2d``), so the features are the torch engine's bit
+for bit; the exit heads and entropy sum in another order (float rounding), so a decision can differ only where an
+entropy lies within rounding of its threshold.
 """
 
 from __future__ import annotations
