@@ -14,6 +14,10 @@ times each, each reporting its fastest round (the least disturbed by other proce
 - ``edge[engine]``: the edge half alone (normalize, stem and every edge block on every sample, no exits) per
   engine, against ``edge[float]``: the same layers in float (the FP32 checkpoint's stem and first blocks);
 - ``cloud``: the cloud half on one offloaded sample's features (batch 1) or 64 (batch 64).
+With ONNX Runtime installed, the float parts in their fastest engine too (PyTorch's per-operation overhead
+dominates a float network at batch 1): ``fp32[onnx]``, the FP32 ResNet-32 as ONNX graphs (normalize and stem, then
+the blocks and head), and ``hybrid[E, cloud onnx]``, the hybrid with the best edge engine E and the cloud half as
+the float ONNX graph; ``speedup_onnx`` is their ratio, the hybrid against FP32 with both in their fastest engines.
 What limits the hybrid's ratio is read from the last two: per image, the edge decision costs ``decide`` and the
 cloud ``(1 - exit fraction) x cloud``. Engines: every engine that can run the checkpoint here (torch: the quantized
 EdgeNet as trained, float convolutions on quantized values; packed; onnx if installed); ``auto`` names the one
@@ -105,6 +109,34 @@ def agreement(engines: dict, cloud, images, thr, temps) -> dict:
     return out
 
 
+def onnx_float_variants(variants: dict, engines: dict, edge_best: str, fp32, cloud, thr, temps):
+    """Adds ``fp32[onnx]`` and ``hybrid[<edge_best>, cloud onnx]`` to ``variants`` when ONNX Runtime is here;
+    returns the cloud half's ONNX session (None without ONNX Runtime)."""
+    if "onnx" not in engines:
+        return None
+    from hybridexit.engines.onnx_engine import OnnxCloud, OnnxEdge
+
+    fe, fc = (m.eval() for m in fp32.split())
+    fstart, frest, ocloud = OnnxEdge.from_edge(fe), OnnxCloud(fc), OnnxCloud(cloud)
+    variants["fp32[onnx]"] = lambda x: frest(fstart.run(x)["features"])
+    variants[f"hybrid[{edge_best}, cloud onnx]"] = lambda x, e=engines[edge_best]: conditional_inference(
+        e, ocloud, x, thr, temps)
+    return ocloud
+
+
+def onnx_float_figures(ips: dict, sets, edge_best: str, engines: dict, ocloud, cloud, images, thr, temps) -> dict:
+    """The row's figures of the ONNX Runtime float variants (``onnx_float_variants``) and how often the hybrid with
+    the ONNX cloud half predicts as the one with the PyTorch cloud half on these images."""
+    name = f"hybrid[{edge_best}, cloud onnx]"
+    eng = engines[edge_best]
+    same = int((conditional_inference(eng, ocloud, images, thr, temps).predictions
+                == conditional_inference(eng, cloud, images, thr, temps).predictions).sum())
+    return {"fp32_onnx_img_s": {b: round(ips[b]["fp32[onnx]"], 1) for b in sets},
+            "hybrid_cloud_onnx": {"edge": edge_best, "img_s": {b: round(ips[b][name], 1) for b in sets},
+                                  "same_prediction_as_pytorch_cloud": same},
+            "speedup_onnx": {b: round(ips[b][name] / ips[b]["fp32[onnx]"], 2) for b in sets}}
+
+
 FP32_OF = {"cifar10": "checkpoints/c10-r32-fp32", "cifar100": "checkpoints/c100-r32-fp32"}
 HEADLINES = ("checkpoints/c10-r32-e20-b1-x20", "checkpoints/c100-r32-e24-b4-x24")
 
@@ -134,6 +166,8 @@ def measure(checkpoint: str, fp32_path: str | None, data_dir: str, n_images: int
         variants[f"hybrid[{name}]"] = lambda x, e=eng: conditional_inference(e, cloud, x, thr, temps)
         variants[f"decide[{name}]"] = lambda x, e=eng: e.decide(x, thr, temps)
         variants[f"edge[{name}]"] = edge if name == "torch" else eng.forward
+    edge_best = "packed" if "packed" in engines else "onnx"
+    ocloud = onnx_float_variants(variants, engines, edge_best, fp32, cloud, thr, temps)
     times = {b: timed_rounds(variants, xs, rounds) for b, xs in sets.items()}
     ips = {b: {k: len(images) / t for k, t in ts.items()} for b, ts in times.items()}
     cloud_ms = {b: 1000 * timed_rounds({"cloud": cloud}, fs, rounds)["cloud"] / (len(fs) * fs[0].shape[0])
@@ -168,6 +202,7 @@ def measure(checkpoint: str, fp32_path: str | None, data_dir: str, n_images: int
         },
         "edge_bytes": artifact_sizes(engines, edge, fedge),
         "agreement": agree,
+        **(onnx_float_figures(ips, sets, edge_best, engines, ocloud, cloud, images, thr, temps) if ocloud else {}),
         "isa": {n: e.isa_name for n, e in engines.items() if hasattr(e, "isa_name")},
     }
 

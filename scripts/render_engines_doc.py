@@ -38,6 +38,11 @@ def speed_row(s: dict, r: dict) -> list[str]:
     for e in engines:
         h, x = r["hybrid_img_s"][e], r["hybrid_speedup"][e]
         out.append(f"| hybrid, edge on {e}, cloud PyTorch | {h['b1']} ({x['b1']}x) | {h['b64']} ({x['b64']}x) |")
+    if r.get("fp32_onnx_img_s"):  # the float parts in ONNX Runtime too
+        fo, ho, xo = r["fp32_onnx_img_s"], r["hybrid_cloud_onnx"], r["speedup_onnx"]
+        out += [f"| FP32 ResNet-32, ONNX Runtime | {fo['b1']} | {fo['b64']} |",
+                f"| hybrid, edge on {ho['edge']}, cloud ONNX Runtime (against the row above) | {ho['img_s']['b1']} "
+                f"({xo['b1']}x) | {ho['img_s']['b64']} ({xo['b64']}x) |"]
     f = r["edge_img_s"]["float"]
     out.append(f"| edge half alone, same layers in float PyTorch | {f['b1']} | {f['b64']} |")
     for e in engines:
@@ -56,6 +61,11 @@ def speed_row(s: dict, r: dict) -> list[str]:
             f"{ms['cloud_per_offloaded']['b1']} ms per offloaded image, {ms['cloud_share']['b1']} ms per image at this "
             f"exit rate, against {ms['fp32']['b1']} ms for FP32 "
             f"({'the cloud half' if ms['cloud_share']['b1'] > dec['b1'] else 'the edge decision'} is the larger part).",
+            (f"With the float parts in ONNX Runtime as well (PyTorch's per-operation overhead dominates a float "
+               f"network at batch 1), the hybrid is **{r['speedup_onnx']['b1']}x** FP32 at batch 1 "
+               f"({r['speedup_onnx']['b64']}x at batch 64): the ratio against FP32 in its own fastest engine here; "
+               f"the ONNX cloud half predicts as the PyTorch one on {r['hybrid_cloud_onnx']['same_prediction_as_pytorch_cloud']}"
+               f" of the {r['images']} images." if r.get("speedup_onnx") else ""),
             "Edge artifact bytes: " + ", ".join(f"{k} {v:,}" for k, v in r["edge_bytes"].items()) +
             " (float and torch: safetensors state dicts of the float edge and of the quantized edge's latent float "
             "weights).", ""]
