@@ -120,9 +120,15 @@ def deployed_note() -> str:
     s = load("edge_speed.json") or {}
     if not s.get("rows"):
         return ""
+    onnx = "; ".join(f"`{r['checkpoint'].rsplit('/', 1)[-1]}` {r['speedup_onnx']['b1']:.2f}x" for r in s["rows"]
+                     if r.get("speedup_onnx"))
     return (f"*images/s vs FP32*: the hybrid (edge on the engine named, cloud half in PyTorch) against the FP32 "
-            f"network, batch 1, one thread, in the same run: `python benchmarks/edge_speed.py` on {s['cpu']} "
-            f"({s['cpu_flags']}); *bytes per offloaded sample*: `make demo`'s deployed pair "
+            f"network in PyTorch, batch 1, one thread, in the same run: `python benchmarks/edge_speed.py` on {s['cpu']} "
+            f"({s['cpu_flags']})"
+            + (f"; with both float parts (the FP32 network and the cloud half) on ONNX Runtime instead (faster than "
+               f"PyTorch for a float network at batch 1), the ratios are smaller: {onnx} "
+               "([docs/engines.md](docs/engines.md#speed-resultsedge_speedjson))" if onnx else "")
+            + "; *bytes per offloaded sample*: `make demo`'s deployed pair "
             "(`python benchmarks/deploy_check.py`), codec named; \"-\": not measured at that row's thresholds.\n\n")
 
 
