@@ -69,7 +69,8 @@ def test_fold_bn_matches_torch_batchnorm_bit_for_bit():
 
 
 @pytest.mark.parametrize("isa", ISAS)
-@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (16, 48, 2), (32, 64, 1), (7, 11, 2), (33, 33, 1)])
+@pytest.mark.parametrize("cin,cout,stride", [(16, 16, 1), (16, 32, 2), (16, 48, 2), (32, 64, 1), (7, 11, 2), (33, 33, 1),
+                                             (21, 22, 1), (22, 22, 2), (43, 43, 1)])  # 3 taps in 1, 2 (split), 3 words
 def test_fused_block_equals_torch_block_bit_for_bit(isa, cin, cout, stride):
     """The torch engine's eval-mode binary conv is the exact sum of signs times alpha (``quant.quantized_conv_exact``):
     the kernels' popcount sums times alpha, BatchNorm and residual add are the same float32 values."""
