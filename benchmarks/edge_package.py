@@ -207,8 +207,8 @@ def main(argv=None) -> dict:
                     "isa": f"{k.isa_name(k.best_isa())} (binary blocks, float parts), "
                            f"{k.kbit_isa_name(k.kbit_best_isa())} (k-bit blocks)",
                     "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
-                    "note": "shared machine: other agents' jobs ran during the measurement (load average before, "
-                            "after); both sides alternate in the same run"},
+                    "note": "2 CPU cores that other jobs may share: the 1-minute load average before and after "
+                            "is recorded (about 1 = this benchmark alone); both sides alternate in the same run"},
         "targets": TARGETS,
         "venv_bytes": sizes,
         "venv_ratio": sizes["hybridexit-edge"]["venv"] / sizes["full project (.venv)"]["venv"],

@@ -187,6 +187,10 @@ class PackedEdge:
             self.blocks = [kbit_block_params(state, cfg, i, i + 1) for i in range(len(specs))]
         self._runs: dict[tuple[int, int], tuple[list, list]] = {}
         self._native = self._native_args()
+        size = (cfg.in_channels, cfg.image_size, cfg.image_size)
+        self._prepared = self.kernels.PreparedEdge(*self._native, *size)  # the native decision, built once
+        prologue, (params, meta) = self._native[0], self._run(0, cfg.edge_blocks)
+        self._prepared_blocks = self.kernels.PreparedEdge(prologue, [params], [meta], [self._kind], [], [], *size)
 
     @property
     def _kind(self) -> int:
@@ -255,11 +259,7 @@ class PackedEdge:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Features of every sample after all edge blocks (no exits), as ``EdgeNet.forward``: the native call with
         one run of every block and no exit head."""
-        prologue = self._native[0]
-        params, meta = self._run(0, self.cfg.edge_blocks)
-        feats = self.kernels.decide(self._images(x), prologue, [params], [meta], [self._kind], [], [], [], [],
-                                    self.isa, self.kisa)[3]
-        return feats.permute(0, 3, 1, 2)
+        return self._prepared_blocks.decide(self._images(x), [], [], self.isa, self.kisa)[3].permute(0, 3, 1, 2)
 
     @torch.no_grad()
     def decide(self, x: torch.Tensor, thresholds, temperatures=None) -> EdgeResult:
@@ -267,9 +267,8 @@ class PackedEdge:
         (N, C, H, W) view."""
         thr = resolve_thresholds(self.cfg, thresholds)
         temps = (1.0,) * len(thr) if temperatures is None else resolve_thresholds(self.cfg, temperatures, "temperatures")
-        prologue, seg_p, seg_m, seg_k, heads, head_m = self._native
-        preds, decided, ents, feats, idx = self.kernels.decide(self._images(x), prologue, seg_p, seg_m, seg_k, heads,
-                                                               head_m, list(thr), list(temps), self.isa, self.kisa)
+        preds, decided, ents, feats, idx = self._prepared.decide(self._images(x), list(thr), list(temps), self.isa,
+                                                                 self.kisa)
         return EdgeResult(preds, decided, ents, feats.permute(0, 3, 1, 2), idx)
 
 
