@@ -288,18 +288,6 @@ struct PreparedEdge {
   }
 };
 
-std::vector<torch::Tensor> decide(torch::Tensor x, std::vector<torch::Tensor> prologue,
-                                  std::vector<std::vector<torch::Tensor>> seg_params,
-                                  std::vector<std::vector<int64_t>> seg_meta, std::vector<int64_t> seg_kind,
-                                  std::vector<std::vector<torch::Tensor>> heads, std::vector<std::vector<int64_t>> head_meta,
-                                  std::vector<double> thresholds, std::vector<double> temperatures, int64_t isa,
-                                  int64_t kisa) {
-  // One call: ``PreparedEdge`` built for this batch's image shape, then run.
-  TORCH_CHECK(x.dim() == 4, "decide: (N, C, H, W) images");
-  const PreparedEdge pe(prologue, seg_params, seg_meta, seg_kind, heads, head_meta, x.size(1), x.size(2), x.size(3));
-  return pe.decide(x, thresholds, temperatures, isa, kisa);
-}
-
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -307,12 +295,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sign_pack", &sign_pack, "pack sign(x * a + b - t) along channels, zero border");
   m.def("conv_int", &conv_int, "exact integer sums of a packed binary 3x3 conv (padding 1)");
   m.def("run_blocks", &run_blocks, "a run of binary residual blocks, fused epilogues");
-  m.def("decide", &decide, "the whole edge decision: normalization, stem, blocks, exit heads, entropy, exit rule");
   py::class_<PreparedEdge>(m, "PreparedEdge", "an edge's native description, built once; decide() runs a batch")
       .def(py::init<std::vector<torch::Tensor>, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<int64_t>>,
                     std::vector<int64_t>, std::vector<std::vector<torch::Tensor>>, std::vector<std::vector<int64_t>>,
                     int64_t, int64_t, int64_t>())
-      .def("decide", &PreparedEdge::decide, "the whole edge decision on a batch of images");
+      .def("decide", &PreparedEdge::decide,
+           "the whole edge decision on a batch: normalization, stem, blocks, exit heads, entropy, exit rule");
   m.def("best_isa", [] { return (int64_t)hx_best_isa(); }, "best ISA level of the binary blocks and float parts");
   m.def("isa_name", [](int64_t i) {
     const char* s = hx_isa_name((int)i);
