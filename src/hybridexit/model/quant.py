@@ -291,8 +291,8 @@ def quantized_conv_exact(x: torch.Tensor, conv: QuantConv2d) -> torch.Tensor:
     fan_in = weight[0].numel()
     with torch.autocast(x.device.type, enabled=False):
         x = x.to(dtype)
-        if conv.bits == 1:
-            a, w = torch.where(x >= 0, 1.0, -1.0).to(dtype), torch.where(weight >= 0, 1.0, -1.0).to(dtype)
+        if conv.bits == 1:  # x is sign(z): +-1 exactly
+            a, w = x, torch.where(weight >= 0, 1.0, -1.0).to(dtype)
             scale, top = weight.float().abs().mean(dim=tuple(range(1, weight.dim()))).to(dtype), fan_in
         else:
             zz = float(2**conv.bits - 1)
@@ -301,5 +301,5 @@ def quantized_conv_exact(x: torch.Tensor, conv: QuantConv2d) -> torch.Tensor:
             scale, top = (s.double() / (zz * zz)).to(dtype), fan_in * zz * zz
         if top > 2**24:
             a, w = a.double(), w.double()
-        acc = F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation, conv.groups)
-        return torch.round(acc).to(dtype) * scale.view(1, -1, 1, 1)
+        acc = F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation, conv.groups).round_()
+        return (acc if acc.dtype == dtype else acc.to(dtype)).mul_(scale.view(1, -1, 1, 1))
