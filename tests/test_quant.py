@@ -124,3 +124,20 @@ def test_rounded_once_stem_is_float64_rounded_and_batch_invariant():
         assert all(torch.equal(stem(x[i : i + 1]), y[i : i + 1]) for i in range(len(x)))
         stem.train()
         torch.testing.assert_close(stem(x), y, rtol=1e-5, atol=1e-5)  # training: the float32 conv
+
+
+def test_eval_exact_conv_keeps_a_bias_and_groups():
+    """A ``QuantConv2d`` fed quantizer output (``levels_in``) with a bias and groups: eval mode is the STE path's
+    value to float rounding (the exact sum scaled once, then the bias)."""
+    from hybridexit.model.quant import ActQuantizer, QuantConv2d
+
+    g = torch.Generator().manual_seed(9)
+    for bits in (1, 4):
+        conv = QuantConv2d(8, 6, 3, 1, 1, groups=2, bias=True, bits=bits, levels_in=True)
+        conv.weight.data = torch.randn(conv.weight.shape, generator=g)
+        conv.bias.data = torch.randn(6, generator=g)
+        x = ActQuantizer(bits)(torch.randn(2, 8, 7, 7, generator=g))
+        with torch.no_grad():
+            exact = conv.eval()(x)
+            ste = conv.train()(x)
+        torch.testing.assert_close(exact, ste, rtol=1e-5, atol=1e-5)

@@ -302,4 +302,5 @@ def quantized_conv_exact(x: torch.Tensor, conv: QuantConv2d) -> torch.Tensor:
         if top > 2**24:
             a, w = a.double(), w.double()
         acc = F.conv2d(a, w, None, conv.stride, conv.padding, conv.dilation, conv.groups).round_()
-        return (acc if acc.dtype == dtype else acc.to(dtype)).mul_(scale.view(1, -1, 1, 1))
+        y = (acc if acc.dtype == dtype else acc.to(dtype)).mul_(scale.view(1, -1, 1, 1))
+        return y if conv.bias is None else y.add_(conv.bias.detach().to(dtype).view(1, -1, 1, 1))
