@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -26,8 +27,9 @@ from hybridexit.data import load_cifar
 from hybridexit.model.checkpoint import load_model
 from hybridexit.workflows.evaluate import evaluate_checkpoint_summary
 
-FIGURES = ("n", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction", "expected_uj", "edge_uj", "cloud_uj",
-           "fp32_uj", "reduction")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from cifar import FIGURES  # noqa: E402  (the figures of a results row: one list for both re-measuring tools)
+
 CALIBRATION = ("split", "n", "target", "value", "accuracy", "cloud_accuracy", "exit_fraction", "edge_fraction",
                "expected_uj", "reduction", "temperatures", "guarantee", "previous_thresholds", "written")
 
